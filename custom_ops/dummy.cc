@@ -1,0 +1,1 @@
+extern "C" int fptq_dummy() { return 1; }

@@ -1,0 +1,181 @@
+"""Quantization numerics of fptq-onnx as plain numpy functions.
+
+Every number the compiler writes into a model and every number a kernel computes is defined
+here, once. The op contract in ``docs/ops.md`` restates these formulas; the ONNX function
+body (``passes/functions.py``) and the C++/CUDA kernels implement them and are tested
+against the float64 references below.
+
+Conventions
+-----------
+* ONNX MatMul weights are ``W[K, N]`` (``Y = X @ W``); K is the reduction axis.
+* Rounding is round-half-to-even (``np.rint``), like ONNX ``Round`` and ``QuantizeLinear``.
+* int8 activations use the symmetric range [-127, 127] (-128 is never produced), so that
+  ``-q`` is always representable and the kernels' zero-point algebra stays exact.
+* 4-bit weights are stored as unsigned nibbles ``u`` in [0, 15] with a zero point ``z`` per
+  group: ``w ~= (u - z) * scale``. Symmetric quantization is the special case ``z = 8``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+INT8_MAX = 127
+INT4_LEVELS = 15  # unsigned nibble u in [0, 15]
+SYMMETRIC_ZERO_POINT = 8
+
+
+def quantize_activation_per_tensor(x: np.ndarray, scale: float) -> np.ndarray:
+    """Static per-tensor int8 quantization.
+
+    ``q = clip(rint(x * (1 / scale)), -127, 127)`` with ``1 / scale`` rounded to float32 first,
+    exactly as the kernels compute it. Shapes: ``x[..., K]`` -> ``q[..., K]`` (int8).
+
+    >>> quantize_activation_per_tensor(np.array([0.5, 1.5, -300.0], np.float32), 1.0)
+    array([   0,    2, -127], dtype=int8)
+    """
+    inv_scale = np.float32(1.0) / np.float32(scale)
+    q = np.rint(np.asarray(x, np.float32) * inv_scale)
+    return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8)
+
+
+def per_token_scales(x: np.ndarray) -> np.ndarray:
+    """Per-token (per-row) dynamic activation scale ``a_m = max_k |x[m, k]| / 127`` (float32).
+
+    A row of zeros gets ``a_m = 1`` so that its quantized row is zero and no division by zero
+    happens. Shapes: ``x[..., K]`` -> ``a[..., 1]``.
+    """
+    amax = np.max(np.abs(np.asarray(x, np.float32)), axis=-1, keepdims=True)
+    scale = amax / np.float32(INT8_MAX)
+    return np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+
+
+def quantize_activation_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic per-token int8 quantization: ``q[m, k] = clip(rint(x[m, k] * (1 / a_m)), -127, 127)``.
+
+    Returns ``(q[..., K] int8, a[..., 1] float32)``; ``x ~= q * a``.
+    """
+    scale = per_token_scales(x)
+    inv_scale = np.float32(1.0) / scale
+    q = np.rint(np.asarray(x, np.float32) * inv_scale)
+    return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8), scale
+
+
+def quantize_weight_groupwise(
+    w: np.ndarray, group_size: int, symmetric: bool, clip_ratio: np.ndarray | float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4-bit group-wise weight quantization along K.
+
+    ``w[K, N]`` is cut into ``G = K / group_size`` groups of consecutive rows per column n.
+    For group g of column n with values ``w_g`` (optionally shrunk by ``clip_ratio`` c):
+
+    * symmetric:  ``scale = c * max|w_g| / 7``, ``z = 8``
+    * asymmetric: ``lo = c * min(w_g, 0)``, ``hi = c * max(w_g, 0)``, ``scale = (hi - lo) / 15``,
+      ``z = clip(rint(-lo / scale), 0, 15)``
+
+    and ``u = clip(rint(w / scale) + z, 0, 15)``. An all-zero group gets ``scale = 1``.
+
+    Returns ``(u[N, K] uint8 in [0, 15], scales[N, G] float32, zero_points[N, G] uint8)``.
+    Use :func:`pack_int4` for the stored layout.
+
+    >>> u, s, z = quantize_weight_groupwise(np.array([[-7.0], [7.0]]), 2, symmetric=True)
+    >>> u.tolist(), s.tolist(), z.tolist()
+    ([[1, 15]], [[1.0]], [[8]])
+    """
+    k, n = w.shape
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    groups = np.asarray(w, np.float64).T.reshape(n, k // group_size, group_size)
+    ratio = np.broadcast_to(np.asarray(clip_ratio, np.float64), (n, k // group_size))[..., None]
+    if symmetric:
+        scale = ratio * np.max(np.abs(groups), axis=-1, keepdims=True) / 7.0
+        zero_point = np.full_like(scale, SYMMETRIC_ZERO_POINT)
+    else:
+        lo = ratio * np.minimum(groups.min(axis=-1, keepdims=True), 0.0)
+        hi = ratio * np.maximum(groups.max(axis=-1, keepdims=True), 0.0)
+        scale = (hi - lo) / INT4_LEVELS
+        zero_point = np.clip(np.rint(-lo / np.where(scale == 0, 1.0, scale)), 0, INT4_LEVELS)
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    u = np.clip(np.rint(groups / scale) + zero_point, 0, INT4_LEVELS)
+    return (
+        u.reshape(n, k).astype(np.uint8),
+        scale[..., 0],
+        zero_point[..., 0].astype(np.uint8),
+    )
+
+
+def dequantize_weight(u: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> np.ndarray:
+    """``w[k, n] = (u[n, k] - z[n, g]) * scale[n, g]`` with ``g = k // group_size``, float64 ``[K, N]``."""
+    n, k = u.shape
+    group_size = k // scales.shape[1]
+    groups = u.reshape(n, -1, group_size).astype(np.float64) - zero_points[..., None]
+    return (groups * scales[..., None].astype(np.float64)).reshape(n, k).T
+
+
+def pack_int4(u: np.ndarray) -> np.ndarray:
+    """Pack nibbles ``u[N, K]`` into bytes ``B[N, K/2]``: even k in the low nibble, odd k in the high.
+
+    This is ONNX Runtime MatMulNBits' layout with its ``[N, blocks, blob]`` flattened.
+
+    >>> pack_int4(np.array([[1, 2, 15, 0]], np.uint8)).tolist()
+    [[33, 15]]
+    """
+    u = np.asarray(u, np.uint8)
+    if u.shape[-1] % 2:
+        raise ValueError("K must be even to pack two 4-bit values per byte")
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: ``B[N, K/2]`` -> ``u[N, K]``."""
+    packed = np.asarray(packed, np.uint8)
+    u = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    u[..., 0::2] = packed & 0x0F
+    u[..., 1::2] = packed >> 4
+    return u
+
+
+ACT_PER_TENSOR_STATIC = 0
+ACT_PER_TOKEN_DYNAMIC = 1
+ACT_MODE_NAMES = {ACT_PER_TENSOR_STATIC: "per_tensor_static", ACT_PER_TOKEN_DYNAMIC: "per_token_dynamic"}
+
+
+def w4a8_matmul_reference(
+    x: np.ndarray,
+    packed_weight: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray,
+    act_scale: float,
+    act_mode: int,
+) -> np.ndarray:
+    """float64 reference of the W4A8 op (``docs/ops.md``).
+
+    ``Y[m, n] = a_m * sum_k q[m, k] * (u[n, k] - z[n, g(k)]) * scale[n, g(k)]`` where ``q, a``
+    come from :func:`quantize_activation_per_tensor` (``a_m = act_scale``) or
+    :func:`quantize_activation_per_token`. ``x[..., K]`` -> ``Y[..., N]`` (float64).
+    """
+    x = np.asarray(x, np.float32)
+    if act_mode == ACT_PER_TENSOR_STATIC:
+        q, a = quantize_activation_per_tensor(x, act_scale), np.float64(np.float32(act_scale))
+    elif act_mode == ACT_PER_TOKEN_DYNAMIC:
+        q, a = quantize_activation_per_token(x)
+        a = a.astype(np.float64)
+    else:
+        raise ValueError(f"unknown act_mode {act_mode}")
+    w = dequantize_weight(unpack_int4(packed_weight), scales, zero_points)
+    return (q.astype(np.float64) @ w) * a
+
+
+def lae_scales(channel_max_abs: np.ndarray) -> np.ndarray:
+    """Logarithmic Activation Equalization scales (FPTQ, arXiv 2308.15987, eq. 4).
+
+    ``s_j = max|X_j| / log2(2 + max|X_j|)`` per input channel j. The layer then sees ``X / s``
+    and its weight rows are ``W[j, :] * s_j``, so ``(X / s) @ (s * W) == X @ W``. The log keeps
+    large channels large but compressed (a channel of 1000 becomes ~100, one of 10 becomes
+    ~2.8), which flattens outlier channels without moving all difficulty into the weights as
+    SmoothQuant's sqrt does. Dead channels (max 0) get ``s_j = 1``.
+
+    >>> lae_scales(np.array([0.0, 2.0, 14.0])).round(3).tolist()
+    [1.0, 1.0, 3.5]
+    """
+    m = np.asarray(channel_max_abs, np.float64)
+    s = m / np.log2(2.0 + m)
+    return np.where(m > 0, s, 1.0).astype(np.float32)

@@ -1,0 +1,109 @@
+"""The W4A8 op's model-local ONNX function: its executable definition in standard ONNX ops.
+
+Every converted model carries this function, so stock ONNX Runtime runs the model without our
+op library (it inlines the body where no kernel is registered for ``ai.fptq::W4A8MatMul``),
+and the kernels are tested against it. The body follows ``docs/ops.md`` step by step:
+
+* weights: ``u`` = low nibble (even k) / high nibble (odd k) of ``B[N, K/2]``;
+  ``W[k, n] = (u[n, k] - z[n, g]) * scale[n, g]``;
+* activations, computed in float32: ``q = clip(round_half_even(x * (1 / a)), -127, 127)`` with
+  ``a = act_scale`` (``act_mode = 0``, per-tensor static) or ``a_m = max_k |x[m, k]| / 127``
+  (``act_mode = 1``, per-token dynamic, ``a_m = 1`` for an all-zero row);
+* ``Y = (q * a) @ W``, cast back to the type of X.
+
+Both activation paths are computed and one is selected with ``Where`` on the ``act_mode``
+attribute: a function body cannot branch on an attribute otherwise, and the fallback path is
+about portability, not speed.
+"""
+from __future__ import annotations
+
+import onnx
+import onnx.parser
+
+OP_DOMAIN = "ai.fptq"
+OP_TYPE = "W4A8MatMul"
+OP_VERSION = 1
+BODY_OPSET = 18  # BitwiseAnd and ReduceMax with an axes input need opset 18
+
+_FUNCTION_TEXT = f"""
+<domain: "{OP_DOMAIN}", opset_import: ["" : {BODY_OPSET}]>
+{OP_TYPE} <K, N, group_size, act_mode> (X, B, scales, zero_points, act_scale) => (Y)
+{{
+    low_nibble_mask = Constant <value = uint8 {{15}}> ()
+    nibble_shift = Constant <value = uint8 {{4}}> ()
+    u_even = BitwiseAnd (B, low_nibble_mask)
+    u_odd = BitShift <direction = "RIGHT"> (B, nibble_shift)
+    u_even_f = Cast <to = 1> (u_even)
+    u_odd_f = Cast <to = 1> (u_odd)
+    last_axis = Constant <value_ints = [-1]> ()
+    u_even_3d = Unsqueeze (u_even_f, last_axis)
+    u_odd_3d = Unsqueeze (u_odd_f, last_axis)
+    u_pairs = Concat <axis = -1> (u_even_3d, u_odd_3d)
+    group_size_scalar = Constant <value_int: int = @group_size> ()
+    group_size_1d = Unsqueeze (group_size_scalar, last_axis)
+    keep_n_any_g = Constant <value_ints = [0, -1]> ()
+    grouped_shape = Concat <axis = 0> (keep_n_any_g, group_size_1d)
+    u_grouped = Reshape (u_pairs, grouped_shape)
+    zero_points_f = Cast <to = 1> (zero_points)
+    zero_points_3d = Unsqueeze (zero_points_f, last_axis)
+    scales_f = Cast <to = 1> (scales)
+    scales_3d = Unsqueeze (scales_f, last_axis)
+    centered = Sub (u_grouped, zero_points_3d)
+    w_grouped = Mul (centered, scales_3d)
+    w_nk = Reshape (w_grouped, keep_n_any_g)
+    w_kn = Transpose <perm = [1, 0]> (w_nk)
+
+    x = Cast <to = 1> (X)
+    int8_max = Constant <value = float {{127.0}}> ()
+    int8_min = Constant <value = float {{-127.0}}> ()
+    one = Constant <value = float {{1.0}}> ()
+    zero = Constant <value = float {{0.0}}> ()
+
+    static_scale = Cast <to = 1> (act_scale)
+    static_inv = Reciprocal (static_scale)
+    static_scaled = Mul (x, static_inv)
+    static_rounded = Round (static_scaled)
+    static_q = Clip (static_rounded, int8_min, int8_max)
+    static_x = Mul (static_q, static_scale)
+
+    x_abs = Abs (x)
+    token_amax = ReduceMax <keepdims = 1> (x_abs, last_axis)
+    token_scale_raw = Div (token_amax, int8_max)
+    token_is_zero = Equal (token_scale_raw, zero)
+    token_scale = Where (token_is_zero, one, token_scale_raw)
+    token_inv = Reciprocal (token_scale)
+    token_scaled = Mul (x, token_inv)
+    token_rounded = Round (token_scaled)
+    token_q = Clip (token_rounded, int8_min, int8_max)
+    token_x = Mul (token_q, token_scale)
+
+    mode = Constant <value_int: int = @act_mode> ()
+    dynamic_mode = Constant <value_int = 1> ()
+    is_dynamic = Equal (mode, dynamic_mode)
+    x_dq = Where (is_dynamic, token_x, static_x)
+    y = MatMul (x_dq, w_kn)
+    Y = CastLike (y, X)
+}}
+"""
+
+
+def w4a8_function() -> onnx.FunctionProto:
+    """A fresh copy of the W4A8MatMul function (``ai.fptq``, version 1)."""
+    return onnx.parser.parse_function(_FUNCTION_TEXT)
+
+
+def add_w4a8_function(model: onnx.ModelProto) -> None:
+    """Attach the function and the opset imports it needs to ``model`` (idempotent)."""
+    if not any(f.domain == OP_DOMAIN and f.name == OP_TYPE for f in model.functions):
+        model.functions.append(w4a8_function())
+    imports = {o.domain: o for o in model.opset_import}
+    if OP_DOMAIN not in imports:
+        model.opset_import.append(onnx.helper.make_opsetid(OP_DOMAIN, OP_VERSION))
+    default = imports.get("") or imports.get("ai.onnx")
+    if default is None:
+        model.opset_import.append(onnx.helper.make_opsetid("", BODY_OPSET))
+    elif default.version < BODY_OPSET:
+        raise ValueError(
+            f"the model imports ONNX opset {default.version}; the W4A8 function body needs "
+            f"opset >= {BODY_OPSET}: re-export the model with opset {BODY_OPSET} or newer"
+        )
