@@ -23,18 +23,19 @@ import onnx.parser
 OP_DOMAIN = "ai.fptq"
 OP_TYPE = "W4A8MatMul"
 OP_VERSION = 1
-BODY_OPSET = 18  # BitwiseAnd and ReduceMax with an axes input need opset 18
+MIN_OPSET = 15  # CastLike
 
-_FUNCTION_TEXT = f"""
-<domain: "{OP_DOMAIN}", opset_import: ["" : {BODY_OPSET}]>
+_FUNCTION_TEXT = """
+<domain: "{OP_DOMAIN}", opset_import: ["" : {opset}]>
 {OP_TYPE} <K, N, group_size, act_mode> (X, B, scales, zero_points, act_scale) => (Y)
 {{
-    low_nibble_mask = Constant <value = uint8 {{15}}> ()
-    nibble_shift = Constant <value = uint8 {{4}}> ()
-    u_even = BitwiseAnd (B, low_nibble_mask)
-    u_odd = BitShift <direction = "RIGHT"> (B, nibble_shift)
-    u_even_f = Cast <to = 1> (u_even)
-    u_odd_f = Cast <to = 1> (u_odd)
+    packed_f = Cast <to = 1> (B)
+    sixteen = Constant <value = float {{16.0}}> ()
+    inv_sixteen = Constant <value = float {{0.0625}}> ()
+    high_scaled = Mul (packed_f, inv_sixteen)
+    u_odd_f = Floor (high_scaled)
+    high_part = Mul (u_odd_f, sixteen)
+    u_even_f = Sub (packed_f, high_part)
     last_axis = Constant <value_ints = [-1]> ()
     u_even_3d = Unsqueeze (u_even_f, last_axis)
     u_odd_3d = Unsqueeze (u_odd_f, last_axis)
@@ -67,7 +68,7 @@ _FUNCTION_TEXT = f"""
     static_x = Mul (static_q, static_scale)
 
     x_abs = Abs (x)
-    token_amax = ReduceMax <keepdims = 1> (x_abs, last_axis)
+    {token_amax}
     token_scale_raw = Div (token_amax, int8_max)
     token_is_zero = Equal (token_scale_raw, zero)
     token_scale = Where (token_is_zero, one, token_scale_raw)
@@ -87,23 +88,31 @@ _FUNCTION_TEXT = f"""
 """
 
 
-def w4a8_function() -> onnx.FunctionProto:
-    """A fresh copy of the W4A8MatMul function (``ai.fptq``, version 1)."""
-    return onnx.parser.parse_function(_FUNCTION_TEXT)
+def w4a8_function(opset: int = 18) -> onnx.FunctionProto:
+    """A fresh copy of the W4A8MatMul function (``ai.fptq``, version 1) for ONNX ``opset``.
+
+    The body imports the model's own default opset (ONNX requires functions and model to agree);
+    only ReduceMax differs across opsets (axes became an input in 18).
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"the W4A8 function body needs ONNX opset >= {MIN_OPSET}, the model has {opset}")
+    token_amax = ("token_amax = ReduceMax <keepdims = 1> (x_abs, last_axis)" if opset >= 18
+                  else "token_amax = ReduceMax <keepdims = 1, axes = [-1]> (x_abs)")
+    return onnx.parser.parse_function(
+        _FUNCTION_TEXT.format(OP_DOMAIN=OP_DOMAIN, OP_TYPE=OP_TYPE, opset=opset, token_amax=token_amax))
 
 
 def add_w4a8_function(model: onnx.ModelProto) -> None:
-    """Attach the function and the opset imports it needs to ``model`` (idempotent)."""
-    if not any(f.domain == OP_DOMAIN and f.name == OP_TYPE for f in model.functions):
-        model.functions.append(w4a8_function())
+    """Attach the function (at the model's opset) and the ``ai.fptq`` opset import (idempotent).
+
+    Raises ValueError for a model older than opset 15.
+    """
     imports = {o.domain: o for o in model.opset_import}
-    if OP_DOMAIN not in imports:
-        model.opset_import.append(onnx.helper.make_opsetid(OP_DOMAIN, OP_VERSION))
     default = imports.get("") or imports.get("ai.onnx")
     if default is None:
-        model.opset_import.append(onnx.helper.make_opsetid("", BODY_OPSET))
-    elif default.version < BODY_OPSET:
-        raise ValueError(
-            f"the model imports ONNX opset {default.version}; the W4A8 function body needs "
-            f"opset >= {BODY_OPSET}: re-export the model with opset {BODY_OPSET} or newer"
-        )
+        default = onnx.helper.make_opsetid("", 18)
+        model.opset_import.append(default)
+    if OP_DOMAIN not in imports:
+        model.opset_import.append(onnx.helper.make_opsetid(OP_DOMAIN, OP_VERSION))
+    if not any(f.domain == OP_DOMAIN and f.name == OP_TYPE for f in model.functions):
+        model.functions.append(w4a8_function(default.version))

@@ -1,0 +1,291 @@
+"""Calibration: stream representative inputs through the model and reduce what the passes need.
+
+Data sources (``--calib``):
+
+* a ``.txt`` file, or a ``.jsonl`` file whose records have a ``text`` field: tokenized with the
+  tokenizer beside the model and cut into ``samples`` windows of ``seq_len`` tokens, spread
+  evenly over the text (each led by BOS when the model expects one);
+* an ``.npz`` file whose arrays are named after the model inputs (first axis: samples);
+* a folder of ONNX ``test_data_set_*/input_*.pb`` protobufs.
+
+Inputs the model needs that the data lacks (``attention_mask``, ``position_ids``) are
+synthesized. The model runs in ONNX Runtime with every tensor of interest exposed as an extra
+output; each is reduced at once into :class:`ChannelMaxAbs` (per-input-channel max |x|), so
+memory stays flat however many samples stream through.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from .errors import UserError
+from .progress import progress_bar
+from .tokenizer import find_tokenizer, load_tokenizer
+
+Feed = dict[str, np.ndarray]
+SYNTHESIZED_INPUTS = ("attention_mask", "position_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """How to draw calibration samples from text (ignored for .npz and protobuf folders)."""
+
+    samples: int = 128
+    seq_len: int = 512
+    tokenizer: str | None = None  # folder with tokenizer.json; default: beside the model
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise UserError(f"--samples must be >= 1, got {self.samples}")
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be >= 2, got {self.seq_len}")
+
+
+class ChannelMaxAbs:
+    """Running per-channel max |x| over the last axis: ``m[j] = max over all other axes of |x[..., j]|``."""
+
+    def __init__(self):
+        self.value: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        current = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float32)
+        self.value = current if self.value is None else np.maximum(self.value, current)
+
+
+@dataclasses.dataclass
+class ModelInput:
+    name: str
+    dtype: np.dtype
+    rank: int
+
+
+def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
+    """Graph inputs that are not initializers, with their numpy dtypes."""
+    initializers = {init.name for init in model.graph.initializer}
+    result = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        result.append(ModelInput(value.name, np.dtype(dtype), len(tensor_type.shape.dim)))
+    return result
+
+
+# ---------------------------------------------------------------- data sources
+
+
+def text_windows(path: Path, model_path: Path, config: CalibrationConfig) -> list[list[int]]:
+    """``config.samples`` windows of ``config.seq_len`` token ids, evenly spread over the text."""
+    text = _read_text(path)
+    folder = Path(config.tokenizer) if config.tokenizer else find_tokenizer(model_path)
+    if folder is None:
+        raise UserError(f"calibrating on text needs the model's tokenizer: none beside {model_path}; pass --tokenizer DIR")
+    tokenizer = load_tokenizer(folder)
+    windows = tokenizer.windows(tokenizer.encode(text), config.seq_len)
+    if not windows:
+        raise UserError(f"calibration text {path} is shorter than one sequence of {config.seq_len} tokens: "
+                        "give more text or a smaller --seq-len")
+    if len(windows) <= config.samples:
+        return windows
+    picks = np.linspace(0, len(windows) - 1, config.samples).round().astype(int)
+    return [windows[i] for i in picks]
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserError(f"{path}:{number}: each JSON line needs a string field 'text'")
+            texts.append(record["text"])
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise UserError(f"calibration file {path} is empty")
+    return raw
+
+
+def _npz_feeds(path: Path, inputs: list[ModelInput]) -> Iterator[Feed]:
+    """One feed per index of the first axis. An array with the input's rank is a batch cut into
+    rows of batch 1; one with an extra leading axis is a stack of whole feeds."""
+    try:
+        arrays = dict(np.load(path, allow_pickle=False))
+    except Exception as error:  # numpy raises several types for a corrupt archive
+        raise UserError(f"cannot read calibration archive {path}: {error}") from None
+    if not arrays:
+        raise UserError(f"calibration archive {path} holds no arrays")
+    ranks = {i.name: i.rank for i in inputs}
+    for name, array in arrays.items():
+        if name in ranks and array.ndim not in (ranks[name], ranks[name] + 1):
+            raise UserError(f"array {name!r} in {path} has rank {array.ndim}; the model input has rank "
+                            f"{ranks[name]} (give [samples, ...] or a batch [batch, ...])")
+    count = {name: array.shape[0] for name, array in arrays.items()}
+    if len(set(count.values())) != 1:
+        raise UserError(f"arrays in {path} disagree on the number of samples (first axis): {count}")
+    for index in range(next(iter(count.values()))):
+        yield {name: array[index] if array.ndim == ranks.get(name, array.ndim - 1) + 1 else array[index:index + 1]
+               for name, array in arrays.items()}
+
+
+def _protobuf_feeds(folder: Path, inputs: list[ModelInput]) -> Iterator[Feed]:
+    datasets = sorted(p for p in folder.glob("test_data_set_*") if p.is_dir())
+    if not datasets:
+        raise UserError(f"{folder} has no test_data_set_* folders")
+    for dataset in datasets:
+        files = sorted(dataset.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[-1]))
+        feed = {}
+        for index, file in enumerate(files):
+            tensor = onnx.TensorProto()
+            try:
+                tensor.ParseFromString(file.read_bytes())
+            except Exception:
+                raise UserError(f"{file} is not a serialized ONNX TensorProto") from None
+            name = tensor.name or (inputs[index].name if index < len(inputs) else f"input_{index}")
+            feed[name] = numpy_helper.to_array(tensor)
+        yield feed
+
+
+def calibration_feeds(source: Path, model_path: Path, inputs: list[ModelInput],
+                      config: CalibrationConfig) -> tuple[int, Iterator[Feed]]:
+    """``(number of samples, iterator of complete feeds)`` for any supported ``--calib`` source."""
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"calibration data {source} does not exist")
+    if source.is_dir():
+        count = len([p for p in source.glob("test_data_set_*") if p.is_dir()])
+        raw = _protobuf_feeds(source, inputs)
+    elif source.suffix == ".npz":
+        try:
+            with np.load(source, allow_pickle=False) as archive:
+                first = archive[archive.files[0]] if archive.files else np.zeros((0,))
+        except Exception as error:
+            raise UserError(f"cannot read calibration archive {source}: {error}") from None
+        count = first.shape[0] if first.ndim else 0
+        raw = _npz_feeds(source, inputs)
+    else:
+        windows = text_windows(source, model_path, config)
+        count = len(windows)
+        raw = ({"input_ids": np.asarray([w], np.int64)} for w in windows)
+    return count, (complete_feed(feed, inputs, source) for feed in raw)
+
+
+def complete_feed(feed: Feed, inputs: list[ModelInput], source: Path) -> Feed:
+    """Check ``feed`` against the model inputs, cast dtypes, and synthesize mask and positions."""
+    wanted = {i.name: i for i in inputs}
+    unknown = sorted(set(feed) - set(wanted))
+    if unknown:
+        raise UserError(f"calibration data {source} has {unknown} which the model does not take "
+                        f"(model inputs: {sorted(wanted)})")
+    result = {}
+    for name, array in feed.items():
+        try:
+            result[name] = np.asarray(array).astype(wanted[name].dtype, casting="same_kind")
+        except TypeError:
+            raise UserError(f"calibration input {name!r} has dtype {np.asarray(array).dtype}, "
+                            f"the model wants {wanted[name].dtype}") from None
+    reference = next(iter(result.values()), None)
+    for item in inputs:
+        if item.name in result:
+            continue
+        if item.name not in SYNTHESIZED_INPUTS or reference is None or reference.ndim < 2:
+            raise UserError(f"calibration data {source} lacks model input {item.name!r} "
+                            f"(it has {sorted(feed)}; only {list(SYNTHESIZED_INPUTS)} are synthesized)")
+        batch, length = reference.shape[:2]
+        if item.name == "attention_mask":
+            result[item.name] = np.ones((batch, length), item.dtype)
+        else:
+            result[item.name] = np.broadcast_to(np.arange(length, dtype=item.dtype), (batch, length)).copy()
+    return result
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def collect_channel_max(model_path: Path, tensor_names: list[str], source: Path,
+                        config: CalibrationConfig, progress: bool = True) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of each tensor in ``tensor_names`` over all calibration samples."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    inputs = model_inputs(model)
+    count, feeds = calibration_feeds(source, model_path, inputs, config)
+    if count == 0:
+        raise UserError(f"calibration data {source} holds no samples")
+    stats = {name: ChannelMaxAbs() for name in tensor_names}
+    with _session_exposing(model, Path(model_path), tensor_names) as session:
+        outputs = [o.name for o in session.get_outputs()]
+        wanted = [outputs.index(name) for name in tensor_names]
+        for feed in progress_bar(feeds, total=count, desc="calibrating", unit="sample", enabled=progress):
+            try:
+                values = session.run(outputs, feed)
+            except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as error:
+                raise UserError(f"calibration data {source} does not fit the model: {str(error).splitlines()[0]}") from None
+            for name, index in zip(tensor_names, wanted):
+                stats[name].update(values[index])
+    result = {}
+    for name, stat in stats.items():
+        if stat.value is None:
+            raise UserError(f"calibration produced no values for {name!r} (empty inputs?)")
+        if not np.all(np.isfinite(stat.value)):
+            raise UserError(f"calibration activations of {name!r} contain NaN or Inf: check the model and the data")
+        result[name] = stat.value
+    return result
+
+
+class _session_exposing:
+    """An ORT session on a copy of ``model`` whose graph outputs include ``tensor_names``.
+
+    The copy lives in a temporary folder; external data files are symlinked beside it so the
+    weights are neither copied nor loaded twice into Python.
+    """
+
+    def __init__(self, model: onnx.ModelProto, model_path: Path, tensor_names: list[str]):
+        self.model, self.model_path, self.tensor_names = model, model_path, tensor_names
+
+    def __enter__(self) -> ort.InferenceSession:
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        present = {o.name for o in model.graph.output}
+        for name in self.tensor_names:
+            if name not in present:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        self.tmp = tempfile.TemporaryDirectory(prefix="fptq-calib-")
+        folder = Path(self.tmp.name)
+        for location in _external_locations(model):
+            target = folder / location
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                os.symlink((self.model_path.parent / location).resolve(), target)
+        path = folder / "calibration.onnx"
+        onnx.save(model, str(path))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __exit__(self, *exc) -> None:
+        self.tmp.cleanup()
+
+
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    return locations

@@ -1,0 +1,156 @@
+"""``fptq-onnx``: export, convert, eval, demo.
+
+User mistakes (:class:`UserError`) end with one line on stderr and exit code 2; Ctrl-C with exit
+code 130 and no output file left behind. Everything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_convert_options(parser: argparse.ArgumentParser) -> None:
+    from .calibration import CalibrationConfig
+    from .pipeline import ConvertConfig
+
+    defaults, calib = ConvertConfig(), CalibrationConfig()
+    parser.add_argument("--samples", type=int, default=calib.samples,
+                        help=f"calibration sequences cut from a text file (default {calib.samples})")
+    parser.add_argument("--seq-len", type=int, default=calib.seq_len,
+                        help=f"tokens per calibration sequence (default {calib.seq_len})")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: beside the model)")
+    parser.add_argument("--v0", type=float, default=defaults.v0,
+                        help=f"max|x| below which a layer uses per-tensor static int8 (default {defaults.v0:g})")
+    parser.add_argument("--v1", type=float, default=defaults.v1,
+                        help=f"max|x| above which a layer uses per-token dynamic int8 (default {defaults.v1:g})")
+    parser.add_argument("--group-size", type=int, default=defaults.group_size,
+                        help=f"weights per 4-bit group along K (default {defaults.group_size})")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric 4-bit weights (default asymmetric)")
+    parser.add_argument("--nodes-to-exclude", metavar="REGEX", help="leave layers whose name matches in float")
+    parser.add_argument("--include-lm-head", action="store_true", help="quantize the language-model head too")
+    parser.add_argument("--no-lae-fold", action="store_true",
+                        help="always insert LAE's 1/s as a Mul node instead of folding it into the norm")
+
+
+def _convert_config(args: argparse.Namespace):
+    from .calibration import CalibrationConfig
+    from .pipeline import ConvertConfig
+
+    return ConvertConfig(
+        v0=args.v0, v1=args.v1, group_size=args.group_size, symmetric=args.symmetric,
+        nodes_to_exclude=args.nodes_to_exclude, exclude_lm_head=not args.include_lm_head,
+        fold_lae=not args.no_lae_fold,
+        calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len, tokenizer=args.tokenizer),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fptq-onnx", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every pass decision")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="Hugging Face model folder, GGUF file or recipe -> ONNX")
+    export.add_argument("source", help="HF model folder, .gguf file, or recipe name (smollm2-135m, gemma3-270m)")
+    export.add_argument("-o", "--output", required=True, type=Path)
+    export.add_argument("--opset", type=int, default=18)
+
+    convert = commands.add_parser("convert", help="calibrate and rewrite a model to W4A8 FPTQ")
+    convert.add_argument("model", type=Path)
+    convert.add_argument("--calib", required=True, type=Path,
+                         help=".txt/.jsonl text, .npz of model inputs, or a folder of test_data_set_*")
+    convert.add_argument("-o", "--output", required=True, type=Path)
+    _add_convert_options(convert)
+
+    evaluate = commands.add_parser("eval", help="perplexity (and agreement with a reference model) on text")
+    evaluate.add_argument("model", type=Path)
+    evaluate.add_argument("--text", required=True, type=Path)
+    evaluate.add_argument("--reference", type=Path, help="FP32 model: adds top-1 agreement and KL")
+    evaluate.add_argument("--max-tokens", type=int)
+    evaluate.add_argument("--tokenizer", type=Path)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    demo = commands.add_parser("demo", help="SmolLM2-135M: export, convert on SOTU, evaluate on Brown")
+    demo.add_argument("--workdir", type=Path, help="where the models go (default: the cache folder)")
+    demo.add_argument("--max-tokens", type=int, default=4096, help="Brown tokens to evaluate (default 4096)")
+    demo.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
+    return parser
+
+
+def _run_export(args) -> None:
+    from .export import export_model
+
+    export_model(args.source, args.output, opset=args.opset, progress=not args.quiet)
+    print(f"wrote {args.output}")
+
+
+def _run_convert(args) -> None:
+    from .pipeline import convert
+
+    result = convert(args.model, args.output, args.calib, _convert_config(args), progress=not args.quiet)
+    print(conversion_summary(result))
+
+
+def conversion_summary(result) -> str:
+    from collections import Counter
+
+    counts = Counter((layer.band, layer.act_mode, layer.lae) for layer in result.layers)
+    lines = [f"wrote {result.output}: {len(result.layers)} layers to W4A8, "
+             f"initializers {result.bytes_before / 2**20:.1f} MiB -> {result.bytes_after / 2**20:.1f} MiB"]
+    for (band, mode, lae), count in sorted(counts.items()):
+        lines.append(f"  {count:4d} x band {band:4s} {mode}{' + LAE' if lae else ''}")
+    skipped = [r for r in result.rejections if r.pass_name == "find_linears"]
+    if skipped:
+        lines.append(f"  {len(skipped)} MatMul/Gemm left in float: " +
+                     "; ".join(f"{r.node} ({r.reason})" for r in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+    lines.append("  time: " + ", ".join(f"{step} {sec:.1f}s" for step, sec in result.seconds.items() if sec >= 0.05))
+    return "\n".join(lines)
+
+
+def _run_eval(args) -> None:
+    from .evaluate import evaluate
+    from .session import InferenceSession
+
+    if not args.text.is_file():
+        raise UserError(f"text file {args.text} does not exist")
+    text = args.text.read_text(encoding="utf-8", errors="replace")
+    result = evaluate(args.model, text, tokenizer_dir=args.tokenizer, reference_path=args.reference,
+                      max_tokens=args.max_tokens, session_factory=InferenceSession, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:>22s}: {value:.4f}" if isinstance(value, float) else f"{key:>22s}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    runners = {"export": _run_export, "convert": _run_convert, "eval": _run_eval}
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(workdir=args.workdir, max_tokens=args.max_tokens, samples=args.samples, progress=not args.quiet)
+        else:
+            runners[args.command](args)
+    except UserError as error:
+        print(f"fptq-onnx {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"fptq-onnx {args.command}: interrupted; no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Loading and saving models with clear errors, and saving atomically.
+
+A conversion writes its output into a temporary folder beside the destination and renames it
+into place only when everything is written, so an error or Ctrl-C never leaves a half-written
+model (or a model whose external data file belongs to another run).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import UserError
+
+# above this many bytes of initializers the model is saved with an external data file: protobuf
+# refuses messages over 2 GiB, and a separate file lets tools mmap the weights
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def load_model(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
+    """``onnx.load`` with one-line errors for a missing, corrupt or incomplete model."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not an ONNX model (protobuf parse failed: corrupt or truncated?)") from None
+    if not model.graph.node:
+        raise UserError(f"{path} is not an ONNX model (no graph nodes)")
+    if load_external_data:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (FileNotFoundError, OSError, ValueError) as error:
+            raise UserError(f"external data of {path} could not be read: {error}") from None
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    raise UserError("the model imports no default ONNX opset")
+
+
+def check_output_path(input_path: Path, output_path: Path) -> None:
+    """Refuse an output that would overwrite the input or cannot be written, before any work."""
+    if output_path.resolve() == input_path.resolve():
+        raise UserError(f"output {output_path} is the input model: choose another path")
+    folder = output_path.resolve().parent
+    if not folder.is_dir():
+        raise UserError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder {folder} is not writable")
+    if output_path.suffix != ".onnx":
+        raise UserError(f"output {output_path} should end in .onnx")
+
+
+def save_model_atomic(model: onnx.ModelProto, output_path: str | Path, external_data: bool | None = None) -> None:
+    """Save ``model`` to ``output_path`` (and ``<name>.data`` when external) via temp file + rename.
+
+    ``external_data=None`` picks external data when the initializers exceed 1 GiB.
+    """
+    output_path = Path(output_path)
+    if external_data is None:
+        external_data = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    data_name = output_path.name + ".data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    try:
+        staged = staging / output_path.name
+        if external_data:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(staging / data_name, output_path.parent / data_name)
+        else:
+            onnx.save_model(model, str(staged))
+            stale = output_path.parent / data_name
+            if stale.exists() and output_path.exists():
+                stale.unlink()  # a previous external-data save of the same name is now orphaned
+        os.replace(staged, output_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""The tokenizer beside a model, without torch or transformers: ``tokenizers`` + the config JSON.
+
+Calibration and evaluation both cut text into windows of token ids, and both must start each
+window with the BOS token exactly when the model was trained that way (Gemma-3 scores ~70
+instead of ~27 on Brown without its ``<bos>``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+@dataclasses.dataclass
+class TextTokenizer:
+    """Token ids from text, and the BOS id to put in front of each window (None: no BOS)."""
+
+    backend: object  # tokenizers.Tokenizer
+    bos_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without any special tokens."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def windows(self, ids: list[int], length: int) -> list[list[int]]:
+        """Non-overlapping windows of ``length`` ids, each led by BOS when the model expects it."""
+        body = length - (self.bos_id is not None)
+        lead = [] if self.bos_id is None else [self.bos_id]
+        return [lead + ids[start:start + body] for start in range(0, len(ids) - body + 1, body)]
+
+
+def _bos_id(folder: Path, backend) -> int | None:
+    """The BOS id if the tokenizer adds one by default, read from tokenizer_config.json.
+
+    ``add_bos_token`` is explicit in LLaMA/Gemma configs; when absent, a tokenizer whose
+    post-processor inserts a BOS (seen by encoding an empty string with special tokens) counts.
+    """
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    bos = config.get("bos_token")
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    bos_id = backend.token_to_id(bos) if isinstance(bos, str) else None
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:
+        added = backend.encode("", add_special_tokens=True).ids
+        return added[0] if added and added[0] == bos_id else None
+    return bos_id if add_bos and bos_id is not None else None
+
+
+def load_tokenizer(folder: str | Path) -> TextTokenizer:
+    """Load ``folder/tokenizer.json``; a one-line :class:`UserError` if it is not there."""
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"no tokenizer.json in {folder}: pass --tokenizer DIR (a folder with tokenizer.json)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as error:  # pragma: no cover - tokenizers is a dependency of the llm extra
+        raise UserError("reading text needs the 'tokenizers' package: pip install 'fptq-onnx[llm]'") from error
+    backend = Tokenizer.from_file(str(path))
+    return TextTokenizer(backend=backend, bos_id=_bos_id(folder, backend))
+
+
+def find_tokenizer(model_path: str | Path) -> Path | None:
+    """The tokenizer folder saved beside an exported model: the model's own folder or ``<stem>.tokenizer/``."""
+    model_path = Path(model_path)
+    for folder in (model_path.parent, model_path.with_suffix(".tokenizer")):
+        if (folder / "tokenizer.json").is_file():
+            return folder
+    return None

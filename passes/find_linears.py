@@ -1,0 +1,119 @@
+"""Find the linear layers: MatMul/Gemm nodes whose weight is a constant 2-D initializer.
+
+A layer qualifies when its second operand is a constant ``[K, N]`` tensor (``[N, K]`` for a
+Gemm with ``transB=1``), K is a multiple of the weight group size, and its name does not match
+the exclusion pattern. The language-model head (the layer producing a graph output, or named
+``lm_head``) is excluded by default: its error lands directly on the logits and it is usually
+tied to the embedding. Layers that read the same tensor are grouped, since the activation
+decision (band, LAE scales, static scale) belongs to the shared input.
+
+Layer names come from the weight initializer (``model.layers.0.mlp.up_proj.weight`` ->
+``model.layers.0.mlp.up_proj``), which exporters derive from the module path; when the weight
+has no such name the node name is used.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import ConversionContext, LayerGroup, LinearLayer, Pass
+
+LM_HEAD_PATTERN = re.compile(r"(^|[./_])lm_head([./_]|$)")
+
+
+def layer_name(node: gs.Node, weight: gs.Constant) -> str:
+    """Module-path name of a linear layer, derived from its weight's name."""
+    name = weight.name
+    for suffix in (".weight", "_weight", ".w"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return node.name or name
+
+
+class FindLinearLayersPass(Pass):
+    """Collect quantizable linear layers into ``ctx.groups`` (one group per shared input).
+
+    Args:
+        group_size: weight group size; a layer whose K is not a multiple of it is skipped.
+        nodes_to_exclude: regular expression; layers whose name or node name matches (``re.search``)
+            are skipped.
+        exclude_lm_head: skip the layer that produces the logits.
+    """
+
+    name = "find_linears"
+
+    def __init__(self, group_size: int, nodes_to_exclude: str | None = None, exclude_lm_head: bool = True):
+        self.group_size = group_size
+        self.exclude = re.compile(nodes_to_exclude) if nodes_to_exclude else None
+        self.exclude_lm_head = exclude_lm_head
+
+    def call(self, ctx: ConversionContext) -> bool:
+        graph_outputs = {tensor.name for tensor in ctx.graph.outputs}
+        groups: dict[str, LayerGroup] = {}
+        for node in ctx.graph.nodes:
+            if node.op not in ("MatMul", "Gemm"):
+                continue
+            layer = self._as_layer(ctx, node, graph_outputs)
+            if layer is None:
+                continue
+            source = node.inputs[0]
+            groups.setdefault(source.name, LayerGroup(input=source, layers=[])).layers.append(layer)
+        ctx.groups = list(groups.values())
+        return False  # finding changes nothing in the graph
+
+    def _as_layer(self, ctx: ConversionContext, node: gs.Node, graph_outputs: set[str]) -> LinearLayer | None:
+        label = node.name or node.outputs[0].name
+        weight_tensor = node.inputs[1] if len(node.inputs) > 1 else None
+        if not isinstance(weight_tensor, gs.Constant):
+            ctx.reject(self.name, label, "weight is not a constant initializer")
+            return None
+        if not isinstance(node.inputs[0], gs.Variable):
+            ctx.reject(self.name, label, "both operands are constants (nothing to quantize at run time)")
+            return None
+        weight = np.asarray(weight_tensor.values)
+        if weight.ndim != 2:
+            ctx.reject(self.name, label, f"weight has rank {weight.ndim}, not 2 (batched MatMul)")
+            return None
+        if weight.dtype not in (np.float32, np.float16):
+            ctx.reject(self.name, label, f"weight dtype {weight.dtype} is not float32/float16")
+            return None
+        bias = None
+        if node.op == "Gemm":
+            parsed = self._parse_gemm(ctx, node, label, weight)
+            if parsed is None:
+                return None
+            weight, bias = parsed
+        name = layer_name(node, weight_tensor)
+        k = weight.shape[0]
+        if k % self.group_size or k % 2:
+            ctx.reject(self.name, name, f"K={k} is not a multiple of the group size {self.group_size}")
+            return None
+        if self.exclude_lm_head and (LM_HEAD_PATTERN.search(name) or node.outputs[0].name in graph_outputs):
+            ctx.reject(self.name, name, "language-model head (excluded by default; --include-lm-head keeps it)")
+            return None
+        if self.exclude is not None and (self.exclude.search(name) or self.exclude.search(node.name or "")):
+            ctx.reject(self.name, name, f"matches --nodes-to-exclude {self.exclude.pattern!r}")
+            return None
+        return LinearLayer(name=name, node=node, weight=weight.astype(np.float32), bias=bias)
+
+    def _parse_gemm(self, ctx, node, label, weight):
+        """Gemm(A, B, C) = alpha * A' @ B' + beta * C as a [K, N] weight and an optional bias."""
+        if node.attrs.get("transA", 0):
+            ctx.reject(self.name, label, "Gemm with transA=1 (the activation is transposed)")
+            return None
+        if node.attrs.get("transB", 0):
+            weight = weight.T
+        weight = weight.astype(np.float32) * np.float32(node.attrs.get("alpha", 1.0))
+        bias = None
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            if not isinstance(node.inputs[2], gs.Constant):
+                ctx.reject(self.name, label, "Gemm bias is not a constant")
+                return None
+            bias = np.asarray(node.inputs[2].values, np.float32) * np.float32(node.attrs.get("beta", 1.0))
+            if bias.size not in (1, weight.shape[1]) or (bias.ndim == 2 and bias.shape[0] != 1):
+                ctx.reject(self.name, label, f"Gemm bias shape {bias.shape} is not per output channel")
+                return None
+            bias = np.broadcast_to(bias.reshape(-1), (weight.shape[1],)).copy()
+        return weight, bias

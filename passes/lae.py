@@ -1,0 +1,140 @@
+"""Logarithmic Activation Equalization (FPTQ, arXiv 2308.15987, eq. 4).
+
+For a shared input X in the ``mid`` band, per input channel j::
+
+    s_j = max|X_j| / log2(2 + max|X_j|)
+
+Each layer reading X gets ``W[j, :] *= s_j`` (ONNX weights are ``[K, N]``) and sees ``X / s``
+instead of X, so ``(X / s) @ (s * W) == X @ W`` exactly in real arithmetic. The activation side
+``1 / s`` is folded into the node that produces X when that node ends in a per-channel constant
+multiply, which costs nothing at run time:
+
+* ``LayerNormalization(x, gamma, beta)``: ``gamma /= s``, ``beta /= s``;
+* ``SimplifiedLayerNormalization`` / ``RMSNormalization(x, gamma)``: ``gamma /= s``;
+* ``Mul(a, gamma)`` with a constant per-channel gamma (the decomposed RMSNorm that exporters
+  write): ``gamma /= s``.
+
+Folding is only valid when every consumer of X is a layer of this group (otherwise the others
+would see X / s too). Where it is not, a ``Mul`` by ``1 / s`` named ``<group>/lae_scale`` is
+inserted in front of the group, visible in Netron.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from fptq_onnx.quant import lae_scales
+
+from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
+
+# op type -> indices of the inputs that are multiplied per channel at the output
+_FOLDABLE_NORMS = {
+    "LayerNormalization": (1, 2),
+    "SimplifiedLayerNormalization": (1,),
+    "RMSNormalization": (1,),
+    "SkipSimplifiedLayerNormalization": (2,),
+}
+
+
+class LaePass(Pass):
+    """Apply LAE to every group whose layers were marked ``lae`` by the strategy pass.
+
+    Args:
+        fold: fold ``1 / s`` into the preceding normalization where possible (else always insert
+            the Mul node).
+    """
+
+    name = "lae"
+
+    def __init__(self, fold: bool = True):
+        self.fold = fold
+
+    def requires(self, ctx: ConversionContext) -> None:
+        if any(layer.band is None for layer in ctx.layers):
+            raise PassPreconditionError(f"{self.name}: layers have no band; run the strategy pass first")
+
+    def call(self, ctx: ConversionContext) -> bool:
+        modified = False
+        for group in ctx.groups:
+            if not all(layer.lae for layer in group.layers):
+                continue
+            scales = lae_scales(group.channel_max_abs)
+            group.lae_scales = scales
+            for layer in group.layers:
+                layer.weight = layer.weight * scales[:, None]
+                layer.lae_scale_range = (float(scales.min()), float(scales.max()))
+                _write_weight(layer)
+            target = (self._fold_into_producer(ctx, group, scales) if self.fold else None) or self._insert_mul(
+                ctx, group, scales)
+            for layer in group.layers:
+                layer.lae_folded_into = target
+            modified = True
+        if modified:
+            ctx.graph.cleanup().toposort()
+        return modified
+
+    def _fold_into_producer(self, ctx: ConversionContext, group: LayerGroup, scales: np.ndarray) -> str | None:
+        """Divide the producer's per-channel constants by ``scales``; its name, or None if not foldable."""
+        tensor = group.input
+        group_nodes = {id(layer.node) for layer in group.layers}
+        if any(id(consumer) not in group_nodes for consumer in tensor.outputs):
+            ctx.reject(self.name, group.name, "input also feeds other nodes: LAE kept as a Mul node")
+            return None
+        if tensor in ctx.graph.outputs or not tensor.inputs:
+            ctx.reject(self.name, group.name, "input is a graph input or output: LAE kept as a Mul node")
+            return None
+        producer = tensor.inputs[0]
+        if len(producer.outputs) > 1 and producer.outputs[0] is not tensor:
+            return None
+        if producer.op in _FOLDABLE_NORMS:
+            indices = [i for i in _FOLDABLE_NORMS[producer.op] if i < len(producer.inputs) and producer.inputs[i].name]
+        elif producer.op == "Mul":
+            indices = [i for i, operand in enumerate(producer.inputs) if isinstance(operand, gs.Constant)]
+            indices = indices[:1] if len(indices) == 1 else []
+        else:
+            indices = []
+        k = scales.shape[0]
+        constants = [producer.inputs[i] for i in indices]
+        if not constants or not all(_is_per_channel_constant(c, k) for c in constants):
+            ctx.reject(self.name, group.name, f"producer {producer.op} {producer.name!r} has no per-channel "
+                                              "constant to fold into: LAE kept as a Mul node")
+            return None
+        for index, constant in zip(indices, constants):
+            values = np.asarray(constant.values)
+            divided = (values.astype(np.float32) / scales.reshape((1,) * (values.ndim - 1) + (k,))).astype(values.dtype)
+            # a private copy: the original constant may be shared with nodes outside this group
+            producer.inputs[index] = gs.Constant(f"{constant.name}/lae_folded", divided)
+        return producer.name or producer.outputs[0].name
+
+    def _insert_mul(self, ctx: ConversionContext, group: LayerGroup, scales: np.ndarray) -> str:
+        name = f"{group.name}/lae_scale"
+        inverse = gs.Constant(f"{name}/inverse_scales", (1.0 / scales).astype(np.float32))
+        scaled = gs.Variable(f"{name}/output", dtype=group.input.dtype, shape=group.input.shape)
+        mul = gs.Node("Mul", name=name, inputs=[group.input, inverse], outputs=[scaled])
+        for layer in group.layers:
+            layer.node.inputs[0] = scaled
+        ctx.graph.nodes.append(mul)
+        group.input = scaled
+        return name
+
+
+def _write_weight(layer) -> None:
+    """Put the layer's (scaled) ``[K, N]`` weight back into its node, so the graph after this pass
+    computes the same function in float as before it (and a dump shows the scaled weights)."""
+    node = layer.node
+    original = node.inputs[1]
+    if node.op == "Gemm":
+        transposed = bool(node.attrs.get("transB", 0))
+        values = layer.weight.T if transposed else layer.weight
+        node.attrs["alpha"] = 1.0  # find_linears folded alpha into layer.weight
+    else:
+        values = layer.weight
+    node.inputs[1] = gs.Constant(f"{original.name}/lae_scaled", np.ascontiguousarray(values).astype(original.dtype))
+
+
+def _is_per_channel_constant(tensor, k: int) -> bool:
+    """True for a constant whose shape is ``[K]`` or ``[1, ..., 1, K]``."""
+    if not isinstance(tensor, gs.Constant):
+        return False
+    shape = tuple(tensor.shape)
+    return len(shape) >= 1 and shape[-1] == k and all(dim == 1 for dim in shape[:-1])

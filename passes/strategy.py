@@ -1,0 +1,62 @@
+"""Layer-wise activation strategy (FPTQ, arXiv 2308.15987, section 3.2).
+
+For each shared layer input, ``v = max |X|`` over the calibration data picks one of three bands:
+
+=========  ==================  =====================================================
+band       condition           activation scheme
+=========  ==================  =====================================================
+``low``    ``v < v0``          per-tensor static int8
+``mid``    ``v0 <= v <= v1``   LAE, then per-tensor static int8 on the scaled input
+``high``   ``v > v1``          per-token dynamic int8
+=========  ==================  =====================================================
+
+Small ranges quantize well per tensor; medium ranges have a few outlier channels that LAE
+flattens; very large ranges (LLaMA's down_proj inputs reach thousands) are left to per-token
+scales, which adapt to each token's outliers at run time. ``v0 = 15`` and ``v1 = 150`` are the
+paper's values.
+"""
+from __future__ import annotations
+
+from .base import ConversionContext, Pass, PassPreconditionError
+
+PER_TENSOR_STATIC = "per_tensor_static"
+PER_TOKEN_DYNAMIC = "per_token_dynamic"
+
+
+def band_of(v: float, v0: float, v1: float) -> str:
+    """``"low"`` if v < v0, ``"mid"`` if v0 <= v <= v1, ``"high"`` if v > v1."""
+    if v < v0:
+        return "low"
+    if v <= v1:
+        return "mid"
+    return "high"
+
+
+class LayerStrategyPass(Pass):
+    """Assign each layer its band and activation scheme from the calibration statistics.
+
+    Args:
+        v0: lower threshold (below: per-tensor static without LAE).
+        v1: upper threshold (above: per-token dynamic).
+    """
+
+    name = "strategy"
+
+    def __init__(self, v0: float = 15.0, v1: float = 150.0):
+        if not 0 < v0 <= v1:
+            raise ValueError(f"need 0 < v0 <= v1, got v0={v0}, v1={v1}")
+        self.v0, self.v1 = v0, v1
+
+    def requires(self, ctx: ConversionContext) -> None:
+        missing = [group.name for group in ctx.groups if group.channel_max_abs is None]
+        if missing:
+            raise PassPreconditionError(f"{self.name}: no calibration statistics for {missing[:3]}; run calibration first")
+
+    def call(self, ctx: ConversionContext) -> bool:
+        for group in ctx.groups:
+            band = band_of(group.v, self.v0, self.v1)
+            for layer in group.layers:
+                layer.band = band
+                layer.act_mode = PER_TOKEN_DYNAMIC if band == "high" else PER_TENSOR_STATIC
+                layer.lae = band == "mid"
+        return False  # decisions only; the graph is unchanged

@@ -1,0 +1,259 @@
+"""Each pass on tiny graphs: what it changed, what it declined and why, and that ORT agrees."""
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx_graphsurgeon as gs
+import pytest
+
+from fptq_onnx import quant
+from fptq_onnx.passes.act_scales import StaticActivationScalesPass, static_activation_scale
+from fptq_onnx.passes.base import ConversionContext, PassManager, PassPreconditionError
+from fptq_onnx.passes.find_linears import FindLinearLayersPass
+from fptq_onnx.passes.lae import LaePass
+from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
+from fptq_onnx.passes.replace_matmul import ReplaceMatMulPass
+from fptq_onnx.passes.strategy import LayerStrategyPass, band_of
+from fptq_onnx.pipeline import export_model_proto
+
+from conftest import TINY_BLOCK, model_from_text, outlier_inputs, run_model, tiny_block_weights
+
+
+def context_of(model) -> ConversionContext:
+    return ConversionContext(graph=gs.import_onnx(model))
+
+
+def calibrate_exactly(ctx, model, x):
+    """Set each group's per-channel max |x| by running the float model with its inputs exposed."""
+    names = [group.input.name for group in ctx.groups]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    for name in names:
+        exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    values = run_model(exposed, {"x": x})[len(model.graph.output):]
+    for group, value in zip(ctx.groups, values):
+        group.channel_max_abs = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+    return dict(zip(names, values))
+
+
+# ------------------------------------------------------------------ find_linears
+
+
+def test_find_linears_groups_shared_inputs(tiny_block):
+    ctx = context_of(tiny_block)
+    FindLinearLayersPass(group_size=128, exclude_lm_head=False)(ctx)
+    assert [[layer.name for layer in group.layers] for group in ctx.groups] == [
+        ["layers.0.q_proj", "layers.0.k_proj"], ["layers.0.down_proj"]]
+    assert ctx.groups[0].name == "layers.0"
+
+
+def test_find_linears_excludes_lm_head_by_default(tiny_block):
+    """down_proj writes the graph output here, so it plays the lm_head."""
+    ctx = context_of(tiny_block)
+    FindLinearLayersPass(group_size=128)(ctx)
+    assert [layer.name for layer in ctx.layers] == ["layers.0.q_proj", "layers.0.k_proj"]
+    assert "language-model head" in ctx.rejections[0].reason
+
+
+@pytest.mark.parametrize("pattern, kept", [
+    pytest.param("k_proj", ["layers.0.q_proj", "layers.0.down_proj"], id="by-name"),
+    pytest.param("^layers\\.0\\.(q|k)_proj$", ["layers.0.down_proj"], id="anchored-regex"),
+])
+def test_find_linears_nodes_to_exclude(tiny_block, pattern, kept):
+    ctx = context_of(tiny_block)
+    FindLinearLayersPass(group_size=128, nodes_to_exclude=pattern, exclude_lm_head=False)(ctx)
+    assert [layer.name for layer in ctx.layers] == kept
+    assert any("--nodes-to-exclude" in r.reason for r in ctx.rejections)
+
+
+@pytest.mark.parametrize("text, reason", [
+    pytest.param("g (float[2, 64] x, float[64, 8] w) => (float[2, 8] y) { y = MatMul (x, w) }",
+                 "not a constant", id="weight-is-graph-input"),
+    pytest.param("g (float[2, 96] x) => (float[2, 8] y) { y = MatMul (x, w) }",
+                 "not a multiple of the group size", id="K-not-multiple"),
+], )
+def test_find_linears_rejections_carry_reasons(text, reason):
+    weights = {"w": np.ones((96, 8), np.float32)} if "96" in text else {}
+    ctx = context_of(model_from_text(text, weights))
+    FindLinearLayersPass(group_size=64, exclude_lm_head=False)(ctx)
+    assert ctx.groups == []
+    assert reason in ctx.rejections[0].reason
+
+
+def test_gemm_transposed_with_bias_is_converted_exactly(rng):
+    """Gemm(x, W^T, b, alpha, beta) becomes W4A8 + Add; compare with the numpy reference."""
+    w = rng.standard_normal((16, 128)).astype(np.float32)  # [N, K] because transB = 1
+    bias = rng.standard_normal(16).astype(np.float32)
+    model = model_from_text("""
+        g (float[4, 128] x) => (float[4, 16] z) {
+            y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (x, fc.weight, fc.bias)
+            z = Relu (y)
+        }""", {"fc.weight": w, "fc.bias": bias})
+    ctx = context_of(model)
+    x = rng.standard_normal((4, 128)).astype(np.float32)
+    FindLinearLayersPass(group_size=64)(ctx)
+    calibrate_exactly(ctx, model, x)
+    PassManager([LayerStrategyPass(), LaePass(), StaticActivationScalesPass(), QuantizeWeightsPass(64),
+                 ReplaceMatMulPass()])(ctx)
+    layer = ctx.layers[0]
+    packed, scales, zeros = layer.packed
+    expected = quant.w4a8_matmul_reference(x, packed, scales, zeros, layer.act_scale, 0) + 2.0 * bias
+    np.testing.assert_allclose(layer.weight, 0.5 * w.T, rtol=1e-6)
+    got = run_model(export_model_proto(ctx), {"x": x})[0]
+    np.testing.assert_allclose(got, np.maximum(expected, 0), atol=1e-4)
+
+
+# ------------------------------------------------------------------ strategy
+
+
+@pytest.mark.parametrize("v, band", [
+    pytest.param(14.99, "low", id="below-v0"),
+    pytest.param(15.0, "mid", id="v0-is-mid"),
+    pytest.param(150.0, "mid", id="v1-is-mid"),
+    pytest.param(150.01, "high", id="above-v1"),
+])
+def test_band_thresholds(v, band):
+    assert band_of(v, 15.0, 150.0) == band
+
+
+def test_strategy_needs_statistics(tiny_block):
+    ctx = context_of(tiny_block)
+    FindLinearLayersPass(group_size=128)(ctx)
+    with pytest.raises(PassPreconditionError, match="strategy: no calibration statistics"):
+        LayerStrategyPass()(ctx)
+
+
+# ------------------------------------------------------------------ LAE
+
+
+def prepared(model, x, v0, v1, fold=True):
+    ctx = context_of(model)
+    FindLinearLayersPass(group_size=128, exclude_lm_head=False)(ctx)
+    seen = calibrate_exactly(ctx, model, x)
+    PassManager([LayerStrategyPass(v0, v1), LaePass(fold=fold)])(ctx)
+    return ctx, seen
+
+
+def test_lae_folds_into_norm_gamma_and_keeps_the_function(rng, tiny_block):
+    x = outlier_inputs(rng, (2, 8, 128))
+    ctx, seen = prepared(tiny_block, x, v0=0.001, v1=1e9)  # every layer in the LAE band
+    qk = ctx.groups[0]
+    expected_scales = np.abs(seen[qk.layers[0].node.inputs[0].name]).reshape(-1, 128).max(0)
+    expected_scales = expected_scales / np.log2(2 + expected_scales)
+    np.testing.assert_allclose(qk.lae_scales, expected_scales, rtol=1e-5)
+    # q/k: folded into the Mul by gamma; down (after Relu): a visible Mul node
+    assert qk.layers[0].lae_folded_into == qk.layers[1].lae_folded_into != "layers.0/lae_scale"
+    assert ctx.groups[1].layers[0].lae_folded_into == "layers.0.down_proj/lae_scale"
+    assert [n.name for n in ctx.graph.nodes if n.name.endswith("/lae_scale")] == ["layers.0.down_proj/lae_scale"]
+    after = export_model_proto(ctx)
+    onnx.checker.check_model(after)
+    np.testing.assert_allclose(run_model(after, {"x": x})[0], run_model(tiny_block, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_lae_without_fold_inserts_mul_everywhere(rng, tiny_block):
+    x = outlier_inputs(rng, (2, 8, 128))
+    ctx, _ = prepared(tiny_block, x, v0=0.001, v1=1e9, fold=False)
+    assert sorted(n.name for n in ctx.graph.nodes if n.op == "Mul" and n.name.endswith("lae_scale")) == [
+        "layers.0.down_proj/lae_scale", "layers.0/lae_scale"]
+    np.testing.assert_allclose(run_model(export_model_proto(ctx), {"x": x})[0],
+                               run_model(tiny_block, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_lae_does_not_fold_when_norm_output_has_other_consumers(rng):
+    weights = tiny_block_weights(rng)
+    text = TINY_BLOCK.replace("=> (float[B, S, 128] y)", "=> (float[B, S, 128] y, float[B, S, 128] hidden)")
+    model = model_from_text(text, weights)
+    x = outlier_inputs(rng, (1, 4, 128))
+    ctx, _ = prepared(model, x, v0=0.001, v1=1e9)
+    assert ctx.groups[0].layers[0].lae_folded_into == "layers.0/lae_scale"
+    assert any("other nodes" in r.reason or "graph input or output" in r.reason for r in ctx.rejections)
+    outputs_after = run_model(export_model_proto(ctx), {"x": x})
+    outputs_before = run_model(model, {"x": x})
+    np.testing.assert_allclose(outputs_after[1], outputs_before[1], rtol=1e-6)  # hidden is untouched
+
+
+def test_lae_folds_into_layer_normalization(rng):
+    gamma, beta = rng.uniform(0.5, 2, 128).astype(np.float32), rng.standard_normal(128).astype(np.float32)
+    model = model_from_text("""
+        g (float[B, 128] x) => (float[B, 16] y) {
+            h = LayerNormalization <axis = -1> (x, ln.weight, ln.bias)
+            y = MatMul (h, fc.weight)
+        }""", {"ln.weight": gamma, "ln.bias": beta, "fc.weight": rng.standard_normal((128, 16)).astype(np.float32)})
+    x = outlier_inputs(rng, (6, 128))
+    ctx, _ = prepared(model, x, v0=0.001, v1=1e9)
+    norm = [n for n in ctx.graph.nodes if n.op == "LayerNormalization"][0]
+    np.testing.assert_allclose(norm.inputs[1].values * ctx.groups[0].lae_scales, gamma, rtol=1e-6)
+    np.testing.assert_allclose(norm.inputs[2].values * ctx.groups[0].lae_scales, beta, rtol=1e-6)
+    np.testing.assert_allclose(run_model(export_model_proto(ctx), {"x": x})[0], run_model(model, {"x": x})[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_lae_skips_groups_outside_the_mid_band(rng, tiny_block):
+    ctx, _ = prepared(tiny_block, outlier_inputs(rng, (1, 4, 128)), v0=1e8, v1=1e9)
+    assert all(not layer.lae and layer.band == "low" for layer in ctx.layers)
+    assert not any(n.name.endswith("lae_scale") for n in ctx.graph.nodes)
+
+
+# ------------------------------------------------------------------ activation scales
+
+
+def test_static_scale_is_taken_on_the_scaled_activation(rng, tiny_block):
+    x = outlier_inputs(rng, (2, 8, 128))
+    ctx, _ = prepared(tiny_block, x, v0=0.001, v1=1e9)
+    StaticActivationScalesPass()(ctx)
+    # the tensor the q/k layers really read after LAE, measured by running the rewritten graph
+    after = export_model_proto(ctx)
+    qk_input = ctx.layers[0].node.inputs[0].name
+    after.graph.output.append(onnx.helper.make_tensor_value_info(qk_input, onnx.TensorProto.FLOAT, None))
+    scaled = run_model(after, {"x": x})[-1]
+    assert ctx.layers[0].act_scale == pytest.approx(np.abs(scaled).max() / 127, rel=1e-5)
+
+
+def test_static_scale_of_zero_input_is_one():
+    assert static_activation_scale(np.zeros(4)) == 1.0
+
+
+# ------------------------------------------------------------------ weights and replacement
+
+
+@pytest.mark.parametrize("symmetric", [pytest.param(False, id="asym"), pytest.param(True, id="sym")])
+def test_quantize_weights_records_relative_error(rng, tiny_block, symmetric):
+    ctx, _ = prepared(tiny_block, outlier_inputs(rng, (1, 4, 128)), v0=15, v1=150)
+    QuantizeWeightsPass(group_size=64, symmetric=symmetric)(ctx)
+    for layer in ctx.layers:
+        packed, scales, zeros = layer.packed
+        restored = quant.dequantize_weight(quant.unpack_int4(packed), scales, zeros)
+        expected = np.linalg.norm(restored - layer.weight) / np.linalg.norm(layer.weight)
+        assert layer.weight_error == pytest.approx(expected, rel=1e-9)
+        assert 0.02 < layer.weight_error < 0.3
+        assert scales.shape == (layer.n, layer.k // 64) and layer.symmetric == symmetric
+
+
+def test_replace_matmul_output_matches_numpy_simulation(rng, tiny_block):
+    """The whole rewritten block against a float64 simulation of W4A8 built from the layers."""
+    x = outlier_inputs(rng, (2, 8, 128))
+    ctx, _ = prepared(tiny_block, x, v0=15, v1=150)
+    PassManager([StaticActivationScalesPass(), QuantizeWeightsPass(128), ReplaceMatMulPass()])(ctx)
+    model = export_model_proto(ctx)
+    onnx.checker.check_model(model, full_check=True)
+    assert sorted(n.name for n in model.graph.node if n.op_type == "W4A8MatMul") == [
+        "layers.0.down_proj/w4a8_matmul", "layers.0.k_proj/w4a8_matmul", "layers.0.q_proj/w4a8_matmul"]
+    node = next(n for n in model.graph.node if n.name == "layers.0.q_proj/w4a8_matmul")
+    assert "band=" in node.doc_string and any(p.key == "fptq.weight_error" for p in node.metadata_props)
+
+    def w4a8(layer, inp):
+        packed, scales, zeros = layer.packed
+        mode = 1 if layer.act_mode == "per_token_dynamic" else 0
+        return quant.w4a8_matmul_reference(inp, packed, scales, zeros, layer.act_scale, mode)
+
+    q_layer, k_layer, down_layer = ctx.layers
+    hidden = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
+    gamma = next(onnx.numpy_helper.to_array(t) for t in tiny_block.graph.initializer if t.name == "norm.weight")
+    hidden = hidden * gamma
+    if q_layer.lae:
+        hidden = hidden / ctx.groups[0].lae_scales
+    act = np.maximum(w4a8(q_layer, hidden.astype(np.float32)) + w4a8(k_layer, hidden.astype(np.float32)), 0)
+    if down_layer.lae:
+        act = act / ctx.groups[1].lae_scales
+    expected = w4a8(down_layer, act.astype(np.float32))
+    got = run_model(model, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())

@@ -1,0 +1,106 @@
+"""Quantization primitives against hand-computed and loop-based float64 references."""
+import math
+
+import numpy as np
+import pytest
+
+from fptq_onnx import quant
+
+
+@pytest.mark.parametrize("value, expected", [
+    pytest.param(0.5, 0, id="half-rounds-to-even-0"),
+    pytest.param(1.5, 2, id="half-rounds-to-even-2"),
+    pytest.param(2.5, 2, id="2.5-to-2"),
+    pytest.param(-2.5, -2, id="negative-half"),
+    pytest.param(126.6, 127, id="near-max"),
+    pytest.param(1000.0, 127, id="saturates-high"),
+    pytest.param(-1000.0, -127, id="saturates-low-at-minus-127-not-128"),
+])
+def test_per_tensor_rounding_and_saturation(value, expected):
+    assert quant.quantize_activation_per_tensor(np.array([value], np.float32), 1.0)[0] == expected
+
+
+def test_per_token_scales_and_zero_row():
+    x = np.array([[0.0, 0.0, 0.0], [1.0, -254.0, 127.0]], np.float32)
+    q, scale = quant.quantize_activation_per_token(x)
+    assert scale[:, 0].tolist() == [1.0, 2.0]
+    assert q.tolist() == [[0, 0, 0], [0, -127, 64]]  # 127 / 2 = 63.5 rounds to even 64
+
+
+def _loop_quantize(w, group_size, symmetric):
+    """Element-by-element reference of the group-wise rule in quant.quantize_weight_groupwise."""
+    k, n = w.shape
+    u = np.zeros((n, k), np.uint8)
+    scales = np.zeros((n, k // group_size))
+    zeros = np.zeros((n, k // group_size), np.uint8)
+    for col in range(n):
+        for g in range(k // group_size):
+            block = w[g * group_size:(g + 1) * group_size, col].astype(np.float64)
+            if symmetric:
+                scale, zero = max(abs(block.max()), abs(block.min())) / 7.0, 8
+            else:
+                lo, hi = min(block.min(), 0.0), max(block.max(), 0.0)
+                scale = (hi - lo) / 15.0
+                zero = min(max(round(-lo / scale), 0), 15) if scale else 0
+            scale = float(np.float32(scale)) or 1.0
+            scales[col, g], zeros[col, g] = scale, zero
+            for i, value in enumerate(block):
+                u[col, g * group_size + i] = min(max(int(np.rint(value / scale)) + zero, 0), 15)
+    return u, scales, zeros
+
+
+@pytest.mark.parametrize("symmetric", [pytest.param(True, id="symmetric"), pytest.param(False, id="asymmetric")])
+def test_weight_quantization_matches_loop_reference(rng, symmetric):
+    w = rng.standard_normal((64, 5)).astype(np.float32)
+    w[:16, 0] = np.abs(w[:16, 0])  # an all-positive group: asymmetric range starts at 0
+    w[16:32, 1] = 0.0  # an all-zero group: scale 1
+    u, scales, zeros = quant.quantize_weight_groupwise(w, 16, symmetric)
+    ref_u, ref_scales, ref_zeros = _loop_quantize(w, 16, symmetric)
+    np.testing.assert_array_equal(u, ref_u)
+    np.testing.assert_allclose(scales, ref_scales, rtol=1e-6)
+    np.testing.assert_array_equal(zeros, ref_zeros)
+
+
+@pytest.mark.parametrize("symmetric", [pytest.param(True, id="symmetric"), pytest.param(False, id="asymmetric")])
+def test_weight_error_is_at_most_half_a_step(rng, symmetric):
+    w = rng.standard_normal((256, 7)).astype(np.float32)
+    u, scales, zeros = quant.quantize_weight_groupwise(w, 128, symmetric=symmetric)
+    error = np.abs(quant.dequantize_weight(u, scales, zeros) - w)
+    step = np.repeat(scales, 128, axis=1).T
+    assert np.all(error <= 0.5 * step * (1 + 1e-5) + 1e-7)
+
+
+def test_pack_layout_low_nibble_first():
+    u = np.array([[1, 2, 3, 4], [15, 0, 0, 15]], np.uint8)
+    packed = quant.pack_int4(u)
+    assert packed.tolist() == [[1 + 2 * 16, 3 + 4 * 16], [15, 15 * 16]]
+    np.testing.assert_array_equal(quant.unpack_int4(packed), u)
+
+
+def test_lae_scales_formula():
+    m = np.array([0.0, 1.0, 6.0, 1000.0])
+    expected = [1.0, 1.0 / math.log2(3.0), 6.0 / 3.0, 1000.0 / math.log2(1002.0)]
+    np.testing.assert_allclose(quant.lae_scales(m), expected, rtol=1e-6)
+
+
+def test_reference_matmul_matches_explicit_sum(rng):
+    """w4a8_matmul_reference against the contract's sum written out per group with integers."""
+    k, n, group = 64, 3, 32
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    u, scales, zeros = quant.quantize_weight_groupwise(w, group, symmetric=False)
+    x = rng.standard_normal((2, k)).astype(np.float32) * 4
+    for mode in (quant.ACT_PER_TENSOR_STATIC, quant.ACT_PER_TOKEN_DYNAMIC):
+        got = quant.w4a8_matmul_reference(x, quant.pack_int4(u), scales, zeros, 0.05, mode)
+        for m in range(2):
+            if mode == quant.ACT_PER_TENSOR_STATIC:
+                a = np.float32(0.05)
+            else:
+                a = np.float32(np.abs(x[m]).max()) / np.float32(127)
+            q = np.clip(np.rint(x[m] * (np.float32(1) / np.float32(a))), -127, 127).astype(np.int64)
+            for col in range(n):
+                total = 0.0
+                for g in range(k // group):
+                    span = slice(g * group, (g + 1) * group)
+                    integer = int(np.dot(q[span], u[col, span].astype(np.int64) - int(zeros[col, g])))
+                    total += float(scales[col, g]) * integer
+                assert got[m, col] == pytest.approx(float(a) * total, rel=1e-12, abs=1e-12)
