@@ -1,0 +1,147 @@
+// The CPUExecutionProvider kernel of ai.fptq::W4A8MatMul: checks the inputs, repacks the
+// weights once and caches them, and runs w4a8_cpu.h on ONNX Runtime's intra-op thread pool.
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#include "ops.h"
+#include "w4a8_cpu.h"
+#include "w4a8_op.h"
+
+namespace fptq {
+namespace {
+
+// XT: the element type of X and Y, float or Ort::Float16_t. The math is float32 either way;
+// float16 X is widened and Y narrowed (round to nearest even, like the function body's
+// CastLike), which costs two passes over X and Y, small next to the matmul.
+template <class XT>
+class CpuW4A8Kernel {
+ public:
+  static_assert(std::is_same_v<XT, float> || std::is_same_v<XT, Ort::Float16_t>, "float32 or float16 X");
+  static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
+  static constexpr ONNXTensorElementDataType kXType =
+      std::is_same_v<XT, float> ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  static OrtMemType InputMemoryType(size_t /*input*/) { return OrtMemTypeDefault; }
+
+  // Reads the attributes and the ISA ($FPTQ_CPU_ISA, default: the best the CPU has), and asks
+  // ORT whether the weights are constant initializers. api: unused (the C++ API's global
+  // table is set); info: the node. Throws on a bad attribute or ISA request.
+  CpuW4A8Kernel(const OrtApi& /*api*/, const OrtKernelInfo* info)
+      : node_(Ort::ConstKernelInfo(info).GetNodeName()),
+        attrs_(read_attributes(Ort::ConstKernelInfo(info))),
+        isa_(isa_from_environment(node_)),
+        weights_constant_(inputs_constant(Ort::ConstKernelInfo(info), {kInB, kInScales, kInZeroPoints})) {}
+
+  // One run of the node; called concurrently when a session is run from several threads.
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext context(raw_context);
+    const W4A8Tensors t = bind_tensors(context, attrs_, node_);  // allocates Y, even with M = 0
+    if (t.x_type != kXType) fail_invalid(node_, "X's element type does not match the kernel's");
+    if (t.problem.M == 0) return;
+    const float act_scale = *t.act_scale;
+    if (attrs_.act_mode == kActPerTensorStatic && !(std::isfinite(act_scale) && act_scale > 0.0f)) {
+      fail_invalid(node_, "act_scale=" + std::to_string(act_scale) + " must be finite and > 0 with act_mode=0");
+    }
+    const std::shared_ptr<const cpu::PackedWeights> weights = packed_weights(t);
+    const cpu::ParallelFor parallel_for = [&context](size_t count, const std::function<void(size_t)>& task) {
+      run_on_ort_threads(context, count, task);
+    };
+    const int64_t m = t.problem.M;
+    if constexpr (std::is_same_v<XT, float>) {
+      cpu::w4a8_matmul(static_cast<const float*>(t.x), m, *weights, attrs_.act_mode, act_scale,
+                       static_cast<float*>(t.y), isa_, parallel_for);
+    } else {
+      const auto* x16 = static_cast<const XT*>(t.x);
+      auto* y16 = static_cast<XT*>(t.y);
+      std::vector<float> x(static_cast<size_t>(m * attrs_.K)), y(static_cast<size_t>(m * attrs_.N));
+      for (size_t i = 0; i < x.size(); ++i) x[i] = x16[i].ToFloat();
+      cpu::w4a8_matmul(x.data(), m, *weights, attrs_.act_mode, act_scale, y.data(), isa_, parallel_for);
+      for (size_t i = 0; i < y.size(); ++i) y16[i] = XT(y[i]);
+    }
+  }
+
+ private:
+  // Identity of the weight tensors a cache entry was packed from.
+  struct WeightKey {
+    const void* b = nullptr;
+    const void* scales = nullptr;
+    const void* zero_points = nullptr;
+    bool operator==(const WeightKey& o) const { return b == o.b && scales == o.scales && zero_points == o.zero_points; }
+  };
+
+  static cpu::Isa isa_from_environment(const std::string& node) {
+    try {
+      return cpu::select_isa(std::getenv("FPTQ_CPU_ISA"));
+    } catch (const std::invalid_argument& e) {
+      fail_invalid(node, e.what());
+    }
+  }
+
+  // True when every listed input is a constant initializer, whose buffer ORT keeps, unchanged,
+  // at one address for the session's lifetime: only then may packed weights be reused.
+  static bool inputs_constant(const Ort::ConstKernelInfo& info, std::initializer_list<int> inputs) {
+    for (int input : inputs) {
+      int is_constant = 0;
+      try {
+        info.GetTensorConstantInput(static_cast<size_t>(input), &is_constant);
+      } catch (const Ort::Exception&) {
+        return false;  // cannot tell: treat as variable, which is always correct
+      }
+      if (!is_constant) return false;
+    }
+    return true;
+  }
+
+  // The packed weights for this call's B, scales and zero_points. Constant weights are packed
+  // on the first call and reused, keyed on their data pointers (a changed pointer repacks);
+  // weights fed as graph inputs may change between runs at the same address, so they are
+  // packed per call. The mutex makes concurrent first calls pack once; later calls hold it
+  // only to copy the shared_ptr.
+  std::shared_ptr<const cpu::PackedWeights> packed_weights(const W4A8Tensors& t) {
+    auto pack = [&] {
+      return std::make_shared<const cpu::PackedWeights>(cpu::pack_weights(t.b, t.scales, t.zero_points, attrs_));
+    };
+    if (!weights_constant_) return pack();
+    const WeightKey key{t.b, t.scales, t.zero_points};
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    if (!cache_ || !(cache_key_ == key)) {
+      cache_ = pack();
+      cache_key_ = key;
+    }
+    return cache_;
+  }
+
+  // cpu::ParallelFor on the session's intra-op pool: it honours intra_op_num_threads and is
+  // shared with ORT's own kernels, so concurrent runs do not oversubscribe the machine.
+  static void run_on_ort_threads(const Ort::KernelContext& context, size_t count,
+                                 const std::function<void(size_t)>& task) {
+    if (count <= 1) return cpu::serial_for(count, task);
+    auto trampoline = [](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); };
+    context.ParallelFor(trampoline, count, 0, const_cast<std::function<void(size_t)>*>(&task));
+  }
+
+  const std::string node_;
+  const W4A8Attrs attrs_;
+  const cpu::Isa isa_;
+  const bool weights_constant_;
+  std::mutex cache_mutex_;
+  WeightKey cache_key_;                             // guarded by cache_mutex_
+  std::shared_ptr<const cpu::PackedWeights> cache_;  // guarded by cache_mutex_
+};
+
+}  // namespace
+
+const OrtCustomOp* cpu_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type) {
+  // Never destroyed: sessions may outlive any scope here, and ORT holds only the pointer.
+  static const auto* op32 = new W4A8CustomOp<CpuW4A8Kernel<float>>(api_version);
+  static const auto* op16 = new W4A8CustomOp<CpuW4A8Kernel<Ort::Float16_t>>(api_version);
+  if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return op32;
+  if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return op16;
+  return nullptr;
+}
+
+}  // namespace fptq

@@ -1,1 +1,0 @@
-extern "C" int fptq_dummy() { return 1; }

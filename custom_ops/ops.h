@@ -1,0 +1,23 @@
+// The OrtCustomOp of each execution provider; register.cc adds them to the ai.fptq domain.
+// ORT's C headers only: included by .cc files.
+#pragma once
+
+#include <onnxruntime_c_api.h>
+
+#include <cstdint>
+
+namespace fptq {
+
+// ai.fptq::W4A8MatMul on CPUExecutionProvider (cpu_op.cc) for X of type x_type
+// (ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT or _FLOAT16; nullptr for others). api_version: the
+// OrtApi version RegisterCustomOps negotiated. The ops live for the whole process.
+const OrtCustomOp* cpu_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type);
+
+#if defined(FPTQ_WITH_CUDA)
+// ai.fptq::W4A8MatMul on CUDAExecutionProvider (to be written: cuda_op.cc, as
+// W4A8CustomOp<CudaW4A8Kernel<...>> from w4a8_op.h, calling the launchers of w4a8_cuda.h);
+// same contract as cpu_w4a8_op.
+const OrtCustomOp* cuda_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type);
+#endif
+
+}  // namespace fptq

@@ -1,0 +1,51 @@
+// Constants and plain structs of ai.fptq::W4A8MatMul shared by host and device code.
+//
+// No ONNX Runtime header and no standard-library container here, so that CUDA (.cu) files can
+// include it: nvcc cannot compile ORT's C++ headers. The op contract is docs/ops.md.
+// (The CUDA kernel's own constants live in w4a8_cuda.h.)
+#pragma once
+
+#include <cstdint>
+
+namespace fptq {
+
+// Op identity, as written by passes/functions.py.
+constexpr const char* kOpDomain = "ai.fptq";
+constexpr const char* kOpType = "W4A8MatMul";
+constexpr int kOpSinceVersion = 1;
+
+// Input indices of the node (docs/ops.md, "Inputs") and their count.
+constexpr int kInX = 0;
+constexpr int kInB = 1;
+constexpr int kInScales = 2;
+constexpr int kInZeroPoints = 3;
+constexpr int kInActScale = 4;
+constexpr int kNumInputs = 5;
+
+// act_mode attribute values.
+constexpr int64_t kActPerTensorStatic = 0;  // a_m = act_scale for every row
+constexpr int64_t kActPerTokenDynamic = 1;  // a_m = max_k |X[m, k]| / 127 (1 for an all-zero row)
+
+// Symmetric int8 range [-127, 127]: -128 is never produced, so -q is always representable.
+constexpr float kInt8Max = 127.0f;
+
+// Largest group_size accepted: keeps sum_k q * (u - z) over a group exact in int32 even for
+// zero points up to 255 (127 * 255 * 2^16 < 2^31).
+constexpr int64_t kMaxGroupSize = int64_t{1} << 16;
+
+// The node's attributes (docs/ops.md, "Attributes"); checked by read_attributes() (w4a8_op.h).
+struct W4A8Attrs {
+  int64_t K = 0;           // reduction size; even, K % group_size == 0
+  int64_t N = 0;           // output channels
+  int64_t group_size = 0;  // weights per (n, group) along K; even
+  int64_t act_mode = 0;    // kActPerTensorStatic or kActPerTokenDynamic
+  int64_t groups() const { return group_size > 0 ? K / group_size : 0; }
+};
+
+// Shapes of one call after checking: X viewed as [M, K], Y as [M, N].
+struct W4A8Problem {
+  W4A8Attrs attrs;
+  int64_t M = 0;  // product of X's leading dims; may be 0
+};
+
+}  // namespace fptq

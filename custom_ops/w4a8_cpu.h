@@ -1,0 +1,70 @@
+// CPU implementation of ai.fptq::W4A8MatMul (docs/ops.md): weight repacking and the matmul.
+//
+// Free of ONNX Runtime types: the caller (cpu_op.cc) hands in host pointers and a
+// parallel-for; this file's functions never throw except std::bad_alloc and, from
+// select_isa(), std::invalid_argument.
+//
+// Usage:
+//   PackedWeights w = pack_weights(b, scales, zero_points, attrs);   // once per weight
+//   w4a8_matmul(x, M, w, act_mode, act_scale, y, select_isa(getenv("FPTQ_CPU_ISA")), parallel_for);
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "w4a8_common.h"
+
+namespace fptq {
+namespace cpu {
+
+// Instruction sets with a tile kernel, slowest first.
+enum class Isa : int {
+  kGeneric = 0,     // portable C++, any CPU
+  kAvx2 = 1,        // x86-64 AVX2 (vpmaddubsw)
+  kAvx512Vnni = 2,  // x86-64 AVX-512 BW/VL + VNNI (vpdpbusd)
+};
+
+// The ISA the kernels run with. request: nullptr or "" or "auto" for the best this CPU
+// supports, else one of "generic", "avx2", "avx512vnni" (e.g. $FPTQ_CPU_ISA, to test the
+// slower paths). Throws std::invalid_argument for an unknown name or one this CPU lacks.
+Isa select_isa(const char* request);
+
+// "generic", "avx2" or "avx512vnni".
+const char* isa_name(Isa isa);
+
+// The weights of one node in the tile kernels' layout (w4a8_cpu_tile.h explains it):
+// output channels in tiles of 16, each group padded to a multiple of 8 along k.
+struct PackedWeights {
+  int64_t n = 0;              // output channels N
+  int64_t k = 0;              // reduction size K
+  int64_t group_size = 0;     // weights per group along K
+  int64_t groups = 0;         // G = K / group_size
+  int64_t group_padded = 0;   // group_size rounded up to a multiple of 8
+  int64_t tiles = 0;          // ceil(N / 16)
+  std::vector<uint8_t> nibbles;      // uint8 [tiles, G, group_padded / 8, 64]
+  std::vector<float> scales;         // float32 [tiles, G, 16]; 0 for padded channels
+  std::vector<int32_t> zero_points;  // int32 [tiles, G, 16]; 0 for padded channels
+};
+
+// Repacks one node's weights (docs/ops.md layout) for the tile kernels.
+// b: uint8 [N, K/2], even k in the low nibble; scales: float32 [N, G]; zero_points: uint8 [N, G];
+// attrs: the node's checked attributes (K, N, group_size).
+PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t* zero_points, const W4A8Attrs& attrs);
+
+// Runs task(i) for every i in [0, count), possibly concurrently, and returns when all are done.
+// task must not throw.
+using ParallelFor = std::function<void(size_t count, const std::function<void(size_t)>& task)>;
+
+// Runs tasks one after another (for callers without a thread pool, e.g. tests).
+void serial_for(size_t count, const std::function<void(size_t)>& task);
+
+// Y = W4A8MatMul(X) for one node.
+// x: float32 [M, K]; m: rows M (>= 0); w: from pack_weights(); act_mode: kActPerTensorStatic or
+// kActPerTokenDynamic; act_scale: the static scale (finite, > 0; unused in dynamic mode);
+// y: float32 [M, N], fully written; isa: from select_isa(); parallel_for: splits the work.
+void w4a8_matmul(const float* x, int64_t m, const PackedWeights& w, int64_t act_mode, float act_scale, float* y,
+                 Isa isa, const ParallelFor& parallel_for);
+
+}  // namespace cpu
+}  // namespace fptq

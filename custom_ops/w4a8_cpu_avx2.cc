@@ -1,0 +1,80 @@
+// AVX2 tile kernel (compiled with -mavx2 -mfma; used only when the CPU has AVX2).
+// A 16-channel tile is two 8-lane halves. vpmaddubsw multiplies u (unsigned, 0..15) by q
+// (signed, -127..127) and adds adjacent pairs into int16: |2 * 15 * 127| = 3810, and the low
+// and high nibble products of one chunk add to at most 7620, far from int16 saturation;
+// vpmaddwd with ones then adds pairs of int16 into the int32 lane of each channel.
+#include <immintrin.h>
+
+#include "w4a8_cpu_tile.h"
+
+namespace fptq {
+namespace cpu {
+namespace {
+
+struct Avx2Isa {
+  struct IntAcc { __m256i half[2]; };   // int32 channels 0-7, 8-15
+  struct FloatAcc { __m256 half[2]; };
+  struct Weights { __m256i lo[2]; __m256i hi[2]; };  // u8: 8 channels x 4 k per register
+  struct Group { __m256i z[2]; __m256 s[2]; };
+
+  static IntAcc int_zero() { return {{_mm256_setzero_si256(), _mm256_setzero_si256()}}; }
+  static FloatAcc float_zero() { return {{_mm256_setzero_ps(), _mm256_setzero_ps()}}; }
+
+  static Weights load_weights(const uint8_t* chunk) {
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    Weights w;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * h));
+      w.lo[h] = _mm256_and_si256(bytes, mask);
+      w.hi[h] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    }
+    return w;
+  }
+
+  static void dot(IntAcc& acc, const Weights& w, const int8_t* q8) {
+    int32_t q_lo, q_hi;  // 4 int8 each, broadcast to every channel
+    __builtin_memcpy(&q_lo, q8, 4);
+    __builtin_memcpy(&q_hi, q8 + 4, 4);
+    const __m256i b_lo = _mm256_set1_epi32(q_lo), b_hi = _mm256_set1_epi32(q_hi);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w.lo[h], b_lo), _mm256_maddubs_epi16(w.hi[h], b_hi));
+      acc.half[h] = _mm256_add_epi32(acc.half[h], _mm256_madd_epi16(pairs, ones));
+    }
+  }
+
+  static Group load_group(const int32_t* z16, const float* s16) {
+    Group g;
+    for (int h = 0; h < 2; ++h) {
+      g.z[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(z16 + 8 * h));
+      g.s[h] = _mm256_loadu_ps(s16 + 8 * h);
+    }
+    return g;
+  }
+
+  static void accumulate(FloatAcc& y, const IntAcc& acc, const Group& g, int32_t q_sum) {
+    const __m256i sums = _mm256_set1_epi32(q_sum);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i corrected = _mm256_sub_epi32(acc.half[h], _mm256_mullo_epi32(g.z[h], sums));
+      y.half[h] = _mm256_fmadd_ps(g.s[h], _mm256_cvtepi32_ps(corrected), y.half[h]);
+    }
+  }
+
+  static void store(float* y, const FloatAcc& acc, float row_scale, int valid) {
+    const __m256 a = _mm256_set1_ps(row_scale);
+    if (valid == kTileN) {
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + 8 * h, _mm256_mul_ps(a, acc.half[h]));
+      return;
+    }
+    alignas(32) float tmp[kTileN];  // last tile of an N that is not a multiple of 16
+    for (int h = 0; h < 2; ++h) _mm256_store_ps(tmp + 8 * h, _mm256_mul_ps(a, acc.half[h]));
+    for (int j = 0; j < valid; ++j) y[j] = tmp[j];
+  }
+};
+
+}  // namespace
+
+const TileKernels kAvx2Kernels = {quantize_rows, gemm_tiles<Avx2Isa>};
+
+}  // namespace cpu
+}  // namespace fptq

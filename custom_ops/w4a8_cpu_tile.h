@@ -1,0 +1,135 @@
+// Bodies of the CPU tile kernels, compiled once per ISA.
+//
+// Each w4a8_cpu_<isa>.cc defines a struct of vector primitives (the "Isa" below), includes
+// this header and exports TileKernels{quantize_rows, gemm_tiles<Isa>}. Every ISA file is
+// compiled with its own -m flags, so everything here lives in an anonymous namespace and uses
+// compiler builtins instead of std:: inline functions: an out-of-line copy with external
+// linkage could otherwise be shared by the linker across files and run AVX-512 code on a CPU
+// without it (the classic multi-ISA ODR trap).
+//
+// An Isa provides, for one tile of kTileN = 16 output channels:
+//   IntAcc, FloatAcc, Weights, Group          register types (int32 x16, float x16, ...)
+//   IntAcc int_zero();  FloatAcc float_zero();
+//   Weights load_weights(const uint8_t* chunk)       unpack one 64-byte chunk (lo/hi nibbles)
+//   void dot(IntAcc& acc, const Weights& w, const int8_t* q8)
+//        acc[j] += sum_{i<4} u[j, i] * q8[i] + u[j, 4 + i] * q8[4 + i]   (q8: 8 int8)
+//   Group load_group(const int32_t* z16, const float* s16)
+//   void accumulate(FloatAcc& y, const IntAcc& acc, const Group& g, int32_t q_sum)
+//        y[j] += s[j] * float(acc[j] - z[j] * q_sum)     (the zero-point correction)
+//   void store(float* y, const FloatAcc& acc, float row_scale, int valid)
+//        y[j] = row_scale * acc[j] for j < valid
+#pragma once
+
+#include <cstdint>
+
+#include "w4a8_common.h"
+#include "w4a8_cpu_kernels.h"
+
+namespace fptq {
+namespace cpu {
+namespace {
+
+// a_m = max_k |x[k]| / 127, or 1 for an all-zero row (docs/ops.md step 2). x: float32 [k].
+// The max is taken over the float bits with the sign cleared: for non-negative floats the
+// integer order is the float order, and an integer max reduction vectorizes without
+// -ffast-math (a float one does not). A NaN gives a NaN scale: unspecified output, no UB.
+inline float token_scale(const float* x, int64_t k) {
+  uint32_t amax_bits = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, x + i, sizeof bits);
+    bits &= 0x7fffffffu;
+    amax_bits = bits > amax_bits ? bits : amax_bits;
+  }
+  float amax;
+  __builtin_memcpy(&amax, &amax_bits, sizeof amax);
+  const float scale = amax / kInt8Max;
+  return scale == 0.0f ? 1.0f : scale;
+}
+
+// q[i] = clip(rint(x[i] * inv), -127, 127) for i < count; returns sum_i q[i].
+// x: float32 [count]; inv: 1 / a_m; q: out int8 [count].
+// Clipping first and rounding second gives the same q (the bounds are integers) and makes
+// the float -> int conversion always defined: the comparisons send NaN to 127.
+inline int32_t quantize_span(const float* x, int64_t count, float inv, int8_t* q) {
+  int32_t sum = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    float v = x[i] * inv;
+    v = v <= kInt8Max ? v : kInt8Max;
+    v = v >= -kInt8Max ? v : -kInt8Max;
+    // nearbyint rounds half to even in the default rounding mode, like numpy's rint.
+    const int32_t qi = static_cast<int32_t>(__builtin_nearbyintf(v));
+    q[i] = static_cast<int8_t>(qi);
+    sum += qi;
+  }
+  return sum;
+}
+
+// TileKernels::quantize_rows: docs/ops.md steps 2-3 for rows [row_begin, row_end).
+void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t padded_k = a.groups * a.group_padded;
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    const float* x = a.x + m * a.k;
+    const float scale = a.act_mode == kActPerTokenDynamic ? token_scale(x, a.k) : a.act_scale;
+    const float inv = 1.0f / scale;
+    int8_t* q = a.q + m * padded_k;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      int8_t* q_group = q + g * a.group_padded;
+      a.q_group_sums[m * a.groups + g] = quantize_span(x + g * a.group_size, a.group_size, inv, q_group);
+      for (int64_t p = a.group_size; p < a.group_padded; ++p) q_group[p] = 0;
+    }
+    a.row_scales[m] = scale;
+  }
+}
+
+// Y for kRows rows starting at `row` and one tile: the weights of each chunk are unpacked
+// once and used for all kRows rows, whose accumulators stay in registers.
+// a: the kernel arguments; tile: tile index; row: first row (row + kRows <= M).
+template <class Isa, int kRows>
+void gemm_block(const GemmArgs& a, int64_t tile, int64_t row) {
+  const int64_t chunks_per_tile = a.groups * a.chunks_per_group;
+  const uint8_t* w_tile = a.nibbles + tile * chunks_per_tile * kChunkBytes;
+  const float* s_tile = a.scales + tile * a.groups * kTileN;
+  const int32_t* z_tile = a.zero_points + tile * a.groups * kTileN;
+  const int64_t padded_k = a.groups * a.chunks_per_group * kChunkK;
+  const int8_t* q = a.q + row * padded_k;
+
+  typename Isa::FloatAcc y[kRows];
+  for (int r = 0; r < kRows; ++r) y[r] = Isa::float_zero();
+  for (int64_t g = 0; g < a.groups; ++g) {
+    // Stage 1: exact int32 dot products over the group.
+    typename Isa::IntAcc acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = Isa::int_zero();
+    for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
+      const typename Isa::Weights w = Isa::load_weights(w_tile + c * kChunkBytes);
+      for (int r = 0; r < kRows; ++r) Isa::dot(acc[r], w, q + r * padded_k + c * kChunkK);
+    }
+    // Stage 2: zero-point correction and group scale, in float.
+    const typename Isa::Group group = Isa::load_group(z_tile + g * kTileN, s_tile + g * kTileN);
+    for (int r = 0; r < kRows; ++r) Isa::accumulate(y[r], acc[r], group, a.q_group_sums[(row + r) * a.groups + g]);
+  }
+  // Stage 3: row scale a_m, and only the channels that exist.
+  const int64_t n0 = tile * kTileN;
+  const int valid = static_cast<int>(a.n - n0 < kTileN ? a.n - n0 : kTileN);
+  for (int r = 0; r < kRows; ++r) Isa::store(a.y + (row + r) * a.n + n0, y[r], a.row_scales[row + r], valid);
+}
+
+// TileKernels::gemm_tiles: rows in blocks of kRowBlock, then a 1-3 row remainder.
+template <class Isa>
+void gemm_tiles(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
+  static_assert(kRowBlock == 4, "the remainder switch below assumes blocks of 4 rows");
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    int64_t row = row_begin;
+    for (; row + kRowBlock <= row_end; row += kRowBlock) gemm_block<Isa, kRowBlock>(a, tile, row);
+    switch (row_end - row) {
+      case 3: gemm_block<Isa, 3>(a, tile, row); break;
+      case 2: gemm_block<Isa, 2>(a, tile, row); break;
+      case 1: gemm_block<Isa, 1>(a, tile, row); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fptq

@@ -1,0 +1,113 @@
+// ONNX Runtime glue of ai.fptq::W4A8MatMul shared by every execution provider's kernel.
+//
+// A kernel for one execution provider (CPU: cpu_op.cc; CUDA: to come) is a class
+//
+//   struct MyKernel {
+//     static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
+//     static constexpr ONNXTensorElementDataType kXType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // X and Y
+//     static OrtMemType InputMemoryType(size_t input);   // where ORT places each input
+//     MyKernel(const OrtApi& api, const OrtKernelInfo* info);   // may throw
+//     void Compute(OrtKernelContext* context);                   // may throw; called concurrently
+//   };
+//
+// and W4A8CustomOp<MyKernel> turns it into the OrtCustomOp that register.cc adds to the
+// ai.fptq domain (one op per X type: a float16 kernel is a second op with kXType FLOAT16). Exceptions never cross into ONNX Runtime: they become an OrtStatus, so a
+// bad model or bad input fails the session creation or the run instead of the process.
+//
+// ORT's C++ headers: only .cc files include this header (nvcc cannot compile them).
+#pragma once
+
+#include <onnxruntime_cxx_api.h>
+
+#include <new>
+#include <string>
+
+#include "w4a8_common.h"
+
+namespace fptq {
+
+// Throws the error that reaches the user: Ort::Exception(ORT_INVALID_ARGUMENT) whose message
+// names the op and the node. node: the node's name (may be empty); message: what is wrong.
+[[noreturn]] void fail_invalid(const std::string& node, const std::string& message);
+
+// Reads and checks the attributes K, N, group_size and act_mode (docs/ops.md).
+// info: the kernel info of the node. Throws (fail_invalid) on a missing or out-of-range one.
+W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info);
+
+// The tensors of one call, checked against the attributes. Pointers are in the memory ORT
+// gave the kernel for each input (host memory for the CPU kernel).
+struct W4A8Tensors {
+  W4A8Problem problem;          // M, K, N, group_size, act_mode
+  ONNXTensorElementDataType x_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // of X and Y: FLOAT or FLOAT16
+  const void* x = nullptr;            // x_type [M, K] (X flattened over its leading dims)
+  const uint8_t* b = nullptr;         // uint8 [N, K/2], two 4-bit weights per byte
+  const float* scales = nullptr;      // float32 [N, K/group_size]
+  const uint8_t* zero_points = nullptr;  // uint8 [N, K/group_size]
+  const float* act_scale = nullptr;   // float32, one element
+  void* y = nullptr;                  // x_type [M, N], allocated here with shape [..., N]
+};
+
+// Checks the five inputs against attrs (X's type, ranks, dims, element counts; not values) and
+// allocates the output Y[..., N] with X's type. context: the kernel context of the call; attrs: from
+// read_attributes(); node: the node's name for messages. Throws (fail_invalid) on a mismatch.
+W4A8Tensors bind_tensors(Ort::KernelContext& context, const W4A8Attrs& attrs, const std::string& node);
+
+// Runs body() and turns any exception into an OrtStatus (nullptr on success).
+// api: the negotiated ORT API; body: a callable taking no argument.
+template <class Body>
+OrtStatusPtr run_guarded(const OrtApi& api, Body&& body) noexcept {
+  try {
+    body();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return api.CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::bad_alloc&) {
+    return api.CreateStatus(ORT_FAIL, "W4A8MatMul: out of memory");
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_FAIL, e.what());
+  } catch (...) {
+    return api.CreateStatus(ORT_FAIL, "W4A8MatMul: unknown error");
+  }
+}
+
+// Owns one Kernel and reports its exceptions as statuses (what CustomOpBase's V2 entry
+// points expect).
+template <class Kernel>
+class GuardedKernel {
+ public:
+  GuardedKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api), kernel_(api, info) {}
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return run_guarded(api_, [&] { kernel_.Compute(context); });
+  }
+
+ private:
+  const OrtApi& api_;
+  Kernel kernel_;
+};
+
+// The OrtCustomOp for ai.fptq::W4A8MatMul (since version 1) on Kernel's execution provider.
+template <class Kernel>
+struct W4A8CustomOp : Ort::CustomOpBase<W4A8CustomOp<Kernel>, GuardedKernel<Kernel>, /*WithStatus=*/true> {
+  // api_version: the OrtApi version RegisterCustomOps negotiated; an older runtime rejects
+  // an op struct that claims a newer version than its own.
+  explicit W4A8CustomOp(uint32_t api_version) { this->version = api_version; }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return run_guarded(api, [&] { *kernel = new GuardedKernel<Kernel>(api, info); });
+  }
+  const char* GetName() const { return kOpType; }
+  const char* GetExecutionProviderType() const { return Kernel::kExecutionProvider; }
+
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    if (index == kInX) return Kernel::kXType;
+    return index == kInB || index == kInZeroPoints ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+                                                   : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtMemType GetInputMemoryType(size_t index) const { return Kernel::InputMemoryType(index); }
+
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return Kernel::kXType; }
+};
+
+}  // namespace fptq

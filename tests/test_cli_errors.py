@@ -1,0 +1,106 @@
+"""Bad input gets one line on stderr, exit code 2, and no output file."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from fptq_onnx.cli import EXIT_USER_ERROR, main
+
+from conftest import model_from_text, outlier_inputs
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_block, rng):
+    onnx.save(tiny_block, str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "calib.npz", x=outlier_inputs(rng, (4, 1, 8, 128)))
+    return tmp_path
+
+
+def run_cli(capsys, *argv):
+    code = main(["-q", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, match):
+    assert code == EXIT_USER_ERROR
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert match in lines[0]
+    assert "Traceback" not in err
+
+
+def test_convert_works_on_the_tiny_block(workdir, capsys):
+    code, out, err = run_cli(capsys, "convert", workdir / "model.onnx", "--calib", workdir / "calib.npz",
+                             "-o", workdir / "out.onnx", "--include-lm-head")
+    assert code == 0, err
+    assert "3 layers to W4A8" in out
+    assert len([n for n in onnx.load(str(workdir / "out.onnx")).graph.node if n.op_type == "W4A8MatMul"]) == 3
+
+
+def _no_quantizable_matmul(tmp_path):
+    model = model_from_text("g (float[2, 64] x, float[64, 8] w) => (float[2, 8] y) { y = MatMul (x, w) }", {})
+    onnx.save(model, str(tmp_path / "model.onnx"))
+
+
+def _not_onnx(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"this is not a protobuf \xff\xfe")
+
+
+def _truncated(tmp_path):
+    data = (tmp_path / "model.onnx").read_bytes()
+    (tmp_path / "model.onnx").write_bytes(data[: len(data) // 3])
+
+
+def _wrong_input_name(tmp_path):
+    np.savez(tmp_path / "calib.npz", tokens=np.zeros((2, 8, 128), np.float32))
+
+
+def _wrong_input_shape(tmp_path):
+    np.savez(tmp_path / "calib.npz", x=np.zeros((2, 1, 8, 100), np.float32))
+
+
+def _empty_text(tmp_path):
+    (tmp_path / "calib.npz").unlink()
+    (tmp_path / "calib.txt").write_text("   \n")
+
+
+CASES = [
+    pytest.param(_not_onnx, "calib.npz", "out.onnx", "is not an ONNX model", id="not-onnx"),
+    pytest.param(_truncated, "calib.npz", "out.onnx", "is not an ONNX model", id="truncated-model"),
+    pytest.param(_no_quantizable_matmul, "calib.npz", "out.onnx", "no quantizable MatMul", id="no-quantizable-matmul"),
+    pytest.param(_wrong_input_name, "calib.npz", "out.onnx", "which the model does not take", id="calib-wrong-input"),
+    pytest.param(_wrong_input_shape, "calib.npz", "out.onnx", "does not fit the model", id="calib-wrong-shape"),
+    pytest.param(_empty_text, "calib.txt", "out.onnx", "is empty", id="empty-calib-file"),
+    pytest.param(None, "missing.npz", "out.onnx", "does not exist", id="calib-missing"),
+    pytest.param(None, "calib.npz", "no/such/folder/out.onnx", "does not exist", id="output-folder-missing"),
+    pytest.param(None, "calib.npz", "model.onnx", "is the input model", id="output-equals-input"),
+]
+
+
+@pytest.mark.parametrize("spoil, calib, output, message", CASES)
+def test_bad_input_is_one_line_and_leaves_nothing(workdir, capsys, spoil, calib, output, message):
+    if spoil is not None:
+        spoil(workdir)
+    before = sorted(p.name for p in workdir.rglob("*"))
+    code, _, err = run_cli(capsys, "convert", workdir / "model.onnx", "--calib", workdir / calib, "-o", workdir / output)
+    assert_one_line_error(code, err, message)
+    assert sorted(p.name for p in workdir.rglob("*")) == before  # no output, no temp files
+
+
+def test_bad_option_values_are_user_errors(workdir, capsys):
+    code, _, err = run_cli(capsys, "convert", workdir / "model.onnx", "--calib", workdir / "calib.npz",
+                           "-o", workdir / "out.onnx", "--v0", "200", "--v1", "100")
+    assert_one_line_error(code, err, "--v0")
+    assert not (workdir / "out.onnx").exists()
+
+
+def test_console_script_exit_code(workdir):
+    """The installed entry point, as a user runs it."""
+    result = subprocess.run([sys.executable, "-m", "fptq_onnx.cli", "convert", str(workdir / "model.onnx"),
+                             "--calib", str(workdir / "calib.npz"), "-o", str(workdir / "model.onnx")],
+                            capture_output=True, text=True)
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.strip().endswith("is the input model: choose another path")

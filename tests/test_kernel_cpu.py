@@ -1,0 +1,415 @@
+"""The CPU kernel of ai.fptq::W4A8MatMul (libfptq_ops.so) against the function body and the
+float64 reference (docs/ops.md), plus its error paths, thread safety and the Python loader.
+
+Numerics bound: |Y_kernel - Y_expected| <= 1e-5 * max|Y_expected| elementwise, where the
+expected output is the float64 reference or the function body run by stock ONNX Runtime.
+Quantization itself is exact (same float32 operations everywhere), so the only differences
+are float32 rounding of the group sums: observed errors are around 1e-7 of max|Y|.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, RuntimeException
+
+import fptq_onnx
+from fptq_onnx import quant
+from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, add_w4a8_function, w4a8_function
+
+REL_TOL = 1e-5
+ISAS = ["generic", "avx2", "avx512vnni"]
+
+
+# --- model building -----------------------------------------------------------------------
+
+
+def quantized_weights(rng, k, n, group_size, symmetric):
+    """Op inputs of a random [K, N] weight: dict B uint8 [N, K/2], S float32 [N, G], Z uint8 [N, G]."""
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    u, scales, zeros = quant.quantize_weight_groupwise(w, group_size, symmetric)
+    return {"B": quant.pack_int4(u), "S": scales, "Z": zeros}
+
+
+def w4a8_model(weights, act_scale, *, k, n, group_size, act_mode, x_rank=2, graph_inputs=(), attrs=None,
+               function=None, x_type=TensorProto.FLOAT):
+    """A model with one W4A8MatMul node Y = op(X, B, S, Z, A) and the op's function.
+
+    weights: dict of B, S, Z (see quantized_weights); act_scale: float32 scalar or array (A);
+    k, n, group_size, act_mode: the node's attributes; x_rank: rank of X, all dims dynamic
+    (so that the kernel, not ORT's graph-input check, sees a wrong last dim);
+    graph_inputs: names among B, S, Z, A fed at run time instead of stored as initializers;
+    attrs: attributes replacing the four above (for invalid-attribute tests);
+    function: a FunctionProto replacing the stock body; x_type: element type of X and Y.
+    """
+    values = {**weights, "A": np.asarray(act_scale, np.float32)}
+    node = helper.make_node(OP_TYPE, ["X", "B", "S", "Z", "A"], ["Y"], name="w4a8", domain=OP_DOMAIN,
+                            **(attrs if attrs is not None else
+                               dict(K=k, N=n, group_size=group_size, act_mode=act_mode)))
+    dtypes = {"B": TensorProto.UINT8, "S": TensorProto.FLOAT, "Z": TensorProto.UINT8, "A": TensorProto.FLOAT}
+    leading = [f"d{i}" for i in range(x_rank - 1)]
+    inputs = [helper.make_tensor_value_info("X", x_type, leading + ["k"])]
+    inputs += [helper.make_tensor_value_info(name, dtypes[name], values[name].shape) for name in graph_inputs]
+    graph = helper.make_graph(
+        [node], "w4a8", inputs, [helper.make_tensor_value_info("Y", x_type, leading + ["n"])],
+        [numpy_helper.from_array(v, name) for name, v in values.items() if name not in graph_inputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    if function is not None:
+        model.functions.append(function)
+    add_w4a8_function(model)
+    return model.SerializeToString()
+
+
+def stock_session(model_bytes):
+    """Stock ONNX Runtime: runs the function body."""
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+
+
+def kernel_session(model_bytes, threads=None):
+    """ONNX Runtime with libfptq_ops.so: runs the CPU kernel. threads: intra_op_num_threads."""
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return fptq_onnx.InferenceSession(model_bytes, options)
+
+
+def assert_close(actual, expected):
+    """Elementwise |actual - expected| <= REL_TOL * max|expected| (exact when expected is all 0)."""
+    assert actual.shape == expected.shape
+    bound = REL_TOL * float(np.abs(expected).max(initial=0.0))
+    err = float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0))
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Each tile kernel this CPU can run, selected through $FPTQ_CPU_ISA (read at session creation)."""
+    monkeypatch.setenv("FPTQ_CPU_ISA", request.param)
+    try:
+        kernel_session(w4a8_model(quantized_weights(np.random.default_rng(0), 32, 1, 32, True), 1.0,
+                                  k=32, n=1, group_size=32, act_mode=0))
+    except RuntimeException as e:
+        if "not supported by this CPU" in str(e):
+            pytest.skip(f"{request.param}: not supported by this CPU")
+        raise
+    return request.param
+
+
+# --- numerics -----------------------------------------------------------------------------
+
+CASES = [
+    #            M,  K,  N, group, act_mode, symmetric
+    pytest.param(1, 128, 7, 32, 0, True, id="static-sym-M1-N7-K128-g32"),
+    pytest.param(3, 384, 37, 64, 0, False, id="static-asym-M3-N37-K384-g64"),
+    pytest.param(17, 384, 1, 128, 0, True, id="static-sym-M17-N1-K384-g128"),
+    pytest.param(17, 128, 37, 64, 1, False, id="dynamic-asym-M17-N37-K128-g64"),
+    pytest.param(3, 384, 7, 32, 1, True, id="dynamic-sym-M3-N7-K384-g32"),
+    pytest.param(1, 384, 37, 128, 1, False, id="dynamic-asym-M1-N37-K384-g128"),
+    pytest.param(8, 128, 32, 128, 1, True, id="dynamic-sym-M8-N32-whole-tiles"),
+    # Groups that are not a multiple of the kernels' 8-wide chunks exercise the padding.
+    pytest.param(5, 384, 19, 12, 1, False, id="dynamic-asym-g12-padded-groups"),
+    pytest.param(2, 128, 9, 2, 0, False, id="static-asym-g2-padded-groups"),
+    # Enough work to be split into several row blocks x tile ranges (and a partial last tile).
+    pytest.param(130, 1024, 300, 128, 1, False, id="dynamic-asym-M130-N300-K1024-many-tasks"),
+]
+
+
+@pytest.mark.parametrize("m, k, n, group_size, act_mode, symmetric", CASES)
+def test_kernel_matches_function_body_and_reference(isa, m, k, n, group_size, act_mode, symmetric):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    weights = quantized_weights(rng, k, n, group_size, symmetric)
+    x = (rng.standard_normal((m, k)) * 3.0).astype(np.float32)
+    act_scale = np.float32(np.abs(x).max() / 127.0)
+    model = w4a8_model(weights, act_scale, k=k, n=n, group_size=group_size, act_mode=act_mode)
+    reference = quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], act_scale, act_mode)
+    got = kernel_session(model).run(None, {"X": x})[0]
+    assert got.dtype == np.float32
+    assert_close(got, reference)
+    assert_close(got, stock_session(model).run(None, {"X": x})[0].astype(np.float64))
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param((2, 3, 128), id="3d"),
+    pytest.param((2, 1, 3, 128), id="4d"),
+    pytest.param((128,), id="1d"),
+])
+@pytest.mark.parametrize("act_mode", [pytest.param(0, id="static"), pytest.param(1, id="dynamic")])
+def test_leading_dims_are_flattened(shape, act_mode):
+    rng = np.random.default_rng(7)
+    weights = quantized_weights(rng, 128, 11, 64, False)
+    x = rng.standard_normal(shape).astype(np.float32)
+    model = w4a8_model(weights, 0.02, k=128, n=11, group_size=64, act_mode=act_mode, x_rank=len(shape))
+    got = kernel_session(model).run(None, {"X": x})[0]
+    assert got.shape == shape[:-1] + (11,)
+    assert_close(got, quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 0.02, act_mode))
+
+
+@pytest.mark.parametrize("shape", [pytest.param((0, 128), id="2d"), pytest.param((2, 0, 128), id="3d")])
+def test_zero_rows_give_an_empty_output(shape):
+    weights = quantized_weights(np.random.default_rng(3), 128, 9, 32, True)
+    model = w4a8_model(weights, 0.05, k=128, n=9, group_size=32, act_mode=1, x_rank=len(shape))
+    x = np.zeros(shape, np.float32)
+    got = kernel_session(model).run(None, {"X": x})[0]
+    assert got.shape == shape[:-1] + (9,)
+    assert got.shape == stock_session(model).run(None, {"X": x})[0].shape
+
+
+def test_all_zero_row_gives_zero_output_row(isa):
+    """Dynamic mode: a_m = 1 for an all-zero row (no division by zero), so its Y row is exactly 0."""
+    rng = np.random.default_rng(5)
+    weights = quantized_weights(rng, 128, 37, 32, False)
+    x = rng.standard_normal((4, 128)).astype(np.float32)
+    x[2] = 0.0
+    model = w4a8_model(weights, 1.0, k=128, n=37, group_size=32, act_mode=1)
+    got = kernel_session(model).run(None, {"X": x})[0]
+    assert not got[2].any()
+    assert_close(got, quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 1.0, 1))
+
+
+def test_static_mode_saturates_beyond_127_act_scale(isa):
+    """|x| up to 40 * 127 * act_scale: q clips to +-127 (never -128), as in the reference."""
+    rng = np.random.default_rng(11)
+    weights = quantized_weights(rng, 384, 23, 128, False)
+    act_scale = np.float32(0.01)
+    x = (rng.standard_normal((6, 384)) * 127 * act_scale * 10).astype(np.float32)
+    x[0, :50] = 127 * act_scale * 40
+    x[1, 50:100] = -127 * act_scale * 40
+    assert (np.abs(x) > 127 * act_scale).mean() > 0.5
+    model = w4a8_model(weights, act_scale, k=384, n=23, group_size=128, act_mode=0)
+    got = kernel_session(model).run(None, {"X": x})[0]
+    assert_close(got, quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], act_scale, 0))
+    assert_close(got, stock_session(model).run(None, {"X": x})[0].astype(np.float64))
+
+
+def test_ties_round_half_to_even(isa):
+    """x / act_scale exactly k + 0.5: rint sends 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, -2.5 -> -2.
+
+    One output channel with u - z = 1 everywhere in group 0 and 0 in group 1 reads back
+    sum_k q[k] of the first group, so the expected value is exact.
+    """
+    k, group_size = 64, 32
+    u = np.zeros((1, k), np.uint8)
+    u[0, :group_size] = 9  # with z = 8: weight 1
+    u[0, group_size:] = 8  # weight 0
+    weights = {"B": quant.pack_int4(u), "S": np.ones((1, 2), np.float32), "Z": np.full((1, 2), 8, np.uint8)}
+    halves = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5], np.float32)
+    x = np.zeros((len(halves), k), np.float32)
+    x[:, 0] = halves * 0.5  # act_scale 0.5: x * (1 / 0.5) is exact
+    model = w4a8_model(weights, 0.5, k=k, n=1, group_size=group_size, act_mode=0)
+    got = kernel_session(model).run(None, {"X": x})[0][:, 0]
+    np.testing.assert_array_equal(got, np.rint(halves) * 0.5)
+
+
+@pytest.mark.parametrize("act_mode", [pytest.param(0, id="static"), pytest.param(1, id="dynamic")])
+def test_nan_and_inf_inputs_are_memory_safe(isa, act_mode):
+    """docs/ops.md leaves rows with NaN/Inf unspecified; they must not crash or touch other rows."""
+    rng = np.random.default_rng(29)
+    weights = quantized_weights(rng, 128, 21, 32, False)
+    x = rng.standard_normal((4, 128)).astype(np.float32)
+    x[1, 5], x[2, 7], x[3, 9] = np.nan, np.inf, -np.inf
+    model = w4a8_model(weights, 0.05, k=128, n=21, group_size=32, act_mode=act_mode)
+    got = kernel_session(model).run(None, {"X": x})[0]
+    assert got.shape == (4, 21)
+    clean = quant.w4a8_matmul_reference(x[:1], weights["B"], weights["S"], weights["Z"], 0.05, act_mode)
+    assert_close(got[:1], clean)
+
+
+def test_isas_agree():
+    """Every ISA this CPU has computes the same Y (up to float32 rounding of the group sums)."""
+    rng = np.random.default_rng(13)
+    weights = quantized_weights(rng, 384, 45, 64, False)
+    x = rng.standard_normal((9, 384)).astype(np.float32)
+    model = w4a8_model(weights, 1.0, k=384, n=45, group_size=64, act_mode=1)
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ISAS:
+            mp.setenv("FPTQ_CPU_ISA", name)
+            try:
+                results[name] = kernel_session(model).run(None, {"X": x})[0]
+            except RuntimeException as e:
+                assert "not supported by this CPU" in str(e)
+    assert "generic" in results
+    for y in results.values():
+        assert_close(y, results["generic"].astype(np.float64))
+
+
+def test_weights_fed_as_graph_inputs_are_not_cached():
+    """Non-constant weights are packed per run: a second run with other weights sees them."""
+    rng = np.random.default_rng(17)
+    first, second = (quantized_weights(rng, 128, 7, 32, False) for _ in range(2))
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    model = w4a8_model(first, 1.0, k=128, n=7, group_size=32, act_mode=1, graph_inputs=("B", "S", "Z"))
+    session = kernel_session(model)
+    for weights in (first, second, first):
+        got = session.run(None, {"X": x, **weights})[0]
+        assert_close(got, quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 1.0, 1))
+
+
+@pytest.mark.parametrize("x_type", [pytest.param(TensorProto.FLOAT, id="float32"),
+                                    pytest.param(TensorProto.FLOAT16, id="float16")])
+def test_library_kernel_replaces_the_function_body(x_type):
+    """A model whose function body doubles Y: stock ORT doubles, the library's kernel does not."""
+    rng = np.random.default_rng(19)
+    weights = quantized_weights(rng, 128, 5, 64, True)
+    doubled = w4a8_function()
+    # Double the body's float32 MatMul product, before the cast back to X's type.
+    index, matmul = next((i, node) for i, node in enumerate(doubled.node) if node.op_type == "MatMul")
+    product = matmul.output[0]
+    matmul.output[0] = product + "_once"
+    doubled.node.insert(index + 1, helper.make_node(
+        "Constant", [], [product + "_two"], value=numpy_helper.from_array(np.array(2.0, np.float32))))
+    doubled.node.insert(index + 2, helper.make_node("Mul", [product + "_once", product + "_two"], [product]))
+    model = w4a8_model(weights, 1.0, k=128, n=5, group_size=64, act_mode=1, function=doubled, x_type=x_type)
+    x = rng.standard_normal((2, 128)).astype(helper.tensor_dtype_to_np_dtype(x_type))
+    reference = quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 1.0, 1)
+    # float16 Y: within half an ulp of the float32 result (2^-11 relative), far from 2x.
+    tolerance = 2.0**-10 * np.abs(reference) + 1e-5 * np.abs(reference).max()
+    assert np.all(np.abs(stock_session(model).run(None, {"X": x})[0] - 2 * reference) <= 2 * tolerance)
+    assert np.all(np.abs(kernel_session(model).run(None, {"X": x})[0] - reference) <= tolerance)
+
+
+@pytest.mark.parametrize("act_mode", [pytest.param(0, id="static"), pytest.param(1, id="dynamic")])
+def test_float16_x_matches_function_body(act_mode):
+    """float16 X/Y: the same float32 math between a widening and a narrowing cast, as in the body."""
+    rng = np.random.default_rng(31)
+    weights = quantized_weights(rng, 384, 37, 64, False)
+    x = (rng.standard_normal((2, 9, 384)) * 3).astype(np.float16)
+    model = w4a8_model(weights, 0.05, k=384, n=37, group_size=64, act_mode=act_mode, x_rank=3,
+                       x_type=TensorProto.FLOAT16)
+    got = kernel_session(model).run(None, {"X": x})[0]
+    expected = stock_session(model).run(None, {"X": x})[0]
+    assert got.dtype == np.float16 and got.shape == (2, 9, 37)
+    reference = quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 0.05, act_mode)
+    tolerance = 2.0**-10 * np.abs(reference) + 1e-5 * np.abs(reference).max()
+    assert np.all(np.abs(got - reference) <= tolerance)
+    assert np.all(np.abs(got.astype(np.float64) - expected) <= 2 * tolerance)
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+
+def test_one_session_from_four_threads_matches_serial_runs():
+    """4 Python threads share one session (and its intra-op pool) from the very first run, so
+    they also race on packing the weight cache; each must get its serial result bit for bit."""
+    rng = np.random.default_rng(23)
+    weights = quantized_weights(rng, 384, 100, 64, False)
+    model = w4a8_model(weights, 1.0, k=384, n=100, group_size=64, act_mode=1)
+    inputs = [rng.standard_normal((33, 384)).astype(np.float32) for _ in range(4)]
+    expected = [kernel_session(model, threads=1).run(None, {"X": x})[0] for x in inputs]
+
+    session = kernel_session(model, threads=2)
+    start = threading.Barrier(len(inputs))
+    results: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+
+    def worker(i):
+        try:
+            start.wait()
+            results[i] = [session.run(None, {"X": inputs[i]})[0] for _ in range(20)]
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the main thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, runs in results.items():
+        for y in runs:
+            np.testing.assert_array_equal(y, expected[i])
+    assert len(results) == len(inputs)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+GOOD = dict(k=128, n=8, group_size=32, act_mode=0)
+
+
+def _weights(n=8, k=128, groups=4):
+    return {"B": np.zeros((n, k // 2), np.uint8), "S": np.ones((n, groups), np.float32),
+            "Z": np.full((n, groups), 8, np.uint8)}
+
+
+RUN_ERRORS = [
+    pytest.param(_weights(n=7), 1.0, (2, 128), "B has shape \\[7, 64\\], expected \\[8, 64\\]", id="B-rows-not-N"),
+    pytest.param({**_weights(), "B": np.zeros((8, 63), np.uint8)}, 1.0, (2, 128), "B has shape", id="B-cols-not-K/2"),
+    pytest.param({**_weights(), "S": np.ones((8, 5), np.float32)}, 1.0, (2, 128), "scales has shape",
+                 id="scales-groups"),
+    pytest.param({**_weights(), "Z": np.full((8,), 8, np.uint8)}, 1.0, (2, 128), "zero_points has shape",
+                 id="zero-points-rank"),
+    pytest.param(_weights(), np.ones(2, np.float32), (2, 128), "act_scale must hold exactly one element",
+                 id="act-scale-two-elements"),
+    pytest.param(_weights(), 0.0, (2, 128), "act_scale=0.* must be finite and > 0", id="act-scale-zero"),
+    pytest.param(_weights(), np.inf, (2, 128), "must be finite", id="act-scale-inf"),
+    pytest.param(_weights(), 1.0, (2, 130), "X has shape \\[2, 130\\], its last dim must be K=128",
+                 id="X-last-dim-not-K"),
+]
+
+
+@pytest.mark.parametrize("weights, act_scale, x_shape, match", RUN_ERRORS)
+def test_bad_inputs_fail_the_run(weights, act_scale, x_shape, match):
+    model = w4a8_model(weights, act_scale, **GOOD)
+    session = kernel_session(model)  # weights are only checked when the node runs
+    with pytest.raises(InvalidArgument, match=match):
+        session.run(None, {"X": np.ones(x_shape, np.float32)})
+
+
+ATTRIBUTE_ERRORS = [
+    pytest.param(dict(K=126, N=8, group_size=3, act_mode=0), "group_size=3 must be even", id="odd-group"),
+    pytest.param(dict(K=128, N=8, group_size=48, act_mode=0), "K=128 must be a positive multiple", id="K-not-multiple"),
+    pytest.param(dict(K=128, N=0, group_size=32, act_mode=0), "N=0 must be positive", id="N-zero"),
+    pytest.param(dict(K=128, N=8, group_size=32, act_mode=2), "act_mode=2 must be 0", id="act-mode-2"),
+    pytest.param(dict(N=8, group_size=32, act_mode=0), "missing int attribute 'K'", id="K-missing"),
+]
+
+
+@pytest.mark.parametrize("attrs, match", ATTRIBUTE_ERRORS)
+def test_bad_attributes_fail_the_session(attrs, match):
+    model = w4a8_model(_weights(), 1.0, **GOOD, attrs=attrs)
+    with pytest.raises(RuntimeException, match=f"w4a8.*{match}"):
+        kernel_session(model)
+
+
+def test_unknown_isa_request_fails_the_session(monkeypatch):
+    monkeypatch.setenv("FPTQ_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeException, match="FPTQ_CPU_ISA=sse9: unknown"):
+        kernel_session(w4a8_model(_weights(), 1.0, **GOOD))
+
+
+# --- Python loader ------------------------------------------------------------------------
+
+
+def test_library_path_finds_the_built_library(monkeypatch):
+    monkeypatch.delenv("FPTQ_ONNX_LIBRARY", raising=False)
+    path = fptq_onnx.library_path()
+    assert path.endswith("libfptq_ops.so")
+    monkeypatch.setenv("FPTQ_ONNX_LIBRARY", path)
+    assert fptq_onnx.library_path() == path
+
+
+def test_library_path_rejects_a_missing_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("FPTQ_ONNX_LIBRARY", str(tmp_path / "nope.so"))
+    with pytest.raises(FileNotFoundError, match="FPTQ_ONNX_LIBRARY=.*does not name an existing file"):
+        fptq_onnx.library_path()
+
+
+def test_session_options_can_be_reused(tmp_path):
+    """The library is registered once per SessionOptions (ORT rejects a second registration)."""
+    model = w4a8_model(_weights(), 1.0, **GOOD)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    options = ort.SessionOptions()
+    first = fptq_onnx.InferenceSession(model, options)
+    second = fptq_onnx.InferenceSession(path, options)  # a path-like works too
+    x = np.ones((1, 128), np.float32)
+    np.testing.assert_array_equal(first.run(None, {"X": x})[0], second.run(None, {"X": x})[0])
+    assert second.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_checker_accepts_the_test_models():
+    onnx.checker.check_model(onnx.load_from_string(w4a8_model(_weights(), 1.0, **GOOD)), full_check=True)
