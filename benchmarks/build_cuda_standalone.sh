@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Builds the W4A8 CUDA kernel (custom_ops/w4a8_cuda.cu) into a standalone shared library for
+# benchmarks/gpu_gemm.py (ctypes; no ONNX Runtime), for sm_80 and sm_90 plus compute_90 PTX,
+# and checks the machine code: IMMA instructions present, no register spills.
+#
+#   benchmarks/build_cuda_standalone.sh [OUT_DIR]     (default: build/cuda_standalone)
+#
+# Writes OUT_DIR/libfptq_cuda_standalone.so, OUT_DIR/ptxas.log (-Xptxas -v) and
+# OUT_DIR/sass.txt (cuobjdump -sass). Needs nvcc and cuobjdump on PATH (or in
+# /usr/local/cuda/bin). Exits non-zero on a build error, a spill, or missing IMMA.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+out="${1:-$repo/build/cuda_standalone}"
+mkdir -p "$out"
+
+export PATH="$PATH:/usr/local/cuda/bin"
+nvcc_bin="${NVCC:-nvcc}"
+lib="$out/libfptq_cuda_standalone.so"
+
+# No --use_fast_math: the activation scale needs IEEE division and round-half-to-even.
+# -cudart static (nvcc's default, spelled out): the library loads next to any framework's
+# own CUDA runtime. --threads 0: one compile thread per target.
+# Built in a private temporary folder, then moved: build/ is shared with other builds.
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+"$nvcc_bin" -O3 -std=c++17 -shared -Xcompiler -fPIC -cudart static --threads 0 \
+  -gencode arch=compute_80,code=sm_80 \
+  -gencode arch=compute_90,code=sm_90 \
+  -gencode arch=compute_90,code=compute_90 \
+  -Xptxas -v -Xptxas -warn-spills -Xptxas -warn-lmem-usage \
+  -I "$repo/custom_ops" \
+  -o "$tmp/lib.so" "$repo/custom_ops/w4a8_cuda.cu" > "$tmp/ptxas.log" 2>&1 || {
+    grep -v '^ptxas info\|^    0 bytes stack' "$tmp/ptxas.log" | tail -40 >&2
+    echo "ERROR: nvcc failed (full log above was $tmp/ptxas.log)" >&2
+    exit 1
+  }
+# Compiler diagnostics other than the resource report.
+grep -v '^ptxas info\|^    [0-9]* bytes stack' "$tmp/ptxas.log" || true
+mkdir -p "$out"
+mv -f "$tmp/lib.so" "$lib"
+mv -f "$tmp/ptxas.log" "$out/ptxas.log"
+
+# cuobjdump: PATH, the CUDA install, or the nvidia-cuda-cuobjdump wheel of a Python here.
+cuobjdump_bin="$(command -v cuobjdump || true)"
+if [[ -z "$cuobjdump_bin" ]]; then
+  for py in python3 "$repo/../venv/bin/python" /work/venv/bin/python; do
+    purelib="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)"
+    for cand in "$purelib"/nvidia/cu13/bin/cuobjdump "$purelib"/nvidia/cuda_cuobjdump/bin/cuobjdump; do
+      if [[ -x "$cand" ]]; then cuobjdump_bin="$cand"; break 2; fi
+    done
+  done
+fi
+
+echo "---- summary ($lib)"
+imma=-1
+if [[ -n "$cuobjdump_bin" ]]; then
+  # cuobjdump -sass runs nvdisasm, which the wheels put beside it.
+  PATH="$PATH:$(dirname "$cuobjdump_bin")" "$cuobjdump_bin" -sass "$lib" > "$out/sass.txt"
+  imma=$(grep -c 'IMMA' "$out/sass.txt" || true)
+  echo "IMMA instructions in SASS: $imma (sm_80 + sm_90; $(grep -E 'IMMA' "$out/sass.txt" | grep -oE 'IMMA[.A-Z0-9]*' | sort | uniq -c | tr -s ' ' | tr '\n' ';'))"
+  lmem=$(grep -cE '\b(LDL|STL)\b' "$out/sass.txt" || true)
+  echo "local-memory instructions (LDL/STL) in SASS: $lmem"
+else
+  echo "WARNING: cuobjdump not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm): IMMA check skipped" >&2
+fi
+# ptxas prints "N bytes spill stores, M bytes spill loads" per kernel and target.
+spills=$(grep -E '[1-9][0-9]* bytes spill (stores|loads)' "$out/ptxas.log" || true)
+stack=$(grep -E '[1-9][0-9]* bytes stack frame' "$out/ptxas.log" || true)
+grep -E 'Compiling entry function|Used [0-9]+ registers' "$out/ptxas.log" \
+  | sed -E 's/^ptxas info *: //' \
+  | paste - - \
+  | sed -E "s/Compiling entry function '([^']*)' for '([^']*)'.*Used ([0-9]+) registers.*/\2 regs=\3 \1/" \
+  | sort -t= -k1,1 -k2,2n | uniq | awk '{printf "  %s %s %s\n", $1, $2, $3}' \
+  | { if command -v c++filt >/dev/null; then c++filt; else cat; fi } \
+  | sed -E 's/fptq::w4a8cuda::\(anonymous namespace\):://g; s/\(fptq::w4a8cuda::GemmArgs\)//' || true
+status=0
+if [[ "$imma" -eq 0 ]]; then
+  echo "ERROR: no IMMA instruction in the SASS" >&2
+  status=1
+fi
+if [[ -n "$spills" ]]; then
+  echo "ERROR: register spills:" >&2
+  echo "$spills" >&2
+  status=1
+else
+  echo "spills: 0 bytes (all kernels, all targets)"
+fi
+if [[ -n "$stack" ]]; then
+  echo "note: kernels with a stack frame:"
+  echo "$stack"
+fi
+exit $status
