@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -252,8 +253,9 @@ def collect_channel_max(model_path: Path, tensor_names: list[str], source: Path,
 class _session_exposing:
     """An ORT session on a copy of ``model`` whose graph outputs include ``tensor_names``.
 
-    The copy lives in a temporary folder; external data files are symlinked beside it so the
-    weights are neither copied nor loaded twice into Python.
+    The copy lives in a temporary folder; external data files are hard-linked beside it (ONNX
+    Runtime refuses external data that resolves outside the model's folder, so a symlink will
+    not do), copied only when the temporary folder is on another file system.
     """
 
     def __init__(self, model: onnx.ModelProto, model_path: Path, tensor_names: list[str]):
@@ -269,10 +271,7 @@ class _session_exposing:
         self.tmp = tempfile.TemporaryDirectory(prefix="fptq-calib-")
         folder = Path(self.tmp.name)
         for location in _external_locations(model):
-            target = folder / location
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                os.symlink((self.model_path.parent / location).resolve(), target)
+            _link_or_copy(self.model_path.parent / location, folder / location)
         path = folder / "calibration.onnx"
         onnx.save(model, str(path))
         options = ort.SessionOptions()
@@ -281,6 +280,18 @@ class _session_exposing:
 
     def __exit__(self, *exc) -> None:
         self.tmp.cleanup()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if not source.is_file():
+        raise UserError(f"external data file {source} of the model is missing")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _external_locations(model: onnx.ModelProto) -> set[str]:

@@ -1,0 +1,169 @@
+"""Perplexity of an ONNX language model, and its agreement with a reference model.
+
+Windows. The text is tokenized once without special tokens (``fptq_onnx.tokenizer``, the same
+tokenizer and window rule calibration uses) and cut after ``max_tokens`` tokens. It is split into
+non-overlapping windows, each one model input of ``window`` tokens, evaluated independently (no
+context carried over); a last partial window is dropped.
+
+* If the tokenizer adds a BOS token (as Gemma-3's does), each window is ``[BOS] + window - 1``
+  text tokens and every text token is predicted.
+* Otherwise (SmolLM2) each window is ``window`` text tokens and the first one is context only.
+
+Either way the scored positions are ``t = 1 .. L-1`` of each input ``x[0 .. L-1]``, predicting
+``x[t]`` from ``x[:t]``; the BOS itself is never a target. With ``N`` scored tokens::
+
+    nll_t        = -log p(x_t | x_<t)                      (log-softmax in float64)
+    perplexity   = exp(sum_t nll_t / N)
+    top1         = #{t : argmax p(. | x_<t) == argmax q(. | x_<t)} / N      (q: reference)
+    kl           = sum_t sum_v q_v (log q_v - log p_v) / N                   (KL(ref || model))
+
+Example: 10 text tokens, window 4, no BOS -> inputs [0:4] [4:8], 3 + 3 = 6 targets;
+with a BOS -> inputs [B 0 1 2] [B 3 4 5] [B 6 7 8], 9 targets.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .progress import progress_bar
+from .tokenizer import TextTokenizer, find_tokenizer, load_tokenizer
+
+_ROW_CHUNK = 128  # rows of logits turned into float64 at once: bounds memory for 262k vocabularies
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenizer_for(model_path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> TextTokenizer:
+    """The tokenizer in ``tokenizer_dir``, or the one saved beside ``model_path``."""
+    folder = Path(tokenizer_dir) if tokenizer_dir is not None else find_tokenizer(model_path)
+    if folder is None:
+        raise FileNotFoundError(f"no tokenizer beside {model_path}; pass tokenizer_dir")
+    return load_tokenizer(folder)
+
+
+def encode(tokenizer: TextTokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of ``text`` without special tokens, the first ``max_tokens`` of them.
+
+    With ``max_tokens`` only a prefix of the text is tokenized (Brown is 1.5 M tokens), grown
+    until it yields a margin of extra tokens: a cut inside a word changes only the last few
+    tokens, which are dropped.
+    """
+    if max_tokens is None:
+        return tokenizer.encode(text)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    margin = 64
+    chars = 8 * (max_tokens + margin)
+    while True:
+        ids = tokenizer.encode(text[:chars])
+        if chars >= len(text) or len(ids) >= max_tokens + margin:
+            return ids[:max_tokens]
+        chars *= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """``log p = x - max(x) - log(sum(exp(x - max(x))))`` over the last axis, in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+class _Totals:
+    """Running sums over scored positions (plain sums in float64; divided once at the end)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.nll = 0.0
+        self.ref_nll = 0.0
+        self.agree = 0
+        self.kl = 0.0
+
+    def add(self, logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None) -> None:
+        """``logits[T, V]`` predicting ``targets[T]``; ``ref_logits[T, V]`` from the reference."""
+        rows = np.arange(len(targets))
+        for lo in range(0, len(targets), _ROW_CHUNK):
+            part = slice(lo, lo + _ROW_CHUNK)
+            logp = log_softmax(logits[part])
+            self.nll -= logp[rows[part] - lo, targets[part]].sum()
+            if ref_logits is not None:
+                ref_logp = log_softmax(ref_logits[part])
+                self.ref_nll -= ref_logp[rows[part] - lo, targets[part]].sum()
+                self.agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
+                self.kl += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
+        self.tokens += len(targets)
+
+    def result(self, with_reference: bool) -> dict:
+        out = {"perplexity": float(np.exp(self.nll / self.tokens)), "tokens": self.tokens}
+        if with_reference:
+            out.update(reference_perplexity=float(np.exp(self.ref_nll / self.tokens)),
+                       top1_agreement=self.agree / self.tokens, kl=self.kl / self.tokens)
+        return out
+
+
+def default_session(path: str | os.PathLike):
+    """A plain ONNX Runtime CPU session."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _logits(session, ids: np.ndarray) -> np.ndarray:
+    """``logits[L, V]`` of one input ``ids[L]``; feeds only the inputs the graph declares."""
+    feeds = {"input_ids": ids[None, :], "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+    names = [i.name for i in session.get_inputs()]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise ValueError(f"model inputs {missing} are not input_ids/attention_mask; export with fptq_onnx.export")
+    outputs = [o.name for o in session.get_outputs()]
+    name = "logits" if "logits" in outputs else outputs[0]
+    return session.run([name], {n: feeds[n] for n in names})[0][0]
+
+
+def evaluate(model_path: str | os.PathLike, text: str, tokenizer_dir: str | os.PathLike | None = None,
+             reference_path: str | os.PathLike | None = None, max_tokens: int | None = None,
+             window: int = 512, session_factory: Callable | None = None, progress: bool = True) -> dict:
+    """Perplexity of ``model_path`` on ``text``; with ``reference_path`` also agreement with it.
+
+    Args:
+        model_path: exported ``.onnx`` model (inputs ``input_ids``, ``attention_mask``).
+        text: plain text, e.g. ``fptq_onnx.data.brown_text()``.
+        tokenizer_dir: tokenizer folder; default: ``fptq_onnx.tokenizer.find_tokenizer``.
+        reference_path: a second ``.onnx`` model (typically the fp32 export), same tokenizer.
+        max_tokens: use only the first ``max_tokens`` text tokens.
+        window: tokens per model input (BOS included).
+        session_factory: ``path -> onnxruntime.InferenceSession``, e.g. one that registers the
+            fptq op library; default :func:`default_session`.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"perplexity", "tokens"}`` (tokens = scored predictions), plus ``"reference_perplexity",
+        "top1_agreement", "kl"`` (mean nats per token) with a reference.
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    tokenizer = tokenizer_for(model_path, tokenizer_dir)
+    ids = encode(tokenizer, text, max_tokens)
+    windows = tokenizer.windows(ids, window)
+    if not windows:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {window}; pass a smaller window")
+    factory = session_factory or default_session
+    session = factory(model_path)
+    reference = factory(reference_path) if reference_path is not None else None
+    totals = _Totals()
+    for x in progress_bar([np.asarray(w, dtype=np.int64) for w in windows], desc="evaluating", unit="window",
+                          enabled=progress):
+        # logits at position t predict x[t + 1]; the last position predicts nothing here.
+        ref_logits = _logits(reference, x)[:-1] if reference is not None else None
+        totals.add(_logits(session, x)[:-1], x[1:], ref_logits)
+    return totals.result(reference is not None)

@@ -1,0 +1,287 @@
+"""Export a causal language model to ONNX for the compiler: ``input_ids, attention_mask -> logits``.
+
+What the exported file looks like (the passes rely on it):
+
+* inputs ``input_ids`` and ``attention_mask``, int64 ``[batch, sequence]`` (both dynamic);
+  one output ``logits``, float32 ``[batch, sequence, vocab]``; no KV cache (``use_cache=False``);
+* every linear layer is a plain ``MatMul`` whose second input is a constant 2-D ``[K, N]``
+  initializer (the exporter's ``Transpose`` of the torch ``[N, K]`` weight is folded here, see
+  :func:`fold_weight_transposes`); a tied embedding therefore appears twice, as the ``Gather``
+  table ``[V, H]`` and as the ``lm_head`` weight ``[H, V]``;
+* models over :data:`EXTERNAL_DATA_THRESHOLD` bytes keep their tensors in one file
+  ``<name>.onnx.data`` beside ``<name>.onnx``; smaller ones are a single file;
+* **the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ...) are saved in the
+  same folder as the model**, so every model in a folder shares them.
+  ``fptq_onnx.tokenizer.find_tokenizer`` (re-exported here) finds them from a model path;
+  :func:`copy_tokenizer` copies them next to a model written elsewhere.
+
+Everything is written under a temporary name in the output folder and renamed at the end,
+``<name>.onnx`` last: an ``.onnx`` file that exists is complete.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .data import note
+from .tokenizer import find_tokenizer  # one definition of where a model's tokenizer lives
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024  # bytes of initializers; protobuf alone caps at 2 GB
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja")
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "logits"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer next to the model
+# ---------------------------------------------------------------------------------------------
+
+
+def copy_tokenizer(model_path: str | os.PathLike, dest_model_path: str | os.PathLike) -> Path | None:
+    """Copy the tokenizer of ``model_path`` next to ``dest_model_path``; returns its new folder.
+
+    Does nothing (and returns the folder) when both models are in the same folder; returns None
+    when ``model_path`` has no tokenizer.
+    """
+    src = find_tokenizer(model_path)
+    dest = Path(dest_model_path).parent
+    if src is None:
+        return None
+    if src.resolve() != dest.resolve():
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dest / name)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the source model
+# ---------------------------------------------------------------------------------------------
+
+
+def load_source(src: str | os.PathLike, progress: bool = True):
+    """``(model, tokenizer)`` in fp32 eval mode from a Hugging Face folder, a ``.gguf`` file or a
+    recipe name (see ``fptq_onnx.models.RECIPES``)."""
+    from fptq_onnx.models import RECIPES, prepare
+    from fptq_onnx.models._recipe import load_gguf
+
+    if isinstance(src, str) and src in RECIPES:
+        src = prepare(src, progress)
+    path = Path(src)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, progress)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        note(f"loading {path}", progress)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return model, AutoTokenizer.from_pretrained(path)
+    if path.exists():
+        raise ValueError(f"cannot export {path}: expected a model folder, a .gguf file or one of {', '.join(RECIPES)}")
+    raise FileNotFoundError(f"no model folder, .gguf file or recipe named {str(src)!r} (recipes: {', '.join(RECIPES)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph clean-up
+# ---------------------------------------------------------------------------------------------
+
+
+def fold_weight_transposes(model) -> int:
+    """Replace ``MatMul(x, Transpose(W))`` with ``MatMul(x, W^T)`` for constant 2-D ``W``.
+
+    The dynamo exporter emits ``linear`` as ``MatMul(x, Transpose(W[N, K]))``; its own optimizer
+    folds that for most weights, but not for large ones (SmolLM2's tied ``lm_head``), and the
+    quantization passes need the ``[K, N]`` weight as an initializer. ``model`` is an
+    ``onnx_ir.Model``, changed in place. Returns the number of MatMuls rewritten.
+    """
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    folded_values = {}  # one new initializer per Transpose, however many MatMuls read it
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "MatMul" or node.inputs[1] is None:
+            continue
+        transpose = node.inputs[1].producer()
+        if transpose is None or transpose.op_type != "Transpose":
+            continue
+        weight = transpose.inputs[0]
+        if weight is None or weight.const_value is None:
+            continue  # an activation, not a weight
+        if len(weight.shape) != 2 or transpose.attributes.get_ints("perm", [1, 0]) not in ([1, 0], (1, 0)):
+            logger.debug("skip %s: constant %s is not a 2-D matrix transpose", node.name, weight.name)
+            continue
+        if id(transpose) not in folded_values:
+            folded_values[id(transpose)] = _add_initializer(model.graph, f"{weight.name}_T", weight.const_value.numpy().T)
+        node.replace_input_with(1, folded_values[id(transpose)])
+        count += 1
+    if count:
+        RemoveUnusedNodesPass()(model)  # also drops initializers nothing reads any more
+    return count
+
+
+def _add_initializer(graph, name: str, array: np.ndarray):
+    import onnx_ir as ir
+
+    unique, i = name, 0
+    while unique in graph.initializers:
+        i += 1
+        unique = f"{name}_{i}"
+    array = np.ascontiguousarray(array)
+    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=unique))
+    graph.register_initializer(value)
+    return value
+
+
+def linear_weight_report(model) -> tuple[int, list[str]]:
+    """``(n_constant, others)``: MatMuls with a constant 2-D ``[K, N]`` second input, and the names
+    of MatMuls whose second input is computed from an initializer (weights the passes would miss).
+
+    MatMuls between two activations (attention scores) are in neither list.
+    """
+    constant, others = 0, []
+    for node in model.graph:
+        if node.op_type != "MatMul":
+            continue
+        b = node.inputs[1]
+        if b.const_value is not None and len(b.shape) == 2:
+            constant += 1
+        elif _reads_only_constants(b):
+            others.append(node.name)
+    return constant, others
+
+
+def _reads_only_constants(value) -> bool:
+    """True if ``value`` is computed from initializers and constants only (no graph input)."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or v.const_value is not None:
+            continue
+        seen.add(id(v))
+        producer = v.producer()
+        if producer is None:  # a graph input
+            return False
+        stack.extend(i for i in producer.inputs if i is not None)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def _logits_module(model):
+    import torch
+
+    class LogitsOnly(torch.nn.Module):
+        """The graph's interface: two int64 inputs, logits out, no KV cache."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return LogitsOnly(model).eval()
+
+
+def _torch_export(model, opset: int, progress: bool):
+    import torch
+
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # Batch 2 and sequence 8: sizes 0/1 would be specialized by torch.export.
+    example = torch.randint(0, model.config.vocab_size, (2, 8), dtype=torch.int64)
+    program = torch.onnx.export(
+        _logits_module(model),
+        (example, torch.ones_like(example)),
+        dynamo=True,
+        opset_version=opset,
+        input_names=list(INPUT_NAMES),
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUT_NAMES},
+        optimize=True,
+        verbose=progress,
+    )
+    return program.model
+
+
+def _save(model, path: Path, progress: bool) -> None:
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = f"{path.name}.data" if size > EXTERNAL_DATA_THRESHOLD else None
+    note(f"saving {size / 2**20:.0f} MiB of weights{' as external data' if external else ''}", progress)
+    ir.save(model, path, external_data=external)
+
+
+def _check_against_torch(torch_model, tokenizer, onnx_path: Path) -> tuple[float, float]:
+    """``(max |ORT - torch|, max |torch|)`` of the logits of a short sentence (batch 2)."""
+    import onnxruntime as ort
+    import torch
+
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="np")["input_ids"]
+    ids = np.concatenate([ids, ids[:, ::-1]]).astype(np.int64)  # two different rows
+    mask = np.ones_like(ids)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), use_cache=False).logits
+    ref = ref.numpy()
+    return float(np.abs(onnx_logits - ref).max()), float(np.abs(ref).max())
+
+
+def export_model(src: str | os.PathLike, output: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                 progress: bool = True) -> Path:
+    """Export ``src`` (HF folder, ``.gguf`` file or recipe name) to ``output`` (``.onnx``); returns it.
+
+    Also saves the tokenizer in ``output``'s folder and checks ONNX Runtime's logits against
+    torch's on a short input (printed; a difference over 1e-3 of the logit range is an error).
+    """
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise ValueError(f"output must be an .onnx path, got {output}")
+    model, tokenizer = load_source(src, progress)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    note(f"exporting {type(model).__name__} to {output} (opset {opset})", progress)
+    onnx_model = _torch_export(model, opset, progress)
+    folded = fold_weight_transposes(onnx_model)
+    constant, others = linear_weight_report(onnx_model)
+    note(f"{constant} MatMuls with constant [K, N] weights ({folded} transposes folded here)", progress)
+    if others:
+        raise RuntimeError(f"MatMuls with weights computed from initializers remain: {others[:5]}")
+
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tmp-") as tmp:
+        staged = Path(tmp) / output.name
+        _save(onnx_model, staged, progress)
+        tokenizer.save_pretrained(tmp)
+        diff, scale = _check_against_torch(model, tokenizer, staged)
+        note(f"ONNX Runtime vs torch: max |logit diff| = {diff:.3g} (max |logit| {scale:.3g})", progress)
+        if not diff <= 1e-3 * max(1.0, scale):  # also catches NaN
+            raise RuntimeError(f"exported model disagrees with torch: max |logit diff| {diff:.3g}")
+        _move_into_place(Path(tmp), output)
+    note(f"wrote {output}", progress)
+    return output
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Rename the staged files into ``output``'s folder, the ``.onnx`` file last."""
+    data = output.with_name(f"{output.name}.data")
+    if data.exists() and not (staging / data.name).exists():
+        data.unlink()  # a stale external-data file of an earlier, larger export
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == output.name):
+        os.replace(item, output.parent / item.name)
