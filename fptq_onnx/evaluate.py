@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import UserError
 from .progress import progress_bar
 from .tokenizer import TextTokenizer, find_tokenizer, load_tokenizer
 
@@ -43,7 +44,7 @@ def tokenizer_for(model_path: str | os.PathLike, tokenizer_dir: str | os.PathLik
     """The tokenizer in ``tokenizer_dir``, or the one saved beside ``model_path``."""
     folder = Path(tokenizer_dir) if tokenizer_dir is not None else find_tokenizer(model_path)
     if folder is None:
-        raise FileNotFoundError(f"no tokenizer beside {model_path}; pass tokenizer_dir")
+        raise UserError(f"no tokenizer beside {model_path}; pass tokenizer_dir")
     return load_tokenizer(folder)
 
 
@@ -57,7 +58,7 @@ def encode(tokenizer: TextTokenizer, text: str, max_tokens: int | None = None) -
     if max_tokens is None:
         return tokenizer.encode(text)
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        raise UserError(f"max_tokens must be positive, got {max_tokens}")
     margin = 64
     chars = 8 * (max_tokens + margin)
     while True:
@@ -124,7 +125,7 @@ def _logits(session, ids: np.ndarray) -> np.ndarray:
     names = [i.name for i in session.get_inputs()]
     missing = [n for n in names if n not in feeds]
     if missing:
-        raise ValueError(f"model inputs {missing} are not input_ids/attention_mask; export with fptq_onnx.export")
+        raise UserError(f"model inputs {missing} are not input_ids/attention_mask; export with fptq_onnx.export")
     outputs = [o.name for o in session.get_outputs()]
     name = "logits" if "logits" in outputs else outputs[0]
     return session.run([name], {n: feeds[n] for n in names})[0][0]
@@ -132,7 +133,8 @@ def _logits(session, ids: np.ndarray) -> np.ndarray:
 
 def evaluate(model_path: str | os.PathLike, text: str, tokenizer_dir: str | os.PathLike | None = None,
              reference_path: str | os.PathLike | None = None, max_tokens: int | None = None,
-             window: int = 512, session_factory: Callable | None = None, progress: bool = True) -> dict:
+             window: int = 512, session_factory: Callable | None = None, progress: bool = True,
+             reference_session_factory: Callable | None = None) -> dict:
     """Perplexity of ``model_path`` on ``text``; with ``reference_path`` also agreement with it.
 
     Args:
@@ -145,21 +147,24 @@ def evaluate(model_path: str | os.PathLike, text: str, tokenizer_dir: str | os.P
         session_factory: ``path -> onnxruntime.InferenceSession``, e.g. one that registers the
             fptq op library; default :func:`default_session`.
         progress: show a progress bar.
+        reference_session_factory: the same for the reference (default: ``session_factory``);
+            e.g. stock ONNX Runtime for the reference and our library for the model.
 
     Returns:
         ``{"perplexity", "tokens"}`` (tokens = scored predictions), plus ``"reference_perplexity",
         "top1_agreement", "kl"`` (mean nats per token) with a reference.
     """
     if window < 2:
-        raise ValueError(f"window must be at least 2 tokens, got {window}")
+        raise UserError(f"window must be at least 2 tokens, got {window}")
     tokenizer = tokenizer_for(model_path, tokenizer_dir)
     ids = encode(tokenizer, text, max_tokens)
     windows = tokenizer.windows(ids, window)
     if not windows:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {window}; pass a smaller window")
+        raise UserError(f"the text has {len(ids)} tokens, fewer than one window of {window}; pass a smaller window")
     factory = session_factory or default_session
     session = factory(model_path)
-    reference = factory(reference_path) if reference_path is not None else None
+    reference_factory = reference_session_factory or factory
+    reference = reference_factory(reference_path) if reference_path is not None else None
     totals = _Totals()
     for x in progress_bar([np.asarray(w, dtype=np.int64) for w in windows], desc="evaluating", unit="window",
                           enabled=progress):

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import note
+from .errors import UserError
 from .tokenizer import find_tokenizer  # one definition of where a model's tokenizer lives
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def load_source(src: str | os.PathLike, progress: bool = True):
         return load_gguf(path, progress)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+            raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,8 +91,8 @@ def load_source(src: str | os.PathLike, progress: bool = True):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(path)
     if path.exists():
-        raise ValueError(f"cannot export {path}: expected a model folder, a .gguf file or one of {', '.join(RECIPES)}")
-    raise FileNotFoundError(f"no model folder, .gguf file or recipe named {str(src)!r} (recipes: {', '.join(RECIPES)})")
+        raise UserError(f"cannot export {path}: expected a model folder, a .gguf file or one of {', '.join(RECIPES)}")
+    raise UserError(f"no model folder, .gguf file or recipe named {str(src)!r} (recipes: {', '.join(RECIPES)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def export_model(src: str | os.PathLike, output: str | os.PathLike, opset: int =
     """
     output = Path(output)
     if output.suffix != ".onnx":
-        raise ValueError(f"output must be an .onnx path, got {output}")
+        raise UserError(f"output must be an .onnx path, got {output}")
     model, tokenizer = load_source(src, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     note(f"exporting {type(model).__name__} to {output} (opset {opset})", progress)

@@ -84,7 +84,7 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
     bytes_before = sum(t.ByteSize() for t in model.graph.initializer)
     seconds["load"] = time.perf_counter() - start
 
-    PassManager([FindLinearLayersPass(config.group_size, config.nodes_to_exclude, config.exclude_lm_head)])(ctx)
+    PassManager([FindLinearLayersPass(config.nodes_to_exclude, config.exclude_lm_head)])(ctx)
     if not ctx.groups:
         reasons = "; ".join(f"{r.node}: {r.reason}" for r in ctx.rejections[:3]) or "the model has no MatMul/Gemm"
         raise UserError(f"no quantizable MatMul in {model_path} ({reasons})")

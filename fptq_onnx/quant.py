@@ -102,6 +102,24 @@ def quantize_weight_groupwise(
     )
 
 
+def pad_to_group_multiple(w: np.ndarray, group_size: int) -> np.ndarray:
+    """``w[K, N]`` with zero rows appended up to ``K' = ceil(K / group_size) * group_size``.
+
+    The op then sees X padded with zeros to K' (``0 * anything = 0``), and the last group
+    quantizes exactly like a partial group of ``K % group_size`` real weights: both schemes
+    include 0 in every group's range, and a zero weight maps exactly to the zero point. This is
+    how a model with K = 576 (SmolLM2) keeps group size 128.
+
+    >>> pad_to_group_multiple(np.ones((3, 2)), 4).shape
+    (4, 2)
+    """
+    k = w.shape[0]
+    padded_k = -(-k // group_size) * group_size
+    if padded_k == k:
+        return w
+    return np.concatenate([w, np.zeros((padded_k - k,) + w.shape[1:], w.dtype)], axis=0)
+
+
 def dequantize_weight(u: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> np.ndarray:
     """``w[k, n] = (u[n, k] - z[n, g]) * scale[n, g]`` with ``g = k // group_size``, float64 ``[K, N]``."""
     n, k = u.shape

@@ -3,7 +3,16 @@
 A converted model runs in stock ONNX Runtime through the ``ai.fptq::W4A8MatMul`` function
 body; with the library registered, ONNX Runtime uses the library's kernels instead (the CPU
 kernel for ``CPUExecutionProvider``, the CUDA kernel for ``CUDAExecutionProvider`` when built
-with CUDA). The library is built and installed next to this package by ``pip install``.
+with CUDA). The library is built and installed next to this package by ``pip install`` (with the CUDA
+kernel when nvcc was found at build time: :func:`has_cuda_kernel`).
+
+On a GPU (onnxruntime-gpu installed)::
+
+    session = fptq_onnx.InferenceSession(
+        "model.w4a8.onnx", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+W4A8MatMul nodes then run the CUDA kernel; sessions that use only ``CPUExecutionProvider`` use the
+CPU kernel, with the same library, also on machines without a GPU or CUDA driver.
 
 Environment:
 
@@ -13,7 +22,10 @@ Environment:
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +36,7 @@ LIBRARY_ENV = "FPTQ_ONNX_LIBRARY"
 # Session config entry marking options that already carry the library: ONNX Runtime refuses to
 # register the ai.fptq domain twice on one SessionOptions ("Domain already set in registry").
 _REGISTERED_KEY = "fptq_onnx.ops_library"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 def library_path() -> str:
@@ -67,20 +80,58 @@ def InferenceSession(  # noqa: N802 -- mirrors onnxruntime.InferenceSession, whi
     them, once, so one ``SessionOptions`` may serve several sessions; a fresh one when None);
     ``providers`` default ``["CPUExecutionProvider"]``; ``kwargs`` passed through (e.g.
     ``provider_options``).
+
+    With ``CUDAExecutionProvider`` among ``providers`` it warns (``RuntimeWarning``) when the
+    W4A8 nodes cannot run on the GPU: this onnxruntime has no CUDA provider (install
+    onnxruntime-gpu), or the library was built without the CUDA kernel (no nvcc at build time;
+    the nodes then run the CPU kernel, with copies to and from the GPU).
     """
     options = sess_options if sess_options is not None else ort.SessionOptions()
     if not _has_library(options):
         path = library_path()
         options.register_custom_ops_library(path)
         options.add_session_config_entry(_REGISTERED_KEY, path)
+    else:
+        path = options.get_session_config_entry(_REGISTERED_KEY)
     if isinstance(path_or_bytes, os.PathLike):
         path_or_bytes = os.fspath(path_or_bytes)
-    return ort.InferenceSession(
-        path_or_bytes,
-        sess_options=options,
-        providers=list(providers) if providers is not None else ["CPUExecutionProvider"],
-        **kwargs,
-    )
+    providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+    if any(_provider_name(p) == CUDA_PROVIDER for p in providers):
+        _warn_unless_cuda_ready(path)
+    return ort.InferenceSession(path_or_bytes, sess_options=options, providers=providers, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_cuda_kernel(path: str) -> bool:
+    library = ctypes.CDLL(path)  # the same handle ONNX Runtime gets: loading twice is free
+    probe = getattr(library, "fptq_ops_has_cuda", None)
+    if probe is None:  # a build from before the CUDA kernel existed
+        return False
+    probe.restype, probe.argtypes = ctypes.c_int, []
+    return bool(probe())
+
+
+def has_cuda_kernel(path: str | os.PathLike | None = None) -> bool:
+    """Whether the op library (``path``, default :func:`library_path`) holds the CUDA kernel.
+
+    True when it was built with nvcc (``FPTQ_CUDA=AUTO`` found one, or ``ON``); loading the
+    library needs no GPU or CUDA driver. Raises ``FileNotFoundError`` like :func:`library_path`.
+    """
+    return _has_cuda_kernel(str(Path(path).resolve()) if path is not None else library_path())
+
+
+def _provider_name(provider: str | tuple[str, dict[str, Any]]) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def _warn_unless_cuda_ready(path: str) -> None:
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        warnings.warn(f"this onnxruntime ({ort.__version__}) has no {CUDA_PROVIDER}: the session runs on the "
+                      "CPU; install onnxruntime-gpu for the CUDA kernel", RuntimeWarning, stacklevel=3)
+    elif not has_cuda_kernel(path):
+        warnings.warn(f"{path} was built without the CUDA kernel (no nvcc when it was built): W4A8MatMul "
+                      "nodes run the CPU kernel, with copies between GPU and CPU; rebuild with nvcc on PATH "
+                      "(pip install again, FPTQ_CUDA=ON to insist)", RuntimeWarning, stacklevel=3)
 
 
 def _has_library(options: ort.SessionOptions) -> bool:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import gemma3_270m, smollm2_135m
+from fptq_onnx.errors import UserError
+
 from ._recipe import Recipe, prepare_recipe
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (smollm2_135m.RECIPE, gemma3_270m.RECIPE)}
@@ -26,7 +28,7 @@ def prepare(name: str, progress: bool = True) -> Path:
     """Hugging Face folder (config, safetensors, tokenizer) of recipe ``name``, created once."""
     recipe = RECIPES.get(name)
     if recipe is None:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(RECIPES)}")
+        raise UserError(f"unknown model {name!r}; known: {', '.join(RECIPES)}")
     return prepare_recipe(recipe, progress)
 
 

@@ -39,6 +39,7 @@ class LinearLayer:
     lae_scale_range: tuple[float, float] | None = None
     lae_folded_into: str | None = None  # node name whose constant absorbed 1/s, or the Mul we made
     group_size: int | None = None
+    k_padded: int | None = None  # K rounded up to the group size; the op reads X padded with zeros
     symmetric: bool | None = None
     weight_error: float | None = None  # ||W - Q(W)||_F / ||W||_F
     packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (B, scales, zero_points)
@@ -65,6 +66,7 @@ class LinearLayer:
             else f"[{self.lae_scale_range[0]:.4g}, {self.lae_scale_range[1]:.4g}]",
             "lae_folded_into": self.lae_folded_into,
             "group_size": None if self.group_size is None else str(self.group_size),
+            "k_padded": None if self.k_padded in (None, self.k) else f"{self.k} -> {self.k_padded}",
             "weight_symmetric": None if self.symmetric is None else str(self.symmetric).lower(),
             "weight_error": None if self.weight_error is None else f"{self.weight_error:.4g}",
         }

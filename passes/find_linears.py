@@ -1,8 +1,8 @@
 """Find the linear layers: MatMul/Gemm nodes whose weight is a constant 2-D initializer.
 
 A layer qualifies when its second operand is a constant ``[K, N]`` tensor (``[N, K]`` for a
-Gemm with ``transB=1``), K is a multiple of the weight group size, and its name does not match
-the exclusion pattern. The language-model head (the layer producing a graph output, or named
+Gemm with ``transB=1``) and its name does not match the exclusion pattern. (A K that is not a
+multiple of the group size is padded later, see ``quant.pad_to_group_multiple``.) The language-model head (the layer producing a graph output, or named
 ``lm_head``) is excluded by default: its error lands directly on the logits and it is usually
 tied to the embedding. Layers that read the same tensor are grouped, since the activation
 decision (band, LAE scales, static scale) belongs to the shared input.
@@ -36,7 +36,6 @@ class FindLinearLayersPass(Pass):
     """Collect quantizable linear layers into ``ctx.groups`` (one group per shared input).
 
     Args:
-        group_size: weight group size; a layer whose K is not a multiple of it is skipped.
         nodes_to_exclude: regular expression; layers whose name or node name matches (``re.search``)
             are skipped.
         exclude_lm_head: skip the layer that produces the logits.
@@ -44,8 +43,7 @@ class FindLinearLayersPass(Pass):
 
     name = "find_linears"
 
-    def __init__(self, group_size: int, nodes_to_exclude: str | None = None, exclude_lm_head: bool = True):
-        self.group_size = group_size
+    def __init__(self, nodes_to_exclude: str | None = None, exclude_lm_head: bool = True):
         self.exclude = re.compile(nodes_to_exclude) if nodes_to_exclude else None
         self.exclude_lm_head = exclude_lm_head
 
@@ -86,10 +84,6 @@ class FindLinearLayersPass(Pass):
                 return None
             weight, bias = parsed
         name = layer_name(node, weight_tensor)
-        k = weight.shape[0]
-        if k % self.group_size or k % 2:
-            ctx.reject(self.name, name, f"K={k} is not a multiple of the group size {self.group_size}")
-            return None
         if self.exclude_lm_head and (LM_HEAD_PATTERN.search(name) or node.outputs[0].name in graph_outputs):
             ctx.reject(self.name, name, "language-model head (excluded by default; --include-lm-head keeps it)")
             return None

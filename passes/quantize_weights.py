@@ -2,13 +2,15 @@
 
 Each layer's ``[K, N]`` weight (already multiplied by its LAE scales) becomes packed nibbles
 ``B[N, K/2]``, ``scales[N, K/g]`` and ``zero_points[N, K/g]`` (the op's layout, ``docs/ops.md``).
-The relative weight error ``||W - Q(W)||_F / ||W||_F`` is recorded on the layer.
+A K that is not a multiple of the group size is padded with zero rows (``K'``); the
+replacement pass pads X to match. The relative weight error ``||W - Q(W)||_F / ||W||_F`` (over
+the real rows) is recorded on the layer.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from fptq_onnx.quant import dequantize_weight, pack_int4, quantize_weight_groupwise
+from fptq_onnx.quant import dequantize_weight, pack_int4, pad_to_group_multiple, quantize_weight_groupwise
 
 from .base import ConversionContext, Pass
 
@@ -31,11 +33,13 @@ class QuantizeWeightsPass(Pass):
 
     def call(self, ctx: ConversionContext) -> bool:
         for layer in ctx.layers:
-            u, scales, zero_points = quantize_weight_groupwise(layer.weight, self.group_size, self.symmetric)
-            restored = dequantize_weight(u, scales, zero_points)
+            padded = pad_to_group_multiple(layer.weight, self.group_size)
+            u, scales, zero_points = quantize_weight_groupwise(padded, self.group_size, self.symmetric)
+            restored = dequantize_weight(u, scales, zero_points)[: layer.k]
             norm = float(np.linalg.norm(layer.weight))
             layer.weight_error = float(np.linalg.norm(layer.weight - restored)) / norm if norm else 0.0
             layer.packed = (pack_int4(u), scales, zero_points)
             layer.group_size = self.group_size
+            layer.k_padded = padded.shape[0]
             layer.symmetric = self.symmetric
         return False  # the graph changes when the MatMuls are replaced

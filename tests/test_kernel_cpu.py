@@ -115,6 +115,12 @@ CASES = [
     pytest.param(2, 128, 9, 2, 0, False, id="static-asym-g2-padded-groups"),
     # Enough work to be split into several row blocks x tile ranges (and a partial last tile).
     pytest.param(130, 1024, 300, 128, 1, False, id="dynamic-asym-M130-N300-K1024-many-tasks"),
+    # AVX-512 paths: one row streams with 4 accumulator sets (6 chunks: a remainder of 2);
+    # 6 rows x 5 tiles take the blocked path (a 6-row block, tile blocks of 4 and 1); groups
+    # past the blocked path's limit stream even for many rows.
+    pytest.param(1, 384, 40, 48, 1, False, id="dynamic-asym-M1-g48-chunk-remainder"),
+    pytest.param(6, 256, 80, 128, 0, False, id="static-asym-M6-N80-blocked-5-tiles"),
+    pytest.param(7, 4096, 20, 2048, 1, False, id="dynamic-asym-M7-g2048-large-group"),
 ]
 
 
@@ -235,6 +241,23 @@ def test_isas_agree():
     assert "generic" in results
     for y in results.values():
         assert_close(y, results["generic"].astype(np.float64))
+
+
+@pytest.mark.parametrize("m, n, group_size", [
+    pytest.param(13, 100, 64, id="M13-N100-g64"),
+    pytest.param(70, 37, 32, id="M70-N37-g32-two-row-blocks"),
+])
+def test_rows_do_not_depend_on_the_batch(isa, m, n, group_size):
+    """Dynamic mode: row i of Y(X) is bit for bit Y(X[i]) run alone, so a token's output does not
+    depend on what it is batched with, although the kernels take other paths for one row
+    (streaming) than for many (register blocks over unpacked weights)."""
+    rng = np.random.default_rng(37)
+    weights = quantized_weights(rng, 384, n, group_size, False)
+    x = rng.standard_normal((m, 384)).astype(np.float32)
+    session = kernel_session(w4a8_model(weights, 1.0, k=384, n=n, group_size=group_size, act_mode=1))
+    batched = session.run(None, {"X": x})[0]
+    for i in range(m):
+        np.testing.assert_array_equal(batched[i:i + 1], session.run(None, {"X": x[i:i + 1]})[0])
 
 
 def test_weights_fed_as_graph_inputs_are_not_cached():

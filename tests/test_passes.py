@@ -40,7 +40,7 @@ def calibrate_exactly(ctx, model, x):
 
 def test_find_linears_groups_shared_inputs(tiny_block):
     ctx = context_of(tiny_block)
-    FindLinearLayersPass(group_size=128, exclude_lm_head=False)(ctx)
+    FindLinearLayersPass(exclude_lm_head=False)(ctx)
     assert [[layer.name for layer in group.layers] for group in ctx.groups] == [
         ["layers.0.q_proj", "layers.0.k_proj"], ["layers.0.down_proj"]]
     assert ctx.groups[0].name == "layers.0"
@@ -49,7 +49,7 @@ def test_find_linears_groups_shared_inputs(tiny_block):
 def test_find_linears_excludes_lm_head_by_default(tiny_block):
     """down_proj writes the graph output here, so it plays the lm_head."""
     ctx = context_of(tiny_block)
-    FindLinearLayersPass(group_size=128)(ctx)
+    FindLinearLayersPass()(ctx)
     assert [layer.name for layer in ctx.layers] == ["layers.0.q_proj", "layers.0.k_proj"]
     assert "language-model head" in ctx.rejections[0].reason
 
@@ -60,23 +60,46 @@ def test_find_linears_excludes_lm_head_by_default(tiny_block):
 ])
 def test_find_linears_nodes_to_exclude(tiny_block, pattern, kept):
     ctx = context_of(tiny_block)
-    FindLinearLayersPass(group_size=128, nodes_to_exclude=pattern, exclude_lm_head=False)(ctx)
+    FindLinearLayersPass(nodes_to_exclude=pattern, exclude_lm_head=False)(ctx)
     assert [layer.name for layer in ctx.layers] == kept
     assert any("--nodes-to-exclude" in r.reason for r in ctx.rejections)
 
 
-@pytest.mark.parametrize("text, reason", [
-    pytest.param("g (float[2, 64] x, float[64, 8] w) => (float[2, 8] y) { y = MatMul (x, w) }",
-                 "not a constant", id="weight-is-graph-input"),
-    pytest.param("g (float[2, 96] x) => (float[2, 8] y) { y = MatMul (x, w) }",
-                 "not a multiple of the group size", id="K-not-multiple"),
-], )
-def test_find_linears_rejections_carry_reasons(text, reason):
-    weights = {"w": np.ones((96, 8), np.float32)} if "96" in text else {}
-    ctx = context_of(model_from_text(text, weights))
-    FindLinearLayersPass(group_size=64, exclude_lm_head=False)(ctx)
+def test_find_linears_rejects_non_constant_weight_with_reason():
+    model = model_from_text("g (float[2, 64] x, float[64, 8] w) => (float[2, 8] y) { y = MatMul (x, w) }", {})
+    ctx = context_of(model)
+    FindLinearLayersPass(exclude_lm_head=False)(ctx)
     assert ctx.groups == []
-    assert reason in ctx.rejections[0].reason
+    assert "not a constant" in ctx.rejections[0].reason
+
+
+@pytest.mark.parametrize("opset", [pytest.param(18, id="opset18-pad-axes"), pytest.param(17, id="opset17-full-pads")])
+def test_k_not_multiple_of_group_is_padded(rng, opset):
+    """K = 96 with group 64: one Pad node shared by both layers, and results equal the reference
+    computed on zero-padded inputs (a partial last group)."""
+    w1, w2 = (rng.standard_normal((96, 8)).astype(np.float32) for _ in range(2))
+    model = model_from_text("""
+        g (float[2, 3, 96] x) => (float[2, 3, 8] y) {
+            a = MatMul (x, l1.weight)
+            b = MatMul (x, l2.weight)
+            y = Add (a, b)
+        }""", {"l1.weight": w1, "l2.weight": w2}, opset=opset)
+    x = rng.standard_normal((2, 3, 96)).astype(np.float32)
+    ctx = context_of(model)
+    FindLinearLayersPass(exclude_lm_head=False)(ctx)
+    calibrate_exactly(ctx, model, x)
+    PassManager([LayerStrategyPass(), LaePass(), StaticActivationScalesPass(), QuantizeWeightsPass(64),
+                 ReplaceMatMulPass()])(ctx)
+    out = export_model_proto(ctx)
+    onnx.checker.check_model(out, full_check=True)
+    assert [n.name for n in out.graph.node if n.op_type == "Pad"] == ["l1/pad_k"]  # one Pad, shared
+    x_padded = np.concatenate([x, np.zeros((2, 3, 32), np.float32)], axis=-1)
+    expected = 0
+    for layer in ctx.layers:
+        assert layer.k_padded == 128 and layer.packed[1].shape == (8, 2)
+        mode = 1 if layer.act_mode == "per_token_dynamic" else 0
+        expected = expected + quant.w4a8_matmul_reference(x_padded, *layer.packed, layer.act_scale, mode)
+    np.testing.assert_allclose(run_model(out, {"x": x})[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_gemm_transposed_with_bias_is_converted_exactly(rng):
@@ -90,7 +113,7 @@ def test_gemm_transposed_with_bias_is_converted_exactly(rng):
         }""", {"fc.weight": w, "fc.bias": bias})
     ctx = context_of(model)
     x = rng.standard_normal((4, 128)).astype(np.float32)
-    FindLinearLayersPass(group_size=64)(ctx)
+    FindLinearLayersPass()(ctx)
     calibrate_exactly(ctx, model, x)
     PassManager([LayerStrategyPass(), LaePass(), StaticActivationScalesPass(), QuantizeWeightsPass(64),
                  ReplaceMatMulPass()])(ctx)
@@ -117,7 +140,7 @@ def test_band_thresholds(v, band):
 
 def test_strategy_needs_statistics(tiny_block):
     ctx = context_of(tiny_block)
-    FindLinearLayersPass(group_size=128)(ctx)
+    FindLinearLayersPass()(ctx)
     with pytest.raises(PassPreconditionError, match="strategy: no calibration statistics"):
         LayerStrategyPass()(ctx)
 
@@ -127,7 +150,7 @@ def test_strategy_needs_statistics(tiny_block):
 
 def prepared(model, x, v0, v1, fold=True):
     ctx = context_of(model)
-    FindLinearLayersPass(group_size=128, exclude_lm_head=False)(ctx)
+    FindLinearLayersPass(exclude_lm_head=False)(ctx)
     seen = calibrate_exactly(ctx, model, x)
     PassManager([LayerStrategyPass(v0, v1), LaePass(fold=fold)])(ctx)
     return ctx, seen

@@ -104,3 +104,12 @@ def test_reference_matmul_matches_explicit_sum(rng):
                     integer = int(np.dot(q[span], u[col, span].astype(np.int64) - int(zeros[col, g])))
                     total += float(scales[col, g]) * integer
                 assert got[m, col] == pytest.approx(float(a) * total, rel=1e-12, abs=1e-12)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from fptq_onnx.passes import act_scales
+
+    for module in (quant, act_scales):
+        assert doctest.testmod(module).failed == 0

