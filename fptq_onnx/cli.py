@@ -102,15 +102,21 @@ def _run_convert(args) -> None:
 def conversion_summary(result) -> str:
     from collections import Counter
 
+    from .passes.find_linears import NOT_A_LINEAR_LAYER
+
     counts = Counter((layer.band, layer.act_mode, layer.lae) for layer in result.layers)
     lines = [f"wrote {result.output}: {len(result.layers)} layers to W4A8, "
              f"initializers {result.bytes_before / 2**20:.1f} MiB -> {result.bytes_after / 2**20:.1f} MiB"]
     for (band, mode, lae), count in sorted(counts.items()):
         lines.append(f"  {count:4d} x band {band:4s} {mode}{' + LAE' if lae else ''}")
     skipped = [r for r in result.rejections if r.pass_name == "find_linears"]
-    if skipped:
-        lines.append(f"  {len(skipped)} MatMul/Gemm left in float: " +
-                     "; ".join(f"{r.node} ({r.reason})" for r in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+    products = [r for r in skipped if r.reason == NOT_A_LINEAR_LAYER]
+    if products:
+        lines.append(f"  {len(products)} MatMul of two activations (attention) left as they are")
+    kept = [r for r in skipped if r.reason != NOT_A_LINEAR_LAYER]
+    if kept:
+        lines.append(f"  {len(kept)} linear layer(s) left in float: " +
+                     "; ".join(f"{r.node} ({r.reason})" for r in kept[:3]) + (" ..." if len(kept) > 3 else ""))
     lines.append("  time: " + ", ".join(f"{step} {sec:.1f}s" for step, sec in result.seconds.items() if sec >= 0.05))
     return "\n".join(lines)
 

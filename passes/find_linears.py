@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from .base import ConversionContext, LayerGroup, LinearLayer, Pass
 
+NOT_A_LINEAR_LAYER = "weight is not a constant initializer"
 LM_HEAD_PATTERN = re.compile(r"(^|[./_])lm_head([./_]|$)")
 
 
@@ -65,7 +66,7 @@ class FindLinearLayersPass(Pass):
         label = node.name or node.outputs[0].name
         weight_tensor = node.inputs[1] if len(node.inputs) > 1 else None
         if not isinstance(weight_tensor, gs.Constant):
-            ctx.reject(self.name, label, "weight is not a constant initializer")
+            ctx.reject(self.name, label, NOT_A_LINEAR_LAYER)
             return None
         if not isinstance(node.inputs[0], gs.Variable):
             ctx.reject(self.name, label, "both operands are constants (nothing to quantize at run time)")
