@@ -104,3 +104,15 @@ def test_console_script_exit_code(workdir):
                             capture_output=True, text=True)
     assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.strip().endswith("is the input model: choose another path")
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["export", "no-such-model", "-o", "{tmp}/m.onnx"], "no model folder, .gguf file or recipe named",
+                 id="export-unknown-source"),
+    pytest.param(["eval", "{tmp}/model.onnx", "--text", "{tmp}/missing.txt"], "does not exist", id="eval-missing-text"),
+    pytest.param(["eval", "{tmp}/model.onnx", "--text", "{tmp}/calib.npz"], "no tokenizer", id="eval-no-tokenizer"),
+])
+def test_export_and_eval_user_errors(workdir, capsys, argv, message):
+    code, _, err = run_cli(capsys, *[a.format(tmp=workdir) for a in argv])
+    assert_one_line_error(code, err, message)
+    assert not (workdir / "m.onnx").exists()
