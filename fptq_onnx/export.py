@@ -30,14 +30,12 @@ import numpy as np
 
 from .data import note
 from .errors import UserError
-from .tokenizer import find_tokenizer  # one definition of where a model's tokenizer lives
+from .tokenizer import TOKENIZER_FILES, copy_tokenizer, find_tokenizer  # noqa: F401 (one definition)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024  # bytes of initializers; protobuf alone caps at 2 GB
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja")
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
 
@@ -45,24 +43,6 @@ OUTPUT_NAME = "logits"
 # ---------------------------------------------------------------------------------------------
 # Tokenizer next to the model
 # ---------------------------------------------------------------------------------------------
-
-
-def copy_tokenizer(model_path: str | os.PathLike, dest_model_path: str | os.PathLike) -> Path | None:
-    """Copy the tokenizer of ``model_path`` next to ``dest_model_path``; returns its new folder.
-
-    Does nothing (and returns the folder) when both models are in the same folder; returns None
-    when ``model_path`` has no tokenizer.
-    """
-    src = find_tokenizer(model_path)
-    dest = Path(dest_model_path).parent
-    if src is None:
-        return None
-    if src.resolve() != dest.resolve():
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, dest / name)
-    return dest
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,15 @@
 
 ::
 
-    model.onnx -> FindLinearLayers -> calibrate (per-channel max |x| of each shared input)
-               -> LayerStrategy -> LAE -> StaticActivationScales -> QuantizeWeights
-               -> ReplaceMatMul -> + W4A8 function body -> model.w4a8.onnx
+    model.onnx -> FindLinearLayers -> calibrate (per-channel max |x| of each shared input,
+               and a uniform sample of its rows) -> LayerStrategy -> LAE
+               -> StaticActivationScales -> QuantizeWeights -> ReplaceMatMul
+               -> LayerOutputError -> + W4A8 function body -> model.w4a8.onnx
+
+With ``dump_passes=DIR`` the graph is written after each pass as ``DIR/NN_<pass>.onnx`` (and
+``00_input.onnx`` as imported), weights in ``NN_<pass>.onnx.data`` beside it, every node a pass
+touched carrying the decisions made so far (:func:`node_decisions`). With ``report=FILE`` a
+conversion report (``fptq_onnx.report``) is written at the end.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fptq_onnx.passes.act_scales import StaticActivationScalesPass
-from fptq_onnx.passes.base import ConversionContext, LinearLayer, PassManager, Rejection
+from fptq_onnx.passes.base import ConversionContext, LayerGroup, LinearLayer, Pass, PassManager, Rejection
 from fptq_onnx.passes.find_linears import FindLinearLayersPass
 from fptq_onnx.passes.functions import MIN_OPSET, add_w4a8_function
 from fptq_onnx.passes.lae import LaePass
@@ -27,6 +33,7 @@ from fptq_onnx.passes.strategy import LayerStrategyPass
 
 from .calibration import CalibrationConfig, collect_channel_max
 from .errors import UserError
+from .tokenizer import copy_tokenizer
 from .model_io import check_output_path, default_opset, load_model, save_model_atomic
 
 logger = logging.getLogger("fptq_onnx")
@@ -110,6 +117,7 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
     converted = export_model_proto(ctx)
     bytes_after = sum(t.ByteSize() for t in converted.graph.initializer)
     save_model_atomic(converted, output_path)
+    copy_tokenizer(model_path, output_path)  # so eval and later conversions find it beside the model
     seconds["save"] = time.perf_counter() - start
     return ConversionResult(output_path, ctx.layers, ctx.rejections, seconds, bytes_before, bytes_after)
 

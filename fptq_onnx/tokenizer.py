@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 
 from .errors import UserError
@@ -71,3 +73,25 @@ def find_tokenizer(model_path: str | Path) -> Path | None:
         if (folder / "tokenizer.json").is_file():
             return folder
     return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja")
+
+
+def copy_tokenizer(model_path: str | os.PathLike, dest_model_path: str | os.PathLike) -> Path | None:
+    """Copy the tokenizer of ``model_path`` next to ``dest_model_path``; returns its new folder.
+
+    Does nothing (and returns the folder) when both models are in the same folder or the
+    destination already has a tokenizer; returns None when ``model_path`` has no tokenizer.
+    """
+    src = find_tokenizer(model_path)
+    dest = Path(dest_model_path).parent
+    if src is None:
+        return None
+    if src.resolve() != dest.resolve() and not (dest / "tokenizer.json").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dest / name)
+    return dest
