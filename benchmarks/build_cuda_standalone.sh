@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the W4A8 CUDA kernel (custom_ops/w4a8_cuda.cu) into a standalone shared library for
+# Builds the W4A8 CUDA kernels (custom_ops/w4a8_cuda.cu, + w4a8_cuda_sm90.cu for sm_90a) into a standalone shared library for
 # benchmarks/gpu_gemm.py (ctypes; no ONNX Runtime), for sm_80 and sm_90 plus compute_90 PTX,
 # and checks the machine code: IMMA instructions present, no register spills.
 #
@@ -25,22 +25,43 @@ lib="$out/libfptq_cuda_standalone.so"
 # Built in a private temporary folder, then moved: build/ is shared with other builds.
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-"$nvcc_bin" -O3 -std=c++17 -shared -Xcompiler -fPIC -cudart static --threads 0 \
+common=(-O3 -std=c++17 -Xcompiler -fPIC --threads 0
+        -Xptxas -v -Xptxas -warn-spills -Xptxas -warn-lmem-usage -I "$repo/custom_ops")
+# 1. The portable part (planner, dispatch, mma.sync kernels): sm_80, sm_90, compute_90 PTX.
+"$nvcc_bin" "${common[@]}" \
   -gencode arch=compute_80,code=sm_80 \
   -gencode arch=compute_90,code=sm_90 \
   -gencode arch=compute_90,code=compute_90 \
-  -Xptxas -v -Xptxas -warn-spills -Xptxas -warn-lmem-usage \
-  -I "$repo/custom_ops" \
-  -o "$tmp/lib.so" "$repo/custom_ops/w4a8_cuda.cu" > "$tmp/ptxas.log" 2>&1 || {
+  -c -o "$tmp/w4a8_cuda.o" "$repo/custom_ops/w4a8_cuda.cu" > "$tmp/ptxas.log" 2>&1 || {
     grep -v '^ptxas info\|^    0 bytes stack' "$tmp/ptxas.log" | tail -40 >&2
-    echo "ERROR: nvcc failed (full log above was $tmp/ptxas.log)" >&2
+    echo "ERROR: nvcc failed on w4a8_cuda.cu" >&2
     exit 1
   }
+# 2. The Hopper wgmma kernel, sm_90a only. A failure here is reported and the library is
+#    built without it (the wgmma variants then return cudaErrorNotSupported).
+objs=("$tmp/w4a8_cuda.o")
+sm90_status="built"
+if [[ "${FPTQ_NO_SM90A:-0}" == "1" ]]; then
+  sm90_status="skipped (FPTQ_NO_SM90A=1)"
+elif "$nvcc_bin" "${common[@]}" -gencode arch=compute_90a,code=sm_90a \
+     -c -o "$tmp/w4a8_cuda_sm90.o" "$repo/custom_ops/w4a8_cuda_sm90.cu" > "$tmp/ptxas_sm90.log" 2>&1; then
+  objs+=("$tmp/w4a8_cuda_sm90.o")
+else
+  sm90_status="FAILED (see ptxas_sm90.log); library built without the wgmma kernel"
+  grep -v '^ptxas info\|^    0 bytes stack' "$tmp/ptxas_sm90.log" | tail -40 >&2
+fi
+cat "$tmp/ptxas_sm90.log" >> "$tmp/ptxas.log" 2>/dev/null || true
+"$nvcc_bin" -shared -cudart static -o "$tmp/lib.so" "${objs[@]}" >> "$tmp/ptxas.log" 2>&1 || {
+  tail -20 "$tmp/ptxas.log" >&2
+  echo "ERROR: link failed" >&2
+  exit 1
+}
 # Compiler diagnostics other than the resource report.
 grep -v '^ptxas info\|^    [0-9]* bytes stack' "$tmp/ptxas.log" || true
 mkdir -p "$out"
 mv -f "$tmp/lib.so" "$lib"
 mv -f "$tmp/ptxas.log" "$out/ptxas.log"
+echo "sm_90a wgmma kernel: $sm90_status"
 
 # cuobjdump: PATH, the CUDA install, or the nvidia-cuda-cuobjdump wheel of a Python here.
 cuobjdump_bin="$(command -v cuobjdump || true)"
@@ -60,6 +81,8 @@ if [[ -n "$cuobjdump_bin" ]]; then
   PATH="$PATH:$(dirname "$cuobjdump_bin")" "$cuobjdump_bin" -sass "$lib" > "$out/sass.txt"
   imma=$(grep -c 'IMMA' "$out/sass.txt" || true)
   echo "IMMA instructions in SASS: $imma (sm_80 + sm_90; $(grep -E 'IMMA' "$out/sass.txt" | grep -oE 'IMMA[.A-Z0-9]*' | sort | uniq -c | tr -s ' ' | tr '\n' ';'))"
+  gmma=$(grep -c 'GMMA' "$out/sass.txt" || true)
+  echo "GMMA instructions in SASS (sm_90a wgmma): $gmma ($(grep -oE '[A-Z]GMMA[.A-Z0-9x]*' "$out/sass.txt" | sort | uniq -c | tr -s ' ' | tr '\n' ';'))"
   lmem=$(grep -cE '\b(LDL|STL)\b' "$out/sass.txt" || true)
   echo "local-memory instructions (LDL/STL) in SASS: $lmem"
 else

@@ -19,8 +19,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "w4a8_cuda.h"
+#include "w4a8_cuda_sm90.h"
+
+// The Hopper wgmma GEMM lives in w4a8_cuda_sm90.cu (built for sm_90a only). Weak: a build
+// without that file links, and the wgmma variants then report cudaErrorNotSupported.
+extern "C" cudaError_t fptq_w4a8_sm90_gemm(const FptqSm90GemmArgs* args, cudaStream_t stream)
+    __attribute__((weak));
+extern "C" int fptq_w4a8_sm90_smem_bytes(int bm) __attribute__((weak));
 
 namespace fptq {
 namespace w4a8cuda {
@@ -64,6 +72,18 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
                "l"(gmem), "r"(src_size)
                : "memory");
+}
+
+// Programmatic dependent launch (sm_90+; no-ops before, and when not launched as a dependent).
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ void cp_async_commit() {
@@ -289,21 +309,105 @@ int blocks_per_sm(int cfg, int smem_bytes, int smem_per_sm) {
 //   partial  float32 [split][M][N]     only when split > 1
 // Mp = M rounded up to 4, so that the GEMM can copy rowsums 4 rows (16 bytes) at a time.
 struct Plan {
+  int variant = 0;  // resolved kernel variant (FPTQ_W4A8_VARIANT_*), never AUTO
   int cfg = 0, sg = 0, split = 1, tiles_per_split = 0, k_tiles = 0, n_tiles = 0;
   int smem = 0, occupancy = 1;
   int64_t m_tiles = 0, Mp = 0;
   size_t off_xq = 0, off_act = 0, off_rowsum = 0, off_partial = 0, total = 0;
+  size_t off_counters = 0;  // fused split-K reduction: int32 [m_tiles * n_tiles] tile counters
+  int64_t n_counters = 0;
 };
 
+// Kernel variants (w4a8_cuda.h, FPTQ_W4A8_VARIANT_*): 0-2 the sm_80 mma.sync tile configs,
+// 3-5 / 6-8 the sm_90a wgmma kernel with 128 / 64-row blocks in operand layouts 0, 1, 2.
+// 12-13: the 128-row wgmma kernel, persistent, layouts 0 / 1.
+inline bool is_wgmma_persistent(int v) {
+  return v == FPTQ_W4A8_VARIANT_WGMMA128P_SW128 || v == FPTQ_W4A8_VARIANT_WGMMA128P_ILV;
+}
+inline bool is_wgmma_variant(int v) {
+  return (v >= FPTQ_W4A8_VARIANT_WGMMA128_SW128 && v <= FPTQ_W4A8_VARIANT_WGMMA64_ILV2) ||
+         is_wgmma_persistent(v);
+}
+inline int wgmma_bm(int v) {
+  return (v <= FPTQ_W4A8_VARIANT_WGMMA128_ILV2 || is_wgmma_persistent(v)) ? 128 : 64;
+}
+inline int wgmma_layout(int v) {
+  if (is_wgmma_persistent(v)) return v == FPTQ_W4A8_VARIANT_WGMMA128P_SW128 ? 0 : 1;
+  return (v - FPTQ_W4A8_VARIANT_WGMMA128_SW128) % 3;
+}
+inline int default_sm80_variant(int64_t M) { return M <= 16 ? 0 : (M <= 64 ? 1 : 2); }
+// 9-11: the mma.sync configs 0-2 launched with programmatic dependent launch (sm_90+).
+// 14-15: configs 0-1 with PDL and the split-K reduction done by the last block of each tile.
+inline bool is_fused_reduce_variant(int v) {
+  return v == FPTQ_W4A8_VARIANT_MMA16_PDL_FR || v == FPTQ_W4A8_VARIANT_MMA32_PDL_FR;
+}
+inline bool is_pdl_variant(int v) {
+  return (v >= FPTQ_W4A8_VARIANT_MMA16_PDL && v <= FPTQ_W4A8_VARIANT_MMA128_PDL) ||
+         is_fused_reduce_variant(v);
+}
+inline int mma_cfg_of(int v) {
+  if (is_fused_reduce_variant(v)) return v - FPTQ_W4A8_VARIANT_MMA16_PDL_FR;
+  return is_pdl_variant(v) ? v - FPTQ_W4A8_VARIANT_MMA16_PDL : v;
+}
+
+// Whether `variant` can run this shape on a device of compute capability `cc` (major * 10 +
+// minor): the wgmma kernel needs sm_90, group sizes that are multiples of 128, and the sm_90a
+// object linked in.
+inline bool variant_supported(int variant, int group_size, int cc) {
+  if (variant >= 0 && variant <= 2) return true;
+  if (is_pdl_variant(variant)) return cc >= 90;
+  if (!is_wgmma_variant(variant)) return false;
+  return cc == 90 && group_size % kTileK == 0 && fptq_w4a8_sm90_gemm != nullptr;
+}
+
+// The default variant per M bucket on sm_90 (M <= 16, <= 64, <= 256, > 256), used when it is
+// supported for the call (else the sm_80 default for M). -1 = the sm_80 default. Update from
+// the tables of benchmarks/gpu_gemm.py (it prints the line to paste).
+constexpr int kSm90AutoVariant[4] = {9, 10, 11, 11};  // measured on an H200, 2026-11-27 (docs/device-log.md)
+
+// AUTO (-1) -> a concrete variant: FPTQ_CUDA_VARIANT from the environment when set and
+// supported, else the table above; a concrete variant is returned as is (unsupported ones are
+// rejected by the caller).
+int resolve_variant(int variant, int64_t M, int group_size, int cc) {
+  if (variant != FPTQ_W4A8_VARIANT_AUTO) return variant;
+  if (const char* env = getenv("FPTQ_CUDA_VARIANT")) {
+    char* end = nullptr;
+    const long v = strtol(env, &end, 10);
+    if (end != env && v >= 0 && v < FPTQ_W4A8_NUM_VARIANTS &&
+        variant_supported(static_cast<int>(v), group_size, cc)) {
+      return static_cast<int>(v);
+    }
+  }
+  if (cc == 90) {
+    const int bucket = M <= 16 ? 0 : (M <= 64 ? 1 : (M <= 256 ? 2 : 3));
+    const int v = kSm90AutoVariant[bucket];
+    if (v >= 0 && variant_supported(v, group_size, cc)) return v;
+  }
+  return default_sm80_variant(M);
+}
+
+// variant: a resolved variant (not AUTO).
 bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_per_sm,
-               Plan* p) {
+               int variant, Plan* p) {
   if (M < 0 || !valid_shape(N, K, group_size) || sm_count < 1) return false;
+  if (variant < 0 || variant >= FPTQ_W4A8_NUM_VARIANTS) return false;
+  p->variant = variant;
   p->sg = sub_group_size(group_size);
-  p->cfg = M <= 16 ? 0 : (M <= 64 ? 1 : 2);
-  p->smem = config_smem(p->cfg, p->sg);
-  p->occupancy = blocks_per_sm(p->cfg, p->smem, smem_per_sm);
+  int bm = 0;
+  if (is_wgmma_variant(variant)) {
+    if (group_size % kTileK != 0) return false;
+    bm = wgmma_bm(variant);
+    p->cfg = bm == 128 ? 3 : 4;
+    p->smem = fptq_w4a8_sm90_smem_bytes != nullptr ? fptq_w4a8_sm90_smem_bytes(bm) : 0;
+    p->occupancy = 1;
+  } else {
+    p->cfg = mma_cfg_of(variant);
+    bm = kConfigBM[p->cfg];
+    p->smem = config_smem(p->cfg, p->sg);
+    p->occupancy = blocks_per_sm(p->cfg, p->smem, smem_per_sm);
+  }
   p->k_tiles = ceil_div(K, kTileK);
-  p->m_tiles = ceil_div<int64_t>(M, kConfigBM[p->cfg]);
+  p->m_tiles = ceil_div<int64_t>(M, bm);
   p->n_tiles = ceil_div(N, kConfigBN);
   if (p->n_tiles > 65535 || p->m_tiles > 0x7fffffff) return false;
   p->Mp = ceil_div<int64_t>(M, 4) * 4;
@@ -335,17 +439,29 @@ bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_p
       p->off_rowsum + static_cast<size_t>(K / p->sg) * p->Mp * sizeof(int32_t), kBufferAlign);
   const size_t partial_bytes =
       p->split > 1 ? static_cast<size_t>(p->split) * Mz * N * sizeof(float) : 0;
-  p->total = M == 0 ? 0 : align_up(p->off_partial + partial_bytes, kBufferAlign);
+  p->off_counters = align_up(p->off_partial + partial_bytes, kBufferAlign);
+  p->n_counters = is_fused_reduce_variant(variant) && p->split > 1 ? p->m_tiles * p->n_tiles : 0;
+  p->total = M == 0 ? 0
+                    : align_up(p->off_counters + static_cast<size_t>(p->n_counters) * sizeof(int32_t),
+                               kBufferAlign);
   return true;
 }
 
-// The current device's plan inputs.
-cudaError_t device_resources(int* sm_count, int* smem_per_sm) {
+// The current device's plan inputs; cc (optional): compute capability as major * 10 + minor.
+cudaError_t device_resources(int* sm_count, int* smem_per_sm, int* cc = nullptr) {
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(sm_count, cudaDevAttrMultiProcessorCount, dev);
   if (e != cudaSuccess) return e;
+  if (cc != nullptr) {
+    int major = 0, minor = 0;
+    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (e != cudaSuccess) return e;
+    e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    if (e != cudaSuccess) return e;
+    *cc = major * 10 + minor;
+  }
   return cudaDeviceGetAttribute(smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
 }
 
@@ -420,6 +536,8 @@ struct QuantArgs {
   int8_t* xq;                // [M, K] out
   float* act;                // [Mp] out: a_m
   int32_t* rowsum;           // [K/sg, Mp] out: sum of xq over each sub-group, 0 for m >= M
+  int32_t* counters;         // [n_counters] out: zeroed (fused split-K reduction of the GEMM)
+  int64_t n_counters;
 };
 
 // grid (Mp), block kQuantThreads. Thread tid handles the 4-element chunks
@@ -428,9 +546,13 @@ struct QuantArgs {
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const QuantArgs<T> p) {
   __shared__ float s_red[kQuantThreads / 32];
+  grid_dependents_launch();  // a PDL-launched GEMM may start its weight loads now
   const int64_t m = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_sub = p.K / p.sg;
+  for (int64_t i = m * kQuantThreads + tid; i < p.n_counters; i += static_cast<int64_t>(gridDim.x) * kQuantThreads) {
+    p.counters[i] = 0;  // the GEMM's tile counters of this call (it waits for this grid)
+  }
   if (m >= p.M) {  // padding rows: the GEMM copies rowsums 4 rows at a time
     for (int j = tid; j < n_sub; j += kQuantThreads) p.rowsum[static_cast<int64_t>(j) * p.Mp + m] = 0;
     return;
@@ -522,6 +644,9 @@ struct GemmArgs {
   int k_tiles, tiles_per_split;
   int out_half;            // y is float16
   int vec_out;             // y allows paired stores (N even, 8/4-byte aligned)
+  int pdl;                 // launched as a programmatic dependent of the quantize kernel
+  int32_t* counters;       // fused split-K reduction: per-tile arrival counters (zeroed by
+                           // the quantize kernel), null otherwise
 };
 
 // A block's views of the global inputs: 64-bit bases set once, so that the per-copy offsets
@@ -558,7 +683,10 @@ __device__ __forceinline__ void copy_sub_groups(int tid, int kt, int K, Copy cop
 }
 
 // Issues the cp.async copies of k-tile kt into one shared-memory slot (layout: Tile).
-template <class C>
+// PART: kAll, or kWeights (B, S, Z: inputs of the op, ready before the call) / kActs (A, R:
+// written by the quantize kernel) for the programmatic-dependent-launch prologue.
+constexpr int kAll = 0, kWeights = 1, kActs = 2;
+template <class C, int PART = kAll>
 __device__ __forceinline__ void load_stage(const GemmArgs& p, const BlockInputs& in, uint8_t* slot,
                                            int kt, int tid) {
   uint8_t* sA = slot;
@@ -570,48 +698,54 @@ __device__ __forceinline__ void load_stage(const GemmArgs& p, const BlockInputs&
 
   // A: BM rows x 8 chunks of 16 bytes; chunk ch of row r lands at chunk ch ^ (r & 7).
   constexpr int A_CHUNKS = C::BM * (kTileK / 16);
+  if constexpr (PART != kWeights) {
 #pragma unroll
-  for (int i = 0; i < ceil_div(A_CHUNKS, C::THREADS); ++i) {
-    const int c = tid + i * C::THREADS;
-    if (A_CHUNKS % C::THREADS == 0 || c < A_CHUNKS) {
-      const int r = c >> 3, ch = c & 7;
-      const int k = k0 + ch * 16;
-      const bool ok = r < in.rows && k < p.K;
-      cp_async16(sA + r * kTileK + ((ch ^ (r & 7)) << 4), ok ? in.xq + (r * p.K + k) : p.xq, ok);
+    for (int i = 0; i < ceil_div(A_CHUNKS, C::THREADS); ++i) {
+      const int c = tid + i * C::THREADS;
+      if (A_CHUNKS % C::THREADS == 0 || c < A_CHUNKS) {
+        const int r = c >> 3, ch = c & 7;
+        const int k = k0 + ch * 16;
+        const bool ok = r < in.rows && k < p.K;
+        cp_async16(sA + r * kTileK + ((ch ^ (r & 7)) << 4), ok ? in.xq + (r * p.K + k) : p.xq, ok);
+      }
     }
   }
 
   // B: BN/32 atom columns x 4 k-steps x 32 chunks; each atom column is 2 KB contiguous.
   constexpr int B_CHUNKS = C::B_BYTES / 16;
   const int KB = p.K / kAtomK;
+  if constexpr (PART != kActs) {
 #pragma unroll
-  for (int i = 0; i < ceil_div(B_CHUNKS, C::THREADS); ++i) {
-    const int c = tid + i * C::THREADS;
-    if (B_CHUNKS % C::THREADS == 0 || c < B_CHUNKS) {
-      const int nbl = c / (kKSteps * 32), kbl = (c / 32) % kKSteps, ch = c % 32;
-      const int kb = kt * kKSteps + kbl;
-      const bool ok = kb < KB;
-      cp_async16(sB + (nbl * kKSteps + kbl) * kAtomBytes + ch * 16,
-                 ok ? in.bp + ((nbl * KB + kb) * kAtomBytes + ch * 16) : p.bp, ok);
+    for (int i = 0; i < ceil_div(B_CHUNKS, C::THREADS); ++i) {
+      const int c = tid + i * C::THREADS;
+      if (B_CHUNKS % C::THREADS == 0 || c < B_CHUNKS) {
+        const int nbl = c / (kKSteps * 32), kbl = (c / 32) % kKSteps, ch = c % 32;
+        const int kb = kt * kKSteps + kbl;
+        const bool ok = kb < KB;
+        cp_async16(sB + (nbl * kKSteps + kbl) * kAtomBytes + ch * 16,
+                   ok ? in.bp + ((nbl * KB + kb) * kAtomBytes + ch * 16) : p.bp, ok);
+      }
     }
-  }
 
-  // S, Z, R of the NSG sub-groups (BN/4, BN/16 and BM/4 chunks each). Sub-group j of the
-  // tile is the (kt * NSG + j)-th of the K axis; its group is that / sub_per_group.
-  copy_sub_groups<C, C::BN / 4>(tid, kt, p.K, [&](int j, int ch, int64_t grp, int sub, bool ok) {
-    (void)sub;
-    cp_async16(sS + (j * C::BN + ch * 4) * 4, ok ? in.sp + (grp * p.Npad + ch * 4) : p.sp, ok);
-  }, p.sub_per_group);
-  copy_sub_groups<C, C::BN / 16>(tid, kt, p.K, [&](int j, int ch, int64_t grp, int sub, bool ok) {
-    (void)sub;
-    cp_async16(sZ + j * C::BN + ch * 16, ok ? in.zp + (grp * p.Npad + ch * 16) : p.zp, ok);
-  }, p.sub_per_group);
-  copy_sub_groups<C, C::BM / 4>(tid, kt, p.K, [&](int j, int ch, int64_t grp, int sub, bool ok) {
-    (void)grp;
-    ok = ok && ch * 4 < in.rows_padded;
-    cp_async16(sR + (j * C::BM + ch * 4) * 4,
-               ok ? in.rowsum + (static_cast<int64_t>(sub) * p.Mp + ch * 4) : p.rowsum, ok);
-  }, p.sub_per_group);
+    // S, Z (and below R) of the NSG sub-groups (BN/4, BN/16, BM/4 chunks each). Sub-group j of the
+    // tile is the (kt * NSG + j)-th of the K axis; its group is that / sub_per_group.
+    copy_sub_groups<C, C::BN / 4>(tid, kt, p.K, [&](int j, int ch, int64_t grp, int sub, bool ok) {
+      (void)sub;
+      cp_async16(sS + (j * C::BN + ch * 4) * 4, ok ? in.sp + (grp * p.Npad + ch * 4) : p.sp, ok);
+    }, p.sub_per_group);
+    copy_sub_groups<C, C::BN / 16>(tid, kt, p.K, [&](int j, int ch, int64_t grp, int sub, bool ok) {
+      (void)sub;
+      cp_async16(sZ + j * C::BN + ch * 16, ok ? in.zp + (grp * p.Npad + ch * 16) : p.zp, ok);
+    }, p.sub_per_group);
+  }
+  if constexpr (PART != kWeights) {
+    copy_sub_groups<C, C::BM / 4>(tid, kt, p.K, [&](int j, int ch, int64_t grp, int sub, bool ok) {
+      (void)grp;
+      ok = ok && ch * 4 < in.rows_padded;
+      cp_async16(sR + (j * C::BM + ch * 4) * 4,
+                 ok ? in.rowsum + (static_cast<int64_t>(sub) * p.Mp + ch * 4) : p.rowsum, ok);
+    }, p.sub_per_group);
+  }
 }
 
 // Folds sub-group j of the current slot into the float accumulators (see `fold`).
@@ -723,10 +857,30 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) w4a8_gemm_kernel(co
   in.rows = static_cast<int>(p.M - m0 < C::BM ? p.M - m0 : C::BM);
   in.rows_padded = static_cast<int>(p.Mp - m0 < C::BM ? p.Mp - m0 : C::BM);
 
+  if (p.pdl) {
+    // Programmatic dependent launch: the weights of the first stages do not depend on the
+    // quantize kernel still running before this one, so they are requested first; then wait
+    // for that grid (its Xq, a_m, rowsums) and request the activations. Commit groups: W_0..,
+    // then X_0..: at iteration i the STAGES - 2 newest groups are X_{i+1}.. and the main
+    // loop's, so the wait below still covers exactly stage i.
 #pragma unroll
-  for (int s = 0; s < C::STAGES - 1; ++s) {
-    if (s < n_kt) load_stage<C>(p, in, smem + s * C::STAGE_BYTES, kt_begin + s, tid);
-    cp_async_commit();
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+      if (s < n_kt) load_stage<C, kWeights>(p, in, smem + s * C::STAGE_BYTES, kt_begin + s, tid);
+      cp_async_commit();
+    }
+    grid_dependency_wait();
+#pragma unroll
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+      if (s < n_kt) load_stage<C, kActs>(p, in, smem + s * C::STAGE_BYTES, kt_begin + s, tid);
+      cp_async_commit();
+    }
+    grid_dependents_launch();  // the split-K reduction may launch (it waits for this grid)
+  } else {
+#pragma unroll
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+      if (s < n_kt) load_stage<C>(p, in, smem + s * C::STAGE_BYTES, kt_begin + s, tid);
+      cp_async_commit();
+    }
   }
   for (int i = 0; i < n_kt; ++i) {
     cp_async_wait<C::STAGES - 2>();
@@ -765,6 +919,37 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) w4a8_gemm_kernel(co
       }
     }
   }
+
+  // Fused split-K reduction: the last block to finish a tile sums its partials in split order
+  // (the same order and bits as splitk_reduce_kernel) and writes Y.
+  if (split && p.counters != nullptr) {
+    __shared__ int s_last;
+    __threadfence();  // this block's partials are visible device-wide before it is counted
+    __syncthreads();
+    if (tid == 0) {
+      const int old = atomicAdd(p.counters + static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y, 1);
+      s_last = old == static_cast<int>(gridDim.z) - 1;
+    }
+    __syncthreads();
+    if (s_last) {
+      __threadfence();
+      const int rows = static_cast<int>(p.M - m0 < C::BM ? p.M - m0 : C::BM);
+      const int64_t mn = p.M * static_cast<int64_t>(p.N);
+      for (int idx = tid; idx < rows * C::BN; idx += C::THREADS) {
+        const int64_t m = m0 + idx / C::BN;
+        const int n = n0 + idx % C::BN;
+        if (n >= p.N) continue;
+        const int64_t i = m * p.N + n;
+        float acc_s = __ldcg(p.partial + i);  // L2: written by other blocks
+        for (int z = 1; z < static_cast<int>(gridDim.z); ++z) acc_s += __ldcg(p.partial + z * mn + i);
+        if (p.out_half) {
+          static_cast<__half*>(p.y)[i] = __float2half_rn(acc_s);
+        } else {
+          static_cast<float*>(p.y)[i] = acc_s;
+        }
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -774,6 +959,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) w4a8_gemm_kernel(co
 //   partial float32 [split, M*N] -> y [M*N] float32/float16, summed in split order.
 __global__ void splitk_reduce_kernel(const float* __restrict__ partial, int split, int64_t mn,
                                      void* __restrict__ y, int out_half) {
+  grid_dependency_wait();  // launched as a programmatic dependent of the GEMM (PDL variants)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < mn;
        i += stride) {
@@ -805,6 +991,21 @@ cudaError_t launch_gemm(const Plan& plan, const GemmArgs& args, cudaStream_t str
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(plan.m_tiles), static_cast<unsigned>(plan.n_tiles),
                   static_cast<unsigned>(plan.split));
+  if (args.pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(C::THREADS);
+    cfg.dynamicSmemBytes = C::SMEM_BYTES;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, w4a8_gemm_kernel<C>, args);
+    if (e != cudaSuccess) return e;
+    return cudaGetLastError();
+  }
   w4a8_gemm_kernel<C><<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(args);
   return cudaGetLastError();
 }
@@ -843,6 +1044,8 @@ cudaError_t launch_quantize(const Plan& plan, const T* x, int64_t M, int K, int 
   q.xq = reinterpret_cast<int8_t*>(ws + plan.off_xq);
   q.act = reinterpret_cast<float*>(ws + plan.off_act);
   q.rowsum = reinterpret_cast<int32_t*>(ws + plan.off_rowsum);
+  q.counters = reinterpret_cast<int32_t*>(ws + plan.off_counters);
+  q.n_counters = plan.n_counters;
   quantize_rows_kernel<T><<<static_cast<unsigned>(plan.Mp), kQuantThreads, 0, stream>>>(q);
   return cudaGetLastError();
 }
@@ -883,29 +1086,40 @@ extern "C" cudaError_t fptq_w4a8_repack_cuda(const uint8_t* B, const float* scal
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t fptq_w4a8_workspace_size(int64_t M, int N, int K, int group_size,
-                                                size_t* bytes) {
-  if (bytes == nullptr || M < 0 || !valid_shape(N, K, group_size)) return cudaErrorInvalidValue;
+extern "C" cudaError_t fptq_w4a8_workspace_size_variant(int64_t M, int N, int K, int group_size,
+                                                        int variant, size_t* bytes) {
+  if (bytes == nullptr || M < 0 || !valid_shape(N, K, group_size) ||
+      variant < FPTQ_W4A8_VARIANT_AUTO || variant >= FPTQ_W4A8_NUM_VARIANTS) {
+    return cudaErrorInvalidValue;
+  }
   if (M == 0) {
     *bytes = 0;
     return cudaSuccess;
   }
-  int sm_count = 0, smem_per_sm = 0;
-  const cudaError_t e = device_resources(&sm_count, &smem_per_sm);
+  int sm_count = 0, smem_per_sm = 0, cc = 0;
+  const cudaError_t e = device_resources(&sm_count, &smem_per_sm, &cc);
   if (e != cudaSuccess) return e;
+  const int v = resolve_variant(variant, M, group_size, cc);
+  if (!variant_supported(v, group_size, cc)) return cudaErrorNotSupported;
   Plan plan;
-  if (!make_plan(M, N, K, group_size, sm_count, smem_per_sm, &plan)) return cudaErrorInvalidValue;
+  if (!make_plan(M, N, K, group_size, sm_count, smem_per_sm, v, &plan)) return cudaErrorInvalidValue;
   *bytes = plan.total;
   return cudaSuccess;
 }
 
-extern "C" cudaError_t fptq_w4a8_matmul_cuda(const void* X, int dtype, int64_t M, int N, int K,
-                                             int group_size, int act_mode, const float* act_scale,
-                                             const void* packed, void* workspace,
-                                             size_t workspace_bytes, void* Y,
-                                             cudaStream_t stream) {
+extern "C" cudaError_t fptq_w4a8_workspace_size(int64_t M, int N, int K, int group_size,
+                                                size_t* bytes) {
+  return fptq_w4a8_workspace_size_variant(M, N, K, group_size, FPTQ_W4A8_VARIANT_AUTO, bytes);
+}
+
+extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, int64_t M, int N,
+                                                     int K, int group_size, int act_mode,
+                                                     const float* act_scale, const void* packed,
+                                                     void* workspace, size_t workspace_bytes,
+                                                     void* Y, int variant, cudaStream_t stream) {
   if (M < 0 || !valid_shape(N, K, group_size) || (act_mode != 0 && act_mode != 1) ||
-      (dtype != FPTQ_DTYPE_FLOAT32 && dtype != FPTQ_DTYPE_FLOAT16)) {
+      (dtype != FPTQ_DTYPE_FLOAT32 && dtype != FPTQ_DTYPE_FLOAT16) ||
+      variant < FPTQ_W4A8_VARIANT_AUTO || variant >= FPTQ_W4A8_NUM_VARIANTS) {
     return cudaErrorInvalidValue;
   }
   if (M == 0) return cudaSuccess;
@@ -917,11 +1131,13 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda(const void* X, int dtype, int64_t M
       reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
-  int sm_count = 0, smem_per_sm = 0;
-  cudaError_t e = device_resources(&sm_count, &smem_per_sm);
+  int sm_count = 0, smem_per_sm = 0, cc = 0;
+  cudaError_t e = device_resources(&sm_count, &smem_per_sm, &cc);
   if (e != cudaSuccess) return e;
+  const int v = resolve_variant(variant, M, group_size, cc);
+  if (!variant_supported(v, group_size, cc)) return cudaErrorNotSupported;
   Plan plan;
-  if (!make_plan(M, N, K, group_size, sm_count, smem_per_sm, &plan) ||
+  if (!make_plan(M, N, K, group_size, sm_count, smem_per_sm, v, &plan) ||
       workspace_bytes < plan.total) {
     return cudaErrorInvalidValue;
   }
@@ -956,20 +1172,78 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda(const void* X, int dtype, int64_t M
   a.tiles_per_split = plan.tiles_per_split;
   a.out_half = dtype == FPTQ_DTYPE_FLOAT16;
   a.vec_out = (N % 2 == 0) && reinterpret_cast<uintptr_t>(Y) % (2 * elem) == 0;
-  e = launch_gemm_any(plan, a, stream);
-  if (e != cudaSuccess || plan.split == 1) return e;
+  a.pdl = is_pdl_variant(plan.variant) ? 1 : 0;
+  a.counters = plan.n_counters > 0 ? reinterpret_cast<int32_t*>(ws + plan.off_counters) : nullptr;
+  if (is_wgmma_variant(plan.variant)) {
+    FptqSm90GemmArgs h;
+    h.xq = a.xq;
+    h.act = a.act;
+    h.bp = a.bp;
+    h.sp = a.sp;
+    h.zp = a.zp;
+    h.y = a.y;
+    h.partial = a.partial;
+    h.M = M;
+    h.N = N;
+    h.Npad = l.Npad;
+    h.K = K;
+    h.sub_per_group = a.sub_per_group;
+    h.k_tiles = plan.k_tiles;
+    h.tiles_per_split = plan.tiles_per_split;
+    h.split = plan.split;
+    h.m_tiles = static_cast<int>(plan.m_tiles);
+    h.n_tiles = plan.n_tiles;
+    h.out_half = a.out_half;
+    h.vec_out = a.vec_out;
+    h.bm = wgmma_bm(plan.variant);
+    h.layout = wgmma_layout(plan.variant);
+    h.persistent = is_wgmma_persistent(plan.variant) ? 1 : 0;
+    e = fptq_w4a8_sm90_gemm(&h, stream);
+  } else {
+    e = launch_gemm_any(plan, a, stream);
+  }
+  if (e != cudaSuccess || plan.split == 1 || plan.n_counters > 0) return e;
 
   // Stage 3: reduce the split-K partials.
   const int64_t mn = M * static_cast<int64_t>(N);
+  if (a.pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = dim3(grid_for(mn, 256, sm_count));
+    cfg.blockDim = dim3(256);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, splitk_reduce_kernel, static_cast<const float*>(a.partial),
+                           plan.split, mn, Y, a.out_half);
+    if (e != cudaSuccess) return e;
+    return cudaGetLastError();
+  }
   splitk_reduce_kernel<<<grid_for(mn, 256, sm_count), 256, 0, stream>>>(
       a.partial, plan.split, mn, Y, a.out_half);
   return cudaGetLastError();
 }
 
-extern "C" int fptq_w4a8_plan_info(int64_t M, int N, int K, int group_size, int sm_count,
-                                   int smem_per_sm, int64_t* out, size_t* workspace_bytes) {
+extern "C" cudaError_t fptq_w4a8_matmul_cuda(const void* X, int dtype, int64_t M, int N, int K,
+                                             int group_size, int act_mode, const float* act_scale,
+                                             const void* packed, void* workspace,
+                                             size_t workspace_bytes, void* Y,
+                                             cudaStream_t stream) {
+  return fptq_w4a8_matmul_cuda_variant(X, dtype, M, N, K, group_size, act_mode, act_scale, packed,
+                                       workspace, workspace_bytes, Y, FPTQ_W4A8_VARIANT_AUTO,
+                                       stream);
+}
+
+extern "C" int fptq_w4a8_plan_info_variant(int64_t M, int N, int K, int group_size, int sm_count,
+                                           int smem_per_sm, int variant, int64_t* out,
+                                           size_t* workspace_bytes) {
   Plan plan;
-  if (out == nullptr || !make_plan(M, N, K, group_size, sm_count, smem_per_sm, &plan)) return -1;
+  // AUTO here: the sm_80 default (no device to ask; the sm_90 table needs the device).
+  const int v = variant == FPTQ_W4A8_VARIANT_AUTO ? default_sm80_variant(M) : variant;
+  if (out == nullptr || !make_plan(M, N, K, group_size, sm_count, smem_per_sm, v, &plan)) return -1;
   out[0] = plan.cfg;
   out[1] = plan.split;
   out[2] = plan.tiles_per_split;
@@ -980,4 +1254,21 @@ extern "C" int fptq_w4a8_plan_info(int64_t M, int N, int K, int group_size, int 
   out[7] = plan.occupancy;
   if (workspace_bytes != nullptr) *workspace_bytes = plan.total;
   return 0;
+}
+
+extern "C" int fptq_w4a8_plan_info(int64_t M, int N, int K, int group_size, int sm_count,
+                                   int smem_per_sm, int64_t* out, size_t* workspace_bytes) {
+  return fptq_w4a8_plan_info_variant(M, N, K, group_size, sm_count, smem_per_sm,
+                                     FPTQ_W4A8_VARIANT_AUTO, out, workspace_bytes);
+}
+
+extern "C" int fptq_w4a8_variant_info(int variant, int device_cc, int group_size) {
+  if (variant < 0 || variant >= FPTQ_W4A8_NUM_VARIANTS) return -1;
+  return variant_supported(variant, group_size, device_cc) ? 1 : 0;
+}
+
+extern "C" int fptq_w4a8_sm90_linked(void) { return fptq_w4a8_sm90_gemm != nullptr ? 1 : 0; }
+
+extern "C" int fptq_w4a8_resolve_variant(int64_t M, int group_size, int device_cc) {
+  return resolve_variant(FPTQ_W4A8_VARIANT_AUTO, M, group_size, device_cc);
 }

@@ -25,6 +25,37 @@
 #define FPTQ_DTYPE_FLOAT32 0
 #define FPTQ_DTYPE_FLOAT16 1
 
+// Kernel variants (fptq_w4a8_*_variant; the plain launchers use AUTO). AUTO picks per M bucket
+// and device (the table kSm90AutoVariant in w4a8_cuda.cu; the environment variable
+// FPTQ_CUDA_VARIANT=<id> overrides it where that variant supports the call).
+//   0-2  sm_80+ mma.sync kernel with 16 / 32 / 128-row tiles (any group size)
+//   3-5  sm_90a wgmma kernel, 128 x 128 tiles, operand layout 128B-swizzle / interleave /
+//        interleave with swapped descriptor strides (group_size % 128 == 0, sm_90 only)
+//   6-8  the same with 64 x 128 tiles
+//   9-11 variants 0-2 launched as programmatic dependents (sm_90+): the GEMM starts, and
+//        loads its first weight tiles, while the quantize kernel still runs
+//   12-13 variants 3 / 4 as a persistent kernel (one block per SM walks the tiles)
+//   14-15 variants 9 / 10 with the split-K reduction fused into the GEMM (the last block of
+//        each tile sums the partials): one launch less (sm_90+)
+#define FPTQ_W4A8_VARIANT_AUTO (-1)
+#define FPTQ_W4A8_VARIANT_MMA16 0
+#define FPTQ_W4A8_VARIANT_MMA32 1
+#define FPTQ_W4A8_VARIANT_MMA128 2
+#define FPTQ_W4A8_VARIANT_WGMMA128_SW128 3
+#define FPTQ_W4A8_VARIANT_WGMMA128_ILV 4
+#define FPTQ_W4A8_VARIANT_WGMMA128_ILV2 5
+#define FPTQ_W4A8_VARIANT_WGMMA64_SW128 6
+#define FPTQ_W4A8_VARIANT_WGMMA64_ILV 7
+#define FPTQ_W4A8_VARIANT_WGMMA64_ILV2 8
+#define FPTQ_W4A8_VARIANT_MMA16_PDL 9
+#define FPTQ_W4A8_VARIANT_MMA32_PDL 10
+#define FPTQ_W4A8_VARIANT_MMA128_PDL 11
+#define FPTQ_W4A8_VARIANT_WGMMA128P_SW128 12
+#define FPTQ_W4A8_VARIANT_WGMMA128P_ILV 13
+#define FPTQ_W4A8_VARIANT_MMA16_PDL_FR 14
+#define FPTQ_W4A8_VARIANT_MMA32_PDL_FR 15
+#define FPTQ_W4A8_NUM_VARIANTS 16
+
 #ifdef __cplusplus
 // Constants of the CUDA kernel shared by host and device code (and mirrored by the numpy
 // emulation in benchmarks/gpu_gemm.py). docs/cuda_kernel.md explains the layouts.
@@ -114,6 +145,29 @@ cudaError_t fptq_w4a8_matmul_cuda(const void* X, int dtype, int64_t M, int N, in
 // *workspace_bytes: the workspace size of that plan. Returns 0, or -1 for invalid arguments.
 int fptq_w4a8_plan_info(int64_t M, int N, int K, int group_size, int sm_count,
                         int smem_per_sm, int64_t* out, size_t* workspace_bytes);
+
+// ---- Variant hooks (tests, benchmarks). variant: FPTQ_W4A8_VARIANT_*; AUTO = the plain call.
+// A variant the device or shape cannot run returns cudaErrorNotSupported. The workspace size
+// depends on the variant: ask with the same variant.
+cudaError_t fptq_w4a8_workspace_size_variant(int64_t M, int N, int K, int group_size, int variant,
+                                             size_t* bytes);
+cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, int64_t M, int N, int K,
+                                          int group_size, int act_mode, const float* act_scale,
+                                          const void* packed, void* workspace,
+                                          size_t workspace_bytes, void* Y, int variant,
+                                          cudaStream_t stream);
+// fptq_w4a8_plan_info for a given variant (AUTO: the sm_80 default). out[0] is 0-2 for the
+// mma.sync configs, 3 / 4 for the wgmma kernel with 128 / 64-row tiles.
+int fptq_w4a8_plan_info_variant(int64_t M, int N, int K, int group_size, int sm_count,
+                                int smem_per_sm, int variant, int64_t* out,
+                                size_t* workspace_bytes);
+// 1 if `variant` runs group_size on a device of compute capability device_cc (major*10+minor),
+// 0 if not, -1 for an unknown variant. Host only.
+int fptq_w4a8_variant_info(int variant, int device_cc, int group_size);
+// 1 if the sm_90a wgmma kernel is linked into this library. Host only.
+int fptq_w4a8_sm90_linked(void);
+// The variant AUTO picks for M rows on a device of compute capability device_cc. Host only.
+int fptq_w4a8_resolve_variant(int64_t M, int group_size, int device_cc);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,0 +1,48 @@
+// Internal interface between w4a8_cuda.cu (planner, dispatch, sm_80 kernels) and
+// w4a8_cuda_sm90.cu (the Hopper wgmma GEMM, built only for sm_90a). Not part of the public API.
+//
+// w4a8_cuda.cu declares fptq_w4a8_sm90_gemm as a weak symbol: when w4a8_cuda_sm90.cu is not
+// compiled in (no sm_90a toolchain, or a build that leaves it out) the pointer is null and the
+// wgmma variants report cudaErrorNotSupported; the sm_80 path is unaffected.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Everything the wgmma GEMM needs (the same buffers as the sm_80 GEMM; rowsums are not used:
+// the zero points are subtracted from the weights when they are widened to int8 in shared
+// memory). Only group sizes that are multiples of 128 (one sub-group per k-tile of 128).
+typedef struct FptqSm90GemmArgs {
+  const int8_t* xq;        // [M, K] int8
+  const float* act;        // [Mp] float32 a_m
+  const uint8_t* bp;       // [Npad/32][K/32][512] weight atoms (w4a8_cuda.h)
+  const float* sp;         // [G, Npad] scales
+  const uint8_t* zp;       // [G, Npad] zero points
+  void* y;                 // [M, N] float32/float16 (split == 1)
+  float* partial;          // [split, M, N] float32 (split > 1)
+  int64_t M;
+  int N, Npad, K;
+  int sub_per_group;       // group_size / 128
+  int k_tiles, tiles_per_split, split;
+  int m_tiles, n_tiles;
+  int out_half, vec_out;
+  int bm;                  // block rows: 64 or 128
+  int layout;              // shared-memory operand layout: 0 128B swizzle, 1 interleave, 2 interleave
+                           // with the two descriptor strides swapped (a hedge, see the .cu)
+  int persistent;          // 1: min(tiles, SMs) blocks walk the tiles (bm == 128 only)
+} FptqSm90GemmArgs;
+
+// Launches the wgmma GEMM (grid m_tiles x n_tiles x split). cudaErrorNotSupported when the
+// current device is not sm_90 or the arguments name an unsupported tile/layout.
+cudaError_t fptq_w4a8_sm90_gemm(const FptqSm90GemmArgs* args, cudaStream_t stream);
+
+// Dynamic shared memory the kernel for `bm` asks for (0 for an unsupported bm).
+int fptq_w4a8_sm90_smem_bytes(int bm);
+
+#ifdef __cplusplus
+}
+#endif
