@@ -46,10 +46,10 @@ class CpuW4A8Kernel {
     if (attrs_.act_mode == kActPerTensorStatic && !(std::isfinite(act_scale) && act_scale > 0.0f)) {
       fail_invalid(node_, "act_scale=" + std::to_string(act_scale) + " must be finite and > 0 with act_mode=0");
     }
-    const std::shared_ptr<const cpu::PackedWeights> weights = packed_weights(t);
     const cpu::ParallelFor parallel_for = [&context](size_t count, const std::function<void(size_t)>& task) {
       run_on_ort_threads(context, count, task);
     };
+    const std::shared_ptr<const cpu::PackedWeights> weights = packed_weights(t, parallel_for);
     const int64_t m = t.problem.M;
     if constexpr (std::is_same_v<XT, float>) {
       cpu::w4a8_matmul(static_cast<const float*>(t.x), m, *weights, attrs_.act_mode, act_scale,
@@ -100,10 +100,12 @@ class CpuW4A8Kernel {
   // on the first call and reused, keyed on their data pointers (a changed pointer repacks);
   // weights fed as graph inputs may change between runs at the same address, so they are
   // packed per call. The mutex makes concurrent first calls pack once; later calls hold it
-  // only to copy the shared_ptr.
-  std::shared_ptr<const cpu::PackedWeights> packed_weights(const W4A8Tensors& t) {
+  // only to copy the shared_ptr. parallel_for: splits the packing (the pool's tasks never take
+  // the mutex, so waiting for them while holding it cannot deadlock).
+  std::shared_ptr<const cpu::PackedWeights> packed_weights(const W4A8Tensors& t, const cpu::ParallelFor& parallel_for) {
     auto pack = [&] {
-      return std::make_shared<const cpu::PackedWeights>(cpu::pack_weights(t.b, t.scales, t.zero_points, attrs_));
+      return std::make_shared<const cpu::PackedWeights>(
+          cpu::pack_weights(t.b, t.scales, t.zero_points, attrs_, parallel_for));
     };
     if (!weights_constant_) return pack();
     const WeightKey key{t.b, t.scales, t.zero_points};

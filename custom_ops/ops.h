@@ -14,9 +14,10 @@ namespace fptq {
 const OrtCustomOp* cpu_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type);
 
 #if defined(FPTQ_WITH_CUDA)
-// ai.fptq::W4A8MatMul on CUDAExecutionProvider (to be written: cuda_op.cc, as
-// W4A8CustomOp<CudaW4A8Kernel<...>> from w4a8_op.h, calling the launchers of w4a8_cuda.h);
-// same contract as cpu_w4a8_op.
+// ai.fptq::W4A8MatMul on CUDAExecutionProvider (cuda_op.cc: W4A8CustomOp<CudaW4A8Kernel<...>>
+// from w4a8_op.h, calling the launchers of w4a8_cuda.h); same contract as cpu_w4a8_op.
+// Registered next to the CPU op, never instead of it: sessions that use only
+// CPUExecutionProvider (also in a CPU-only onnxruntime) pick the CPU kernel.
 const OrtCustomOp* cuda_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type);
 #endif
 

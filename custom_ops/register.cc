@@ -40,8 +40,10 @@ void add_ops(const OrtApi& api, OrtCustomOpDomain* domain, uint32_t api_version,
   }
 }
 
-// Adds the CUDA ops. The CUDA kernel plugs in here: define FPTQ_WITH_CUDA (CMake) and
-// implement cuda_w4a8_op() (ops.h). CPU-only builds register nothing more.
+// Adds the CUDA ops when the library was built with CUDA (FPTQ_WITH_CUDA, set by CMake when
+// nvcc was found; cuda_op.cc). CPU-only builds register nothing more. Adding them calls no CUDA
+// function, so this is safe in a CPU-only onnxruntime and on machines without a GPU driver:
+// ORT only creates kernels for the execution providers a session uses.
 void add_cuda_ops(const OrtApi& api, OrtCustomOpDomain* domain, uint32_t api_version) {
 #if defined(FPTQ_WITH_CUDA)
   add_ops(api, domain, api_version, cuda_w4a8_op);
@@ -89,6 +91,16 @@ Library build_library(const OrtApiBase* api_base) {
 
 }  // namespace
 }  // namespace fptq
+
+// 1 when this library holds the CUDA kernel (built with FPTQ_WITH_CUDA), else 0. Calls
+// nothing; for fptq_onnx.session (ctypes) and the tests.
+extern "C" __attribute__((visibility("default"))) int fptq_ops_has_cuda(void) {
+#if defined(FPTQ_WITH_CUDA)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // options: the session options to extend; api_base: ONNX Runtime's API entry.
 // Returns nullptr, or a status the caller (ORT) releases.

@@ -3,11 +3,18 @@
 #include "w4a8_cpu.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <thread>
+
+#if defined(FPTQ_AMX_KERNELS)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "w4a8_cpu_kernels.h"
 
@@ -16,12 +23,29 @@ namespace cpu {
 namespace {
 
 // Smallest amount of work worth a task of its own: below this, the thread pool's hand-off
-// costs more than it saves (about 10-50 us of work per task).
+// costs more than it saves. Compute-bound work (many rows) is counted in multiply-adds (about
+// 2-5 us per task); memory-bound work (a few rows) in bytes of packed weights streamed, since a
+// 300 KB layer takes ~15 us on one core, and two cores stream faster than one.
 constexpr int64_t kMinMacsPerTask = int64_t{1} << 19;
+constexpr int64_t kMinWeightBytesPerTask = int64_t{32} << 10;
 constexpr int64_t kMinFloatsPerQuantizeTask = int64_t{1} << 16;
-// Rows of X per gemm task: the q rows of one task (64 x K bytes) stay in L2 while the task
-// walks its tiles.
-constexpr int64_t kRowsPerTask = 64;
+
+#if defined(FPTQ_AMX_KERNELS)
+// AMX-INT8: the CPU has the instructions (CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8)
+// and Linux lets this process use the 8 KB tile data state, which it must request once
+// (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+; see the kernel's Documentation/arch/x86/xstate.rst).
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023;  // from asm/prctl.h
+    constexpr long kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+#endif
 
 // Which ISAs this CPU and this build can run.
 bool cpu_supports(Isa isa) {
@@ -39,6 +63,10 @@ bool cpu_supports(Isa isa) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512vnni");
 #endif
+#if defined(FPTQ_AMX_KERNELS)
+    case Isa::kAmx:
+      return cpu_supports(Isa::kAvx512Vnni) && amx_usable();
+#endif
     default:
       return false;
   }
@@ -46,6 +74,10 @@ bool cpu_supports(Isa isa) {
 
 const TileKernels& kernels_for(Isa isa) {
   switch (isa) {
+#if defined(FPTQ_AMX_KERNELS)
+    case Isa::kAmx:
+      return kAmxKernels;
+#endif
 #if defined(FPTQ_X86_KERNELS)
     case Isa::kAvx512Vnni:
       return kAvx512Kernels;
@@ -74,23 +106,69 @@ uint8_t nibble(const uint8_t* b, int64_t k_total, int64_t n, int64_t k) {
   return (k & 1) ? byte >> 4 : byte & 0x0f;
 }
 
-// Owns an uninitialized array: the quantizer writes every element, so zero-filling it
-// (std::vector) would be wasted work on the critical path.
+// Nibbles u0..u7 of 8 consecutive k as stored in B (byte i = u[2i] | u[2i + 1] << 4, byte 0 in
+// the low bits) -> the chunk layout (byte i = u[i] | u[4 + i] << 4): the "outer perfect
+// shuffle" of the 8 nibbles of a word, Hacker's Delight 7-2.
+uint32_t interleave_nibbles(uint32_t x) {
+  x = (x & 0xff0000ffu) | ((x << 8) & 0x00ff0000u) | ((x >> 8) & 0x0000ff00u);
+  x = (x & 0xf00ff00fu) | ((x << 4) & 0x0f000f00u) | ((x >> 4) & 0x00f000f0u);
+  return x;
+}
+
+// Per-thread scratch of the driver (quantized activations), grown on demand and kept between
+// calls so that a steady stream of runs allocates nothing; uninitialized, because the quantizer
+// writes every element and zero-filling would be wasted work on the critical path. Buffers
+// larger than kMaxKeptScratchBytes are released after the call that needed them.
+constexpr size_t kMaxKeptScratchBytes = size_t{64} << 20;
+
+class Scratch {
+ public:
+  // At least `bytes` bytes, aligned for any scalar type.
+  void* get(size_t bytes) {
+    if (bytes > size_) {
+      data_.reset(new std::max_align_t[bytes / sizeof(std::max_align_t) + 1]);
+      size_ = bytes;
+    }
+    return data_.get();
+  }
+  // Drops an oversized buffer (see kMaxKeptScratchBytes).
+  void trim() {
+    if (size_ > kMaxKeptScratchBytes) {
+      data_.reset();
+      size_ = 0;
+    }
+  }
+
+ private:
+  std::unique_ptr<std::max_align_t[]> data_;
+  size_t size_ = 0;
+};
+
+// Bytes between rows of the quantized activations for padded_k values per row: a multiple of
+// 64 (cache lines), but not of 512, so that the rows of a block (16 or 32 read together by an
+// AMX tile load, 6 by the AVX-512 blocks) fall into different L1 sets; with a stride of 4096
+// bytes they would all compete for one set.
+int64_t q_row_stride(int64_t padded_k) {
+  const int64_t stride = (padded_k + 63) / 64 * 64;
+  return stride % 512 == 0 ? stride + 64 : stride;
+}
+
+// Bytes of an array of `count` T, rounded up to a multiple of 64 (the next array's alignment).
 template <class T>
-std::unique_ptr<T[]> scratch(int64_t count) {
-  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(count, 1))]);
+size_t array_bytes(int64_t count) {
+  return (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
 }
 
 }  // namespace
 
 Isa select_isa(const char* request) {
   if (request == nullptr || *request == '\0' || std::strcmp(request, "auto") == 0) {
-    for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2}) {
+    for (Isa isa : {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvx2}) {
       if (cpu_supports(isa)) return isa;
     }
     return Isa::kGeneric;
   }
-  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512Vnni}) {
+  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512Vnni, Isa::kAmx}) {
     if (std::strcmp(request, isa_name(isa)) != 0) continue;
     if (!cpu_supports(isa)) {
       throw std::invalid_argument(std::string("FPTQ_CPU_ISA=") + request +
@@ -99,7 +177,7 @@ Isa select_isa(const char* request) {
     return isa;
   }
   throw std::invalid_argument(std::string("FPTQ_CPU_ISA=") + request +
-                              ": unknown, expected auto, generic, avx2 or avx512vnni");
+                              ": unknown, expected auto, generic, avx2, avx512vnni or amx");
 }
 
 const char* isa_name(Isa isa) {
@@ -108,12 +186,15 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::kAvx512Vnni:
       return "avx512vnni";
+    case Isa::kAmx:
+      return "amx";
     default:
       return "generic";
   }
 }
 
-PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t* zero_points, const W4A8Attrs& attrs) {
+PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t* zero_points, const W4A8Attrs& attrs,
+                           const ParallelFor& parallel_for) {
   PackedWeights w;
   w.n = attrs.N;
   w.k = attrs.K;
@@ -126,27 +207,50 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
   w.scales.assign(static_cast<size_t>(w.tiles * w.groups * kTileN), 0.0f);
   w.zero_points.assign(static_cast<size_t>(w.tiles * w.groups * kTileN), 0);
 
-  for (int64_t tile = 0; tile < w.tiles; ++tile) {
-    for (int64_t g = 0; g < w.groups; ++g) {
-      const int64_t tile_group = tile * w.groups + g;
-      for (int j = 0; j < kTileN; ++j) {
-        const int64_t n = tile * kTileN + j;
-        if (n >= w.n) break;  // padded channels keep u = z = s = 0: they add nothing
-        w.scales[tile_group * kTileN + j] = scales[n * w.groups + g];
-        w.zero_points[tile_group * kTileN + j] = zero_points[n * w.groups + g];
+  // Tiles [tile_begin, tile_end): disjoint parts of the three arrays.
+  auto pack_tiles = [&](int64_t tile_begin, int64_t tile_end) {
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int channels = static_cast<int>(std::min<int64_t>(kTileN, w.n - tile * kTileN));
+      // Padded channels (j >= channels) keep u = z = s = 0: they add nothing.
+      for (int64_t g = 0; g < w.groups; ++g) {
+        const int64_t tile_group = tile * w.groups + g;
+        for (int j = 0; j < channels; ++j) {
+          const int64_t n = tile * kTileN + j;
+          w.scales[tile_group * kTileN + j] = scales[n * w.groups + g];
+          w.zero_points[tile_group * kTileN + j] = zero_points[n * w.groups + g];
+        }
         for (int64_t c = 0; c < chunks_per_group; ++c) {
           uint8_t* chunk = &w.nibbles[(tile_group * chunks_per_group + c) * kChunkBytes];
-          for (int i = 0; i < 4; ++i) {
-            // Positions p of the padded group; p >= group_size is padding (u = 0).
-            const int64_t p_lo = c * kChunkK + i, p_hi = p_lo + 4;
-            const uint8_t lo = p_lo < w.group_size ? nibble(b, w.k, n, g * w.group_size + p_lo) : 0;
-            const uint8_t hi = p_hi < w.group_size ? nibble(b, w.k, n, g * w.group_size + p_hi) : 0;
-            chunk[4 * j + i] = static_cast<uint8_t>(lo | (hi << 4));
+          const bool whole = c * kChunkK + kChunkK <= w.group_size;
+          for (int j = 0; j < channels; ++j) {
+            const int64_t n = tile * kTileN + j;
+            if (whole) {  // 4 source bytes (the chunk starts at an even k)
+              const uint8_t* src = b + n * (w.k / 2) + (g * w.group_size + c * kChunkK) / 2;
+              const uint32_t packed = interleave_nibbles(
+                  static_cast<uint32_t>(src[0]) | static_cast<uint32_t>(src[1]) << 8 |
+                  static_cast<uint32_t>(src[2]) << 16 | static_cast<uint32_t>(src[3]) << 24);
+              for (int i = 0; i < 4; ++i) chunk[4 * j + i] = static_cast<uint8_t>(packed >> (8 * i));
+              continue;
+            }
+            for (int i = 0; i < 4; ++i) {
+              // Positions p of the padded group; p >= group_size is padding (u = 0).
+              const int64_t p_lo = c * kChunkK + i, p_hi = p_lo + 4;
+              const uint8_t lo = p_lo < w.group_size ? nibble(b, w.k, n, g * w.group_size + p_lo) : 0;
+              const uint8_t hi = p_hi < w.group_size ? nibble(b, w.k, n, g * w.group_size + p_hi) : 0;
+              chunk[4 * j + i] = static_cast<uint8_t>(lo | (hi << 4));
+            }
           }
         }
       }
     }
-  }
+  };
+  w.max_zero_point = *std::max_element(zero_points, zero_points + w.n * w.groups);
+  const auto nibble_bytes = static_cast<int64_t>(w.nibbles.size());
+  const int64_t parts = std::clamp<int64_t>(nibble_bytes / kMinWeightBytesPerTask, 1, std::min(w.tiles, max_tasks()));
+  parallel_for(static_cast<size_t>(parts), [&](size_t i) {
+    const auto part = static_cast<int64_t>(i);
+    pack_tiles(part_begin(w.tiles, parts, part), part_begin(w.tiles, parts, part + 1));
+  });
   return w;
 }
 
@@ -158,34 +262,43 @@ void w4a8_matmul(const float* x, int64_t m, const PackedWeights& w, int64_t act_
                  Isa isa, const ParallelFor& parallel_for) {
   if (m <= 0) return;
   const TileKernels& kernels = kernels_for(isa);
-  const int64_t padded_k = w.groups * w.group_padded;
-  std::unique_ptr<int8_t[]> q = scratch<int8_t>(m * padded_k);
-  std::unique_ptr<int32_t[]> q_group_sums = scratch<int32_t>(m * w.groups);
-  std::unique_ptr<float[]> row_scales = scratch<float>(m);
+  const int64_t q_stride = q_row_stride(w.groups * w.group_padded);
+  // q, q_group_sums and row_scales in one buffer of this thread (the one that called us).
+  thread_local Scratch scratch;
+  const size_t q_bytes = array_bytes<int8_t>(m * q_stride), sums_bytes = array_bytes<int32_t>(m * w.groups);
+  auto* buffer = static_cast<uint8_t*>(scratch.get(q_bytes + sums_bytes + array_bytes<float>(m)));
+  auto* q = reinterpret_cast<int8_t*>(buffer);
+  auto* q_group_sums = reinterpret_cast<int32_t*>(buffer + q_bytes);
+  auto* row_scales = reinterpret_cast<float*>(buffer + q_bytes + sums_bytes);
 
   // Stage 1: quantize X row by row (rows are independent).
-  const QuantizeArgs qa{x, w.k, w.group_size, w.groups, w.group_padded, act_mode, act_scale,
-                        q.get(), q_group_sums.get(), row_scales.get()};
+  const QuantizeArgs qa{x, w.k, w.group_size, w.groups, w.group_padded, act_mode, act_scale, q_stride,
+                        q, q_group_sums, row_scales};
   const int64_t quantize_tasks = std::clamp<int64_t>(m * w.k / kMinFloatsPerQuantizeTask, 1, std::min(m, max_tasks()));
   parallel_for(static_cast<size_t>(quantize_tasks), [&](size_t i) {
     const auto t = static_cast<int64_t>(i);
     kernels.quantize_rows(qa, part_begin(m, quantize_tasks, t), part_begin(m, quantize_tasks, t + 1));
   });
 
-  // Stage 2: tiles x rows. Blocks of kRowsPerTask rows, each cut into tile ranges so that
-  // there are enough tasks for the threads but each stays worth its hand-off.
-  const GemmArgs ga{w.nibbles.data(), w.scales.data(), w.zero_points.data(), w.n, w.groups,
-                    w.group_padded / kChunkK, q.get(), q_group_sums.get(), row_scales.get(), y};
-  const int64_t row_blocks = ceil_div(m, kRowsPerTask);
+  // Stage 2: tiles x rows. Blocks of the kernels' rows_per_task rows, each cut into tile ranges
+  // so that there are enough tasks for the threads but each stays worth its hand-off.
+  const GemmArgs ga{w.nibbles.data(), w.scales.data(), w.zero_points.data(), w.max_zero_point, w.n, w.groups,
+                    w.group_padded / kChunkK, q_stride, q, q_group_sums, row_scales, y};
+  const int64_t rows_per_task = kernels.rows_per_task;
+  const int64_t row_blocks = ceil_div(m, rows_per_task);
   const double macs = static_cast<double>(m) * static_cast<double>(w.n) * static_cast<double>(w.k);
-  const auto wanted_tasks = static_cast<int64_t>(std::clamp<double>(macs / kMinMacsPerTask, 1, max_tasks()));
+  const double weight_bytes = static_cast<double>(w.nibbles.size() + w.scales.size() * sizeof(float) +
+                                                  w.zero_points.size());
+  const auto wanted_tasks = static_cast<int64_t>(std::clamp<double>(
+      std::max(macs / kMinMacsPerTask, weight_bytes / kMinWeightBytesPerTask), 1, max_tasks()));
   const int64_t tile_parts = std::clamp<int64_t>(wanted_tasks / row_blocks, 1, w.tiles);
   parallel_for(static_cast<size_t>(row_blocks * tile_parts), [&](size_t i) {
     const int64_t block = static_cast<int64_t>(i) / tile_parts, part = static_cast<int64_t>(i) % tile_parts;
-    const int64_t row_begin = block * kRowsPerTask, row_end = std::min(m, row_begin + kRowsPerTask);
+    const int64_t row_begin = block * rows_per_task, row_end = std::min(m, row_begin + rows_per_task);
     kernels.gemm_tiles(ga, row_begin, row_end, part_begin(w.tiles, tile_parts, part),
                        part_begin(w.tiles, tile_parts, part + 1));
   });
+  scratch.trim();
 }
 
 }  // namespace cpu

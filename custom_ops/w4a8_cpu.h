@@ -23,14 +23,16 @@ enum class Isa : int {
   kGeneric = 0,     // portable C++, any CPU
   kAvx2 = 1,        // x86-64 AVX2 (vpmaddubsw)
   kAvx512Vnni = 2,  // x86-64 AVX-512 BW/VL + VNNI (vpdpbusd)
+  kAmx = 3,         // x86-64 AMX-INT8 tiles (tdpbssd) for many rows, AVX-512 VNNI for the rest
 };
 
 // The ISA the kernels run with. request: nullptr or "" or "auto" for the best this CPU
-// supports, else one of "generic", "avx2", "avx512vnni" (e.g. $FPTQ_CPU_ISA, to test the
-// slower paths). Throws std::invalid_argument for an unknown name or one this CPU lacks.
+// supports, else one of "generic", "avx2", "avx512vnni", "amx" (e.g. $FPTQ_CPU_ISA, to test
+// the slower paths). AMX also needs Linux to grant the process the tile state (arch_prctl).
+// Throws std::invalid_argument for an unknown name or one this CPU lacks.
 Isa select_isa(const char* request);
 
-// "generic", "avx2" or "avx512vnni".
+// "generic", "avx2", "avx512vnni" or "amx".
 const char* isa_name(Isa isa);
 
 // The weights of one node in the tile kernels' layout (w4a8_cpu_tile.h explains it):
@@ -44,13 +46,9 @@ struct PackedWeights {
   int64_t tiles = 0;          // ceil(N / 16)
   std::vector<uint8_t> nibbles;      // uint8 [tiles, G, group_padded / 8, 64]
   std::vector<float> scales;         // float32 [tiles, G, 16]; 0 for padded channels
-  std::vector<int32_t> zero_points;  // int32 [tiles, G, 16]; 0 for padded channels
+  std::vector<uint8_t> zero_points;  // uint8 [tiles, G, 16]; 0 for padded channels
+  uint8_t max_zero_point = 0;        // the largest zero point
 };
-
-// Repacks one node's weights (docs/ops.md layout) for the tile kernels.
-// b: uint8 [N, K/2], even k in the low nibble; scales: float32 [N, G]; zero_points: uint8 [N, G];
-// attrs: the node's checked attributes (K, N, group_size).
-PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t* zero_points, const W4A8Attrs& attrs);
 
 // Runs task(i) for every i in [0, count), possibly concurrently, and returns when all are done.
 // task must not throw.
@@ -58,6 +56,12 @@ using ParallelFor = std::function<void(size_t count, const std::function<void(si
 
 // Runs tasks one after another (for callers without a thread pool, e.g. tests).
 void serial_for(size_t count, const std::function<void(size_t)>& task);
+
+// Repacks one node's weights (docs/ops.md layout) for the tile kernels.
+// b: uint8 [N, K/2], even k in the low nibble; scales: float32 [N, G]; zero_points: uint8 [N, G];
+// attrs: the node's checked attributes (K, N, group_size); parallel_for: splits the work.
+PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t* zero_points, const W4A8Attrs& attrs,
+                           const ParallelFor& parallel_for = serial_for);
 
 // Y = W4A8MatMul(X) for one node.
 // x: float32 [M, K]; m: rows M (>= 0); w: from pack_weights(); act_mode: kActPerTensorStatic or

@@ -43,10 +43,10 @@ struct Avx2Isa {
     }
   }
 
-  static Group load_group(const int32_t* z16, const float* s16) {
+  static Group load_group(const uint8_t* z16, const float* s16) {
     Group g;
     for (int h = 0; h < 2; ++h) {
-      g.z[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(z16 + 8 * h));
+      g.z[h] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z16 + 8 * h)));
       g.s[h] = _mm256_loadu_ps(s16 + 8 * h);
     }
     return g;
@@ -74,7 +74,7 @@ struct Avx2Isa {
 
 }  // namespace
 
-const TileKernels kAvx2Kernels = {quantize_rows, gemm_tiles<Avx2Isa>};
+const TileKernels kAvx2Kernels = {64, quantize_rows, gemm_tiles<Avx2Isa>};
 
 }  // namespace cpu
 }  // namespace fptq

@@ -1,57 +1,256 @@
-// AVX-512 VNNI tile kernel (compiled with -mavx512f/bw/vl/dq/vnni; used only when the CPU has
+// AVX-512 VNNI tile kernels (compiled with -mavx512f/bw/vl/dq/vnni; used only when the CPU has
 // them). One 16-channel tile is one zmm register; vpdpbusd multiplies 4 unsigned u (0..15) by
 // 4 signed q (-127..127) per channel and adds them into the channel's int32 lane in one
 // instruction, without the int16 intermediate of AVX2.
+//
+// Two paths, one result: both compute the same exact int32 group sums and then the same float
+// operations in the same order (y = fma(s, float(acc - z * q_sum), y) over the groups, then
+// a_m * y), so a row's output does not depend on which path ran it, i.e. on the batch size.
+//
+// * streaming (1-4 rows, e.g. one decoding token): each weight byte is read once and used for
+//   a few multiply-adds, so the limit is memory bandwidth, provided that the vpdpbusd chains
+//   (5 cycles latency each) do not bound it first: each row spreads a group over 4 (one row)
+//   or 2 sets of accumulators, low and high nibbles apart. The high nibbles are not shifted
+//   down: vpdpbusd on (byte & 0xf0) gives 16 x their sum, shifted back once per group. The
+//   weights of a task are one contiguous stream, which the hardware prefetchers follow
+//   (software prefetching measured no gain).
+// * blocked (5 rows or more): compute-bound. The weights of kBlockTiles tiles and one group are
+//   unpacked once into a small thread-local buffer (one byte per weight, in the order the inner
+//   loop reads them) and reused by every block of kBlockRows rows, whose kBlockRows x
+//   kBlockTiles accumulators stay in registers: the inner loop is one load per tile and one
+//   broadcast per row around kBlockRows x kBlockTiles vpdpbusd (about 90% of the issue slots of
+//   the two vector ports go to vpdpbusd at M = 64).
 #include <immintrin.h>
 
-#include "w4a8_cpu_tile.h"
+#include <utility>
+
+#include "w4a8_cpu_avx512.h"
 
 namespace fptq {
 namespace cpu {
 namespace {
 
-struct Avx512Isa {
-  using IntAcc = __m512i;
-  using FloatAcc = __m512;
-  struct Weights { __m512i lo; __m512i hi; };  // u8: 16 channels x 4 k per register
-  struct Group { __m512i z; __m512 s; };
+// --- streaming path: kRows (1-4) rows x one tile, weights unpacked in registers -------------
 
-  static IntAcc int_zero() { return _mm512_setzero_si512(); }
-  static FloatAcc float_zero() { return _mm512_setzero_ps(); }
+// kRows rows x one tile. The int32 sums of a group are spread over kSets x 2 accumulators per
+// row (set e takes chunks c with c % kSets == e; low and high nibbles apart) so that enough
+// vpdpbusd are independent to hide their latency: 4 sets for one row, 2 for more.
+template <int kRows>
+void stream_block(const GemmArgs& a, int64_t tile, int64_t row) {
+  constexpr int kSets = kRows == 1 ? 4 : 2;
+  const int64_t cpg = a.chunks_per_group;
+  const uint8_t* w = a.nibbles + tile * a.groups * cpg * kChunkBytes;
+  const float* s_tile = a.scales + tile * a.groups * kTileN;
+  const uint8_t* z_tile = a.zero_points + tile * a.groups * kTileN;
+  const int8_t* q = a.q + row * a.q_stride;
+  const __m512i low_mask = _mm512_set1_epi8(0x0f), high_mask = _mm512_set1_epi8(static_cast<char>(0xf0));
 
-  static Weights load_weights(const uint8_t* chunk) {
-    const __m512i mask = _mm512_set1_epi8(0x0f);
-    const __m512i bytes = _mm512_loadu_si512(chunk);
-    return {_mm512_and_si512(bytes, mask), _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask)};
+  // Chunk c of the current group into accumulator set e: low nibbles times q[8c .. 8c + 3],
+  // high nibbles (left in place, so 16 x their value) times q[8c + 4 .. 8c + 7].
+  auto chunk = [&](__m512i* acc_lo, __m512i* acc_hi, const uint8_t* w_chunk, const int8_t* q_chunk) {
+    const __m512i bytes = _mm512_loadu_si512(w_chunk);
+    const __m512i lo = _mm512_and_si512(bytes, low_mask), hi = _mm512_and_si512(bytes, high_mask);
+    for (int r = 0; r < kRows; ++r) {
+      dpbusd(acc_lo[r], lo, broadcast_q4(q_chunk + r * a.q_stride));
+      dpbusd(acc_hi[r], hi, broadcast_q4(q_chunk + r * a.q_stride + 4));
+    }
+  };
+
+  __m512 y[kRows];
+  for (int r = 0; r < kRows; ++r) y[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.groups; ++g, w += cpg * kChunkBytes) {
+    __m512i acc_lo[kSets][kRows], acc_hi[kSets][kRows];
+    for (int e = 0; e < kSets; ++e) {
+      for (int r = 0; r < kRows; ++r) acc_lo[e][r] = acc_hi[e][r] = _mm512_setzero_si512();
+    }
+    const int8_t* q_group = q + g * cpg * kChunkK;
+    int64_t c = 0;
+    for (; c + kSets <= cpg; c += kSets) {
+      for (int e = 0; e < kSets; ++e) {
+        chunk(acc_lo[e], acc_hi[e], w + (c + e) * kChunkBytes, q_group + (c + e) * kChunkK);
+      }
+    }
+    for (; c < cpg; ++c) chunk(acc_lo[0], acc_hi[0], w + c * kChunkBytes, q_group + c * kChunkK);
+    const __m512i z = load_zero_points(z_tile + g * kTileN);
+    const __m512 s = _mm512_loadu_ps(s_tile + g * kTileN);
+    for (int r = 0; r < kRows; ++r) {
+      __m512i lo = acc_lo[0][r], hi = acc_hi[0][r];
+      for (int e = 1; e < kSets; ++e) {
+        lo = _mm512_add_epi32(lo, acc_lo[e][r]);
+        hi = _mm512_add_epi32(hi, acc_hi[e][r]);
+      }
+      // The high sums are multiples of 16: the arithmetic shift is exact.
+      const __m512i acc = _mm512_add_epi32(lo, _mm512_srai_epi32(hi, 4));
+      y[r] = fold_group(y[r], acc, z, s, a.q_group_sums[(row + r) * a.groups + g]);
+    }
   }
+  const int valid = valid_channels(a, tile);
+  for (int r = 0; r < kRows; ++r) store_row(a.y + (row + r) * a.n + tile * kTileN, y[r], a.row_scales[row + r], valid);
+}
 
-  static void dot(IntAcc& acc, const Weights& w, const int8_t* q8) {
-    int32_t q_lo, q_hi;  // 4 int8 each, broadcast to every channel
-    __builtin_memcpy(&q_lo, q8, 4);
-    __builtin_memcpy(&q_hi, q8 + 4, 4);
-    acc = _mm512_dpbusd_epi32(acc, w.lo, _mm512_set1_epi32(q_lo));
-    acc = _mm512_dpbusd_epi32(acc, w.hi, _mm512_set1_epi32(q_hi));
+void stream_tiles(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    int64_t row = row_begin;
+    for (; row + 4 <= row_end; row += 4) stream_block<4>(a, tile, row);
+    switch (row_end - row) {
+      case 3: stream_block<3>(a, tile, row); break;
+      case 2: stream_block<2>(a, tile, row); break;
+      case 1: stream_block<1>(a, tile, row); break;
+      default: break;
+    }
   }
+}
 
-  static Group load_group(const int32_t* z16, const float* s16) {
-    return {_mm512_loadu_si512(z16), _mm512_loadu_ps(s16)};
+// --- blocked path: kBlockRows x kBlockTiles register blocks over unpacked weights ----------
+
+constexpr int kBlockRows = 6;   // (6 x 4 measured faster than 8 x 3, 4 x 4 and 8 x 2)
+constexpr int kBlockTiles = 4;
+// Row counts from which the blocked path pays for its unpacking (the unpacked weights of a
+// group are reused by ceil(rows / kBlockRows) register blocks), and the largest padded group
+// it takes (its thread-local buffers grow with the group; larger groups stream).
+constexpr int64_t kBlockedMinRows = 5;
+constexpr int64_t kBlockedMaxGroup = 1024;
+
+// Unpacks group g of tiles [tile, tile + tiles) into out: uint8 [steps, tiles, 64] with
+// steps = 2 * chunks_per_group, where step 2c holds the low nibbles of chunk c and step 2c + 1
+// the high ones: 16 channels x 4 consecutive k (positions 4 * step .. 4 * step + 3 of the
+// padded group) per tile, the operand layout of vpdpbusd.
+void unpack_group(const GemmArgs& a, int64_t tile, int tiles, int64_t g, uint8_t* out) {
+  const __m512i low_mask = _mm512_set1_epi8(0x0f);
+  const int64_t cpg = a.chunks_per_group;
+  for (int t = 0; t < tiles; ++t) {
+    const uint8_t* w = a.nibbles + ((tile + t) * a.groups + g) * cpg * kChunkBytes;
+    for (int64_t c = 0; c < cpg; ++c) {
+      const __m512i bytes = _mm512_loadu_si512(w + c * kChunkBytes);
+      _mm512_storeu_si512(out + ((2 * c) * tiles + t) * kChunkBytes, _mm512_and_si512(bytes, low_mask));
+      _mm512_storeu_si512(out + ((2 * c + 1) * tiles + t) * kChunkBytes,
+                          _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask));
+    }
   }
+}
 
-  static void accumulate(FloatAcc& y, const IntAcc& acc, const Group& g, int32_t q_sum) {
-    const __m512i corrected = _mm512_sub_epi32(acc, _mm512_mullo_epi32(g.z, _mm512_set1_epi32(q_sum)));
-    y = _mm512_fmadd_ps(g.s, _mm512_cvtepi32_ps(corrected), y);
+// One group for kRows rows x kTiles tiles: int32 dot products in registers, then
+// y += s * float(acc - z * q_sum) into the float32 scratch rows.
+// w: from unpack_group (tiles = kTiles); steps: 2 * chunks_per_group; q: row 0's q at the
+// group's first position; q_stride: bytes between q rows; q_sums: row 0's q_group_sums at g
+// (stride G); z, s: tile 0's zero points / scales of the group (stride G * 16 between tiles);
+// y: row 0's scratch (kBlockTiles * 16 floats per row).
+template <int kRows, int kTiles>
+void block_group(const uint8_t* w, int64_t steps, const int8_t* q, int64_t q_stride, const int32_t* q_sums,
+                 int64_t groups, const uint8_t* z, const float* s, float* y) {
+  static_assert(kRows >= 1 && kRows <= 6 && kTiles >= 1 && kTiles <= 4, "the macros below spell out 6 x 4");
+  // Accumulator c<r><t> of row r, tile t: separate variables, because GCC keeps an array of
+  // 24 vectors in memory (it is past its scalarization limit). Those beyond kRows x kTiles are
+  // never touched and vanish.
+  const __m512i zero = _mm512_setzero_si512();
+#define FPTQ_ACC_ROW(r) [[maybe_unused]] __m512i c##r##0 = zero, c##r##1 = zero, c##r##2 = zero, c##r##3 = zero;
+  FPTQ_ACC_ROW(0) FPTQ_ACC_ROW(1) FPTQ_ACC_ROW(2) FPTQ_ACC_ROW(3) FPTQ_ACC_ROW(4) FPTQ_ACC_ROW(5)
+#undef FPTQ_ACC_ROW
+  for (int64_t step = 0; step < steps; ++step, w += kTiles * kChunkBytes) {
+    [[maybe_unused]] __m512i w0, w1, w2, w3;
+    w0 = _mm512_loadu_si512(w);
+    if constexpr (kTiles > 1) w1 = _mm512_loadu_si512(w + kChunkBytes);
+    if constexpr (kTiles > 2) w2 = _mm512_loadu_si512(w + 2 * kChunkBytes);
+    if constexpr (kTiles > 3) w3 = _mm512_loadu_si512(w + 3 * kChunkBytes);
+#define FPTQ_DOT_ROW(r)                                             \
+  if constexpr (r < kRows) {                                        \
+    const __m512i b = broadcast_q4(q + r * q_stride + 4 * step);    \
+    dpbusd(c##r##0, w0, b);                                         \
+    if constexpr (kTiles > 1) dpbusd(c##r##1, w1, b);               \
+    if constexpr (kTiles > 2) dpbusd(c##r##2, w2, b);               \
+    if constexpr (kTiles > 3) dpbusd(c##r##3, w3, b);               \
   }
+    FPTQ_DOT_ROW(0) FPTQ_DOT_ROW(1) FPTQ_DOT_ROW(2) FPTQ_DOT_ROW(3) FPTQ_DOT_ROW(4) FPTQ_DOT_ROW(5)
+#undef FPTQ_DOT_ROW
+  }
+  // y[r, t] += s_t * float(c<r><t> - z_t * q_sum[r]).
+  auto fold = [&](int r, int t, __m512i acc) {
+    float* yt = y + r * (kBlockTiles * kTileN) + t * kTileN;
+    const __m512i zt = load_zero_points(z + t * groups * kTileN);
+    const __m512 st = _mm512_loadu_ps(s + t * groups * kTileN);
+    _mm512_storeu_ps(yt, fold_group(_mm512_loadu_ps(yt), acc, zt, st, q_sums[r * groups]));
+  };
+#define FPTQ_FOLD_ROW(r)                               \
+  if constexpr (r < kRows) {                           \
+    fold(r, 0, c##r##0);                               \
+    if constexpr (kTiles > 1) fold(r, 1, c##r##1);     \
+    if constexpr (kTiles > 2) fold(r, 2, c##r##2);     \
+    if constexpr (kTiles > 3) fold(r, 3, c##r##3);     \
+  }
+  FPTQ_FOLD_ROW(0) FPTQ_FOLD_ROW(1) FPTQ_FOLD_ROW(2) FPTQ_FOLD_ROW(3) FPTQ_FOLD_ROW(4) FPTQ_FOLD_ROW(5)
+#undef FPTQ_FOLD_ROW
+}
 
-  static void store(float* y, const FloatAcc& acc, float row_scale, int valid) {
-    // Masked store: the last tile of an N that is not a multiple of 16 writes only its channels.
-    const __mmask16 mask = static_cast<__mmask16>(valid >= kTileN ? 0xffffu : (1u << valid) - 1u);
-    _mm512_mask_storeu_ps(y, mask, _mm512_mul_ps(_mm512_set1_ps(row_scale), acc));
+using BlockGroupFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const int32_t*, int64_t,
+                              const uint8_t*, const float*, float*);
+
+template <int kTiles, int... kRows>
+constexpr void fill_row(BlockGroupFn* out, std::integer_sequence<int, kRows...>) {
+  ((out[kRows] = block_group<kRows + 1, kTiles>), ...);
+}
+
+// kBlockGroup[t - 1][r - 1]: block_group<r, t> for r <= kBlockRows, t <= kBlockTiles.
+struct BlockGroupTable {
+  BlockGroupFn fn[kBlockTiles][kBlockRows];
+  constexpr BlockGroupTable() : fn{} {
+    fill_row<1>(fn[0], std::make_integer_sequence<int, kBlockRows>{});
+    if constexpr (kBlockTiles > 1) fill_row<2>(fn[1], std::make_integer_sequence<int, kBlockRows>{});
+    if constexpr (kBlockTiles > 2) fill_row<3>(fn[2], std::make_integer_sequence<int, kBlockRows>{});
+    if constexpr (kBlockTiles > 3) fill_row<4>(fn[3], std::make_integer_sequence<int, kBlockRows>{});
   }
 };
+static_assert(kBlockTiles <= 4, "BlockGroupTable lists the tile counts 1..4");
+constexpr BlockGroupTable kBlockGroup;
+
+void blocked_tiles(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
+  const int64_t rows = row_end - row_begin;
+  const int64_t steps = 2 * a.chunks_per_group;
+  // Unpacked weights (uint8 [steps, kBlockTiles, 64]) then y (float32 [rows, kBlockTiles * 16]).
+  const size_t weight_bytes = static_cast<size_t>(steps * kBlockTiles * kChunkBytes);
+  const size_t y_bytes = static_cast<size_t>(rows * kBlockTiles * kTileN) * sizeof(float);
+  thread_local TaskScratch scratch;  // this worker thread's: grown on demand, kept
+  uint8_t* const buffer = scratch.get(weight_bytes + y_bytes);
+  if (buffer == nullptr) return stream_tiles(a, row_begin, row_end, tile_begin, tile_end);
+  uint8_t* const weights = buffer;
+  float* const y = reinterpret_cast<float*>(buffer + weight_bytes);
+
+  for (int64_t tile = tile_begin; tile < tile_end; tile += kBlockTiles) {
+    const int tiles = static_cast<int>(tile_end - tile < kBlockTiles ? tile_end - tile : kBlockTiles);
+    __builtin_memset(y, 0, y_bytes);
+    for (int64_t g = 0; g < a.groups; ++g) {
+      unpack_group(a, tile, tiles, g, weights);
+      const uint8_t* z = a.zero_points + (tile * a.groups + g) * kTileN;
+      const float* s = a.scales + (tile * a.groups + g) * kTileN;
+      for (int64_t r = 0; r < rows; r += kBlockRows) {
+        const int block = static_cast<int>(rows - r < kBlockRows ? rows - r : kBlockRows);
+        const int64_t row = row_begin + r;
+        kBlockGroup.fn[tiles - 1][block - 1](
+            weights, steps, a.q + row * a.q_stride + g * a.chunks_per_group * kChunkK, a.q_stride,
+            a.q_group_sums + row * a.groups + g, a.groups, z, s, y + r * kBlockTiles * kTileN);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int t = 0; t < tiles; ++t) {
+        store_row(a.y + (row_begin + r) * a.n + (tile + t) * kTileN,
+                  _mm512_loadu_ps(y + (r * kBlockTiles + t) * kTileN), a.row_scales[row_begin + r],
+                  valid_channels(a, tile + t));
+      }
+    }
+  }
+}
+
+// TileKernels::gemm_tiles.
+void gemm_tiles_avx512(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
+  if (row_end - row_begin >= kBlockedMinRows && a.chunks_per_group * kChunkK <= kBlockedMaxGroup) {
+    blocked_tiles(a, row_begin, row_end, tile_begin, tile_end);
+  } else {
+    stream_tiles(a, row_begin, row_end, tile_begin, tile_end);
+  }
+}
 
 }  // namespace
 
-const TileKernels kAvx512Kernels = {quantize_rows, gemm_tiles<Avx512Isa>};
+const TileKernels kAvx512Kernels = {64, quantize_rows, gemm_tiles_avx512};
 
 }  // namespace cpu
 }  // namespace fptq

@@ -12,7 +12,7 @@ struct GenericIsa {
   struct FloatAcc { float v[kTileN]; };
   // Unpacked chunk: lo[4 * j + i] = u[j, i], hi[4 * j + i] = u[j, 4 + i].
   struct Weights { uint8_t lo[kChunkBytes]; uint8_t hi[kChunkBytes]; };
-  struct Group { const int32_t* z; const float* s; };
+  struct Group { const uint8_t* z; const float* s; };
 
   static IntAcc int_zero() { return IntAcc{}; }
   static FloatAcc float_zero() { return FloatAcc{}; }
@@ -34,7 +34,7 @@ struct GenericIsa {
     }
   }
 
-  static Group load_group(const int32_t* z16, const float* s16) { return Group{z16, s16}; }
+  static Group load_group(const uint8_t* z16, const float* s16) { return Group{z16, s16}; }
 
   static void accumulate(FloatAcc& y, const IntAcc& acc, const Group& g, int32_t q_sum) {
     for (int j = 0; j < kTileN; ++j) y.v[j] += g.s[j] * static_cast<float>(acc.v[j] - g.z[j] * q_sum);
@@ -47,7 +47,7 @@ struct GenericIsa {
 
 }  // namespace
 
-const TileKernels kGenericKernels = {quantize_rows, gemm_tiles<GenericIsa>};
+const TileKernels kGenericKernels = {64, quantize_rows, gemm_tiles<GenericIsa>};
 
 }  // namespace cpu
 }  // namespace fptq

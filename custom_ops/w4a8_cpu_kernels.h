@@ -32,7 +32,8 @@ struct QuantizeArgs {
   int64_t group_padded;    // group_size rounded up to kChunkK
   int64_t act_mode;        // kActPerTensorStatic / kActPerTokenDynamic
   float act_scale;         // static scale (act_mode 0)
-  int8_t* q;               // out int8 [M, G * group_padded], padding positions 0
+  int64_t q_stride;        // bytes between rows of q (>= G * group_padded)
+  int8_t* q;               // out int8 [M, q_stride]: G * group_padded values, padding positions 0
   int32_t* q_group_sums;   // out int32 [M, G]: sum of q over each group (zero-point term)
   float* row_scales;       // out float32 [M]: a_m
 };
@@ -41,11 +42,13 @@ struct QuantizeArgs {
 struct GemmArgs {
   const uint8_t* nibbles;      // uint8 [tiles, G, group_padded / 8, 64] (layout above)
   const float* scales;         // float32 [tiles, G, 16]
-  const int32_t* zero_points;  // int32 [tiles, G, 16]
+  const uint8_t* zero_points;  // uint8 [tiles, G, 16]
+  int32_t max_zero_point;      // largest of zero_points (15 or less in every model we write)
   int64_t n;                   // N (tile channels >= N are not stored)
   int64_t groups;              // G
   int64_t chunks_per_group;    // group_padded / kChunkK
-  const int8_t* q;             // int8 [M, G * group_padded] from the quantizer
+  int64_t q_stride;            // bytes between rows of q
+  const int8_t* q;             // int8 [M, q_stride] from the quantizer
   const int32_t* q_group_sums; // int32 [M, G]
   const float* row_scales;     // float32 [M]
   float* y;                    // out float32 [M, N]
@@ -53,6 +56,9 @@ struct GemmArgs {
 
 // One ISA's kernels. Both are thread-safe for disjoint row / tile ranges.
 struct TileKernels {
+  // Rows of X per gemm task that the driver aims for: enough rows to amortize what a task does
+  // once per tile and group (unpacking), few enough that their q rows stay in L2.
+  int64_t rows_per_task;
   // Quantizes rows [row_begin, row_end) of args.x.
   void (*quantize_rows)(const QuantizeArgs& args, int64_t row_begin, int64_t row_end);
   // Writes Y for rows [row_begin, row_end) and the channels of tiles [tile_begin, tile_end).
@@ -64,6 +70,9 @@ extern const TileKernels kGenericKernels;   // w4a8_cpu_generic.cc
 #if defined(FPTQ_X86_KERNELS)
 extern const TileKernels kAvx2Kernels;      // w4a8_cpu_avx2.cc, needs AVX2
 extern const TileKernels kAvx512Kernels;    // w4a8_cpu_avx512.cc, needs AVX-512 F/BW/VL + VNNI
+#endif
+#if defined(FPTQ_AMX_KERNELS)
+extern const TileKernels kAmxKernels;       // w4a8_cpu_amx.cc, needs AVX-512 VNNI + AMX-INT8 + OS permission
 #endif
 
 }  // namespace cpu

@@ -13,14 +13,16 @@
 //   Weights load_weights(const uint8_t* chunk)       unpack one 64-byte chunk (lo/hi nibbles)
 //   void dot(IntAcc& acc, const Weights& w, const int8_t* q8)
 //        acc[j] += sum_{i<4} u[j, i] * q8[i] + u[j, 4 + i] * q8[4 + i]   (q8: 8 int8)
-//   Group load_group(const int32_t* z16, const float* s16)
+//   Group load_group(const uint8_t* z16, const float* s16)
 //   void accumulate(FloatAcc& y, const IntAcc& acc, const Group& g, int32_t q_sum)
 //        y[j] += s[j] * float(acc[j] - z[j] * q_sum)     (the zero-point correction)
 //   void store(float* y, const FloatAcc& acc, float row_scale, int valid)
 //        y[j] = row_scale * acc[j] for j < valid
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <new>
 
 #include "w4a8_common.h"
 #include "w4a8_cpu_kernels.h"
@@ -28,6 +30,33 @@
 namespace fptq {
 namespace cpu {
 namespace {
+
+// Scratch memory of a kernel task, meant to be thread_local: grown on demand and kept, so that
+// a thread allocates nothing once it has seen its largest task; only the owning thread touches
+// it. Plain new[] rather than std::vector, for the ODR reason above.
+class TaskScratch {
+ public:
+  TaskScratch() = default;
+  TaskScratch(const TaskScratch&) = delete;
+  TaskScratch& operator=(const TaskScratch&) = delete;
+  ~TaskScratch() { delete[] data_; }
+  // At least `bytes` bytes (64-byte aligned), or nullptr when memory is short (tasks must not
+  // throw: callers fall back to a path without scratch).
+  uint8_t* get(size_t bytes) {
+    if (bytes > size_) {
+      delete[] data_;
+      data_ = new (std::nothrow) uint8_t[bytes + 63];
+      size_ = data_ != nullptr ? bytes : 0;
+    }
+    if (data_ == nullptr) return nullptr;
+    const auto address = reinterpret_cast<uintptr_t>(data_);
+    return data_ + ((64 - address % 64) % 64);
+  }
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
 
 // a_m = max_k |x[k]| / 127, or 1 for an all-zero row (docs/ops.md step 2). x: float32 [k].
 // The max is taken over the float bits with the sign cleared: for non-negative floats the
@@ -67,12 +96,11 @@ inline int32_t quantize_span(const float* x, int64_t count, float inv, int8_t* q
 
 // TileKernels::quantize_rows: docs/ops.md steps 2-3 for rows [row_begin, row_end).
 void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end) {
-  const int64_t padded_k = a.groups * a.group_padded;
   for (int64_t m = row_begin; m < row_end; ++m) {
     const float* x = a.x + m * a.k;
     const float scale = a.act_mode == kActPerTokenDynamic ? token_scale(x, a.k) : a.act_scale;
     const float inv = 1.0f / scale;
-    int8_t* q = a.q + m * padded_k;
+    int8_t* q = a.q + m * a.q_stride;
     for (int64_t g = 0; g < a.groups; ++g) {
       int8_t* q_group = q + g * a.group_padded;
       a.q_group_sums[m * a.groups + g] = quantize_span(x + g * a.group_size, a.group_size, inv, q_group);
@@ -90,9 +118,8 @@ void gemm_block(const GemmArgs& a, int64_t tile, int64_t row) {
   const int64_t chunks_per_tile = a.groups * a.chunks_per_group;
   const uint8_t* w_tile = a.nibbles + tile * chunks_per_tile * kChunkBytes;
   const float* s_tile = a.scales + tile * a.groups * kTileN;
-  const int32_t* z_tile = a.zero_points + tile * a.groups * kTileN;
-  const int64_t padded_k = a.groups * a.chunks_per_group * kChunkK;
-  const int8_t* q = a.q + row * padded_k;
+  const uint8_t* z_tile = a.zero_points + tile * a.groups * kTileN;
+  const int8_t* q = a.q + row * a.q_stride;
 
   typename Isa::FloatAcc y[kRows];
   for (int r = 0; r < kRows; ++r) y[r] = Isa::float_zero();
@@ -102,7 +129,7 @@ void gemm_block(const GemmArgs& a, int64_t tile, int64_t row) {
     for (int r = 0; r < kRows; ++r) acc[r] = Isa::int_zero();
     for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
       const typename Isa::Weights w = Isa::load_weights(w_tile + c * kChunkBytes);
-      for (int r = 0; r < kRows; ++r) Isa::dot(acc[r], w, q + r * padded_k + c * kChunkK);
+      for (int r = 0; r < kRows; ++r) Isa::dot(acc[r], w, q + r * a.q_stride + c * kChunkK);
     }
     // Stage 2: zero-point correction and group scale, in float.
     const typename Isa::Group group = Isa::load_group(z_tile + g * kTileN, s_tile + g * kTileN);

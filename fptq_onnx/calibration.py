@@ -11,7 +11,9 @@ Data sources (``--calib``):
 Inputs the model needs that the data lacks (``attention_mask``, ``position_ids``) are
 synthesized. The model runs in ONNX Runtime with every tensor of interest exposed as an extra
 output; each is reduced at once into :class:`ChannelMaxAbs` (per-input-channel max |x|), so
-memory stays flat however many samples stream through.
+memory stays flat however many samples stream through. For the per-layer output error a
+:class:`RowReservoir` keeps a uniform sample of at most ``error_rows`` rows (tokens) of each
+tensor, also independent of the number of samples.
 """
 from __future__ import annotations
 
@@ -43,10 +45,14 @@ class CalibrationConfig:
     samples: int = 128
     seq_len: int = 512
     tokenizer: str | None = None  # folder with tokenizer.json; default: beside the model
+    error_rows: int = 256  # activation rows kept per layer input for the output error (0: none)
+    seed: int = 0  # of the row sampling, so a conversion is reproducible
 
     def __post_init__(self):
         if self.samples < 1:
             raise UserError(f"--samples must be >= 1, got {self.samples}")
+        if self.error_rows < 0:
+            raise UserError(f"--error-rows must be >= 0, got {self.error_rows}")
         if self.seq_len < 2:
             raise UserError(f"--seq-len must be >= 2, got {self.seq_len}")
 
@@ -63,6 +69,48 @@ class ChannelMaxAbs:
             return
         current = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float32)
         self.value = current if self.value is None else np.maximum(self.value, current)
+
+
+class RowReservoir:
+    """A uniform random sample of at most ``capacity`` rows of everything passed to :meth:`update`.
+
+    Rows are the last axis (``x[..., K]`` is ``prod(x.shape[:-1])`` rows of K). Reservoir sampling
+    (Vitter's algorithm R): row number t (0-based, over all updates) enters a full reservoir with
+    probability ``capacity / (t + 1)`` and replaces a uniformly chosen slot, so after T rows every
+    row is kept with probability ``capacity / T``. Memory is ``capacity * K`` floats however many
+    samples stream through. With capacity 2 and rows ``[a, b, c]``, ``c`` is kept with probability
+    2/3, replacing ``a`` or ``b`` equally often.
+    """
+
+    def __init__(self, capacity: int, rng: np.random.Generator):
+        self.capacity, self.rng = capacity, rng
+        self.rows: np.ndarray | None = None  # float32 [capacity, K]
+        self.seen = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.size == 0 or self.capacity == 0:
+            return
+        rows = x.reshape(-1, x.shape[-1])
+        if self.rows is None:
+            self.rows = np.empty((self.capacity, rows.shape[1]), np.float32)
+        fill = max(0, min(self.capacity - self.seen, rows.shape[0]))
+        self.rows[self.seen:self.seen + fill] = rows[:fill]
+        rest = rows[fill:]
+        if len(rest):
+            numbers = self.seen + fill + np.arange(len(rest))
+            slots = self.rng.integers(0, numbers + 1)  # uniform in [0, t] for row number t
+            kept = np.flatnonzero(slots < self.capacity)
+            # several rows of one update may draw the same slot: the later one wins, as in sequence
+            _, last = np.unique(slots[kept][::-1], return_index=True)
+            chosen = kept[::-1][last]
+            self.rows[slots[chosen]] = rest[chosen]
+        self.seen += rows.shape[0]
+
+    @property
+    def value(self) -> np.ndarray | None:
+        """The sampled rows, ``[min(capacity, rows seen), K]`` float32 (None before any update)."""
+        return None if self.rows is None else self.rows[:min(self.seen, self.capacity)]
 
 
 @dataclasses.dataclass
@@ -221,15 +269,34 @@ def complete_feed(feed: Feed, inputs: list[ModelInput], source: Path) -> Feed:
 # ---------------------------------------------------------------- statistics
 
 
+@dataclasses.dataclass
+class CalibrationStats:
+    """What one calibration run measured, keyed by tensor name."""
+
+    channel_max: dict[str, np.ndarray]  # float32 [K]: per-channel max |x| over all samples
+    rows: dict[str, np.ndarray]  # float32 [M, K]: M <= config.error_rows rows sampled uniformly
+
+
 def collect_channel_max(model_path: Path, tensor_names: list[str], source: Path,
                         config: CalibrationConfig, progress: bool = True) -> dict[str, np.ndarray]:
     """Per-channel max |x| of each tensor in ``tensor_names`` over all calibration samples."""
+    config = dataclasses.replace(config, error_rows=0)
+    return collect_calibration_stats(model_path, tensor_names, source, config, progress).channel_max
+
+
+def collect_calibration_stats(model_path: Path, tensor_names: list[str], source: Path,
+                              config: CalibrationConfig, progress: bool = True) -> CalibrationStats:
+    """Per-channel max |x| of each tensor in ``tensor_names`` and, when ``config.error_rows > 0``,
+    a uniform sample of that many of its rows (seeded by ``config.seed``)."""
     model = onnx.load(str(model_path), load_external_data=False)
     inputs = model_inputs(model)
     count, feeds = calibration_feeds(source, model_path, inputs, config)
     if count == 0:
         raise UserError(f"calibration data {source} holds no samples")
     stats = {name: ChannelMaxAbs() for name in tensor_names}
+    seeds = np.random.SeedSequence(config.seed).spawn(len(tensor_names))
+    reservoirs = {name: RowReservoir(config.error_rows, np.random.default_rng(seed))
+                  for name, seed in zip(tensor_names, seeds)} if config.error_rows else {}
     with _session_exposing(model, Path(model_path), tensor_names) as session:
         outputs = [o.name for o in session.get_outputs()]
         wanted = [outputs.index(name) for name in tensor_names]
@@ -240,6 +307,8 @@ def collect_channel_max(model_path: Path, tensor_names: list[str], source: Path,
                 raise UserError(f"calibration data {source} does not fit the model: {str(error).splitlines()[0]}") from None
             for name, index in zip(tensor_names, wanted):
                 stats[name].update(values[index])
+                if reservoirs:
+                    reservoirs[name].update(values[index])
     result = {}
     for name, stat in stats.items():
         if stat.value is None:
@@ -247,7 +316,8 @@ def collect_channel_max(model_path: Path, tensor_names: list[str], source: Path,
         if not np.all(np.isfinite(stat.value)):
             raise UserError(f"calibration activations of {name!r} contain NaN or Inf: check the model and the data")
         result[name] = stat.value
-    return result
+    rows = {name: reservoir.value for name, reservoir in reservoirs.items() if reservoir.value is not None}
+    return CalibrationStats(channel_max=result, rows=rows)
 
 
 class _session_exposing:

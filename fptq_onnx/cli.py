@@ -1,4 +1,4 @@
-"""``fptq-onnx``: export, convert, eval, demo.
+"""``fptq-onnx``: export, convert, inspect, eval, demo.
 
 User mistakes (:class:`UserError`) end with one line on stderr and exit code 2; Ctrl-C with exit
 code 130 and no output file left behind. Everything else is a bug and keeps its traceback.
@@ -38,6 +38,9 @@ def _add_convert_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-lm-head", action="store_true", help="quantize the language-model head too")
     parser.add_argument("--no-lae-fold", action="store_true",
                         help="always insert LAE's 1/s as a Mul node instead of folding it into the norm")
+    parser.add_argument("--error-rows", type=int, default=calib.error_rows,
+                        help="calibration rows sampled per layer input to measure each layer's output error "
+                             f"(default {calib.error_rows}; 0: skip)")
 
 
 def _convert_config(args: argparse.Namespace):
@@ -48,7 +51,8 @@ def _convert_config(args: argparse.Namespace):
         v0=args.v0, v1=args.v1, group_size=args.group_size, symmetric=args.symmetric,
         nodes_to_exclude=args.nodes_to_exclude, exclude_lm_head=not args.include_lm_head,
         fold_lae=not args.no_lae_fold,
-        calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len, tokenizer=args.tokenizer),
+        calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len, tokenizer=args.tokenizer,
+                                      error_rows=args.error_rows),
     )
 
 
@@ -68,7 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--calib", required=True, type=Path,
                          help=".txt/.jsonl text, .npz of model inputs, or a folder of test_data_set_*")
     convert.add_argument("-o", "--output", required=True, type=Path)
+    convert.add_argument("--dump-passes", metavar="DIR", type=Path,
+                         help="write the graph after each pass as DIR/NN_<pass>.onnx (open in Netron)")
+    convert.add_argument("--report", metavar="FILE", type=Path,
+                         help="conversion report: FILE.html (self-contained) or FILE.md (+ PNGs beside it)")
     _add_convert_options(convert)
+
+    inspect = commands.add_parser("inspect", help="summarize a model converted by fptq-onnx")
+    inspect.add_argument("model", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument("--layers", action="store_true", help="also list every W4A8 layer")
 
     evaluate = commands.add_parser("eval", help="perplexity (and agreement with a reference model) on text")
     evaluate.add_argument("model", type=Path)
@@ -95,8 +108,21 @@ def _run_export(args) -> None:
 def _run_convert(args) -> None:
     from .pipeline import convert
 
-    result = convert(args.model, args.output, args.calib, _convert_config(args), progress=not args.quiet)
+    result = convert(args.model, args.output, args.calib, _convert_config(args), progress=not args.quiet,
+                     dump_passes=args.dump_passes, report=args.report)
     print(conversion_summary(result))
+    if result.dumps:
+        print(f"pass dumps: {len(result.dumps)} files in {args.dump_passes} "
+              f"({result.dumps[0].name} ... {result.dumps[-1].name})")
+    if result.report is not None:
+        print(f"report: {result.report}")
+
+
+def _run_inspect(args) -> None:
+    from .inspect_model import format_inspection, inspect_model
+
+    info = inspect_model(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info, layers=args.layers))
 
 
 def conversion_summary(result) -> str:
@@ -118,7 +144,27 @@ def conversion_summary(result) -> str:
         lines.append(f"  {len(kept)} linear layer(s) left in float: " +
                      "; ".join(f"{r.node} ({r.reason})" for r in kept[:3]) + (" ..." if len(kept) > 3 else ""))
     lines.append("  time: " + ", ".join(f"{step} {sec:.1f}s" for step, sec in result.seconds.items() if sec >= 0.05))
+    lines.extend(output_error_summary(result.layers))
     return "\n".join(lines)
+
+
+def output_error_summary(layers, top: int = 10) -> list[str]:
+    """The worst ``top`` layers by output error on calibration rows, and a count of the rest."""
+    measured = sorted((layer for layer in layers if layer.output_error is not None),
+                      key=lambda layer: layer.output_error, reverse=True)
+    if not measured:
+        return []
+    lines = ["output error per layer on calibration rows, ||XW - Y_w4a8|| / ||XW||, worst first:"]
+    width = max(len(layer.name) for layer in measured[:top])
+    for layer in measured[:top]:
+        scheme = layer.act_mode + (" + LAE" if layer.lae else "")
+        lines.append(f"  {layer.output_error:8.4f}  {layer.name:{width}s}  v={layer.v:<8.4g} {layer.band:4s} {scheme}"
+                     if layer.v is not None else f"  {layer.output_error:8.4f}  {layer.name:{width}s}  {scheme}")
+    rest = measured[top:]
+    if rest:
+        errors = [layer.output_error for layer in rest]
+        lines.append(f"  ... and {len(rest)} more layers, from {max(errors):.4f} down to {min(errors):.4f}")
+    return lines
 
 
 def _run_eval(args) -> None:
@@ -141,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    runners = {"export": _run_export, "convert": _run_convert, "eval": _run_eval}
+    runners = {"export": _run_export, "convert": _run_convert, "inspect": _run_inspect, "eval": _run_eval}
     try:
         if args.command == "demo":
             from .demo import run_demo

@@ -38,20 +38,36 @@ def run_demo(workdir: Path | None = None, max_tokens: int = 4096, samples: int =
     if not fp32.exists():
         folder = step("fetch SmolLM2-135M", lambda: prepare(DEMO_MODEL, progress=progress))
         step("export to ONNX", lambda: export_model(folder, fp32, progress=progress))
-    if not w4a8.exists():
+    report = _report_path(workdir / f"{DEMO_MODEL}.w4a8.report.html")
+    if not w4a8.exists() or (report is not None and not report.exists()):
         calib = step("fetch State of the Union text", lambda: data.text_path("sotu", progress=progress))
         config = ConvertConfig(calibration=CalibrationConfig(samples=samples, seq_len=512))
-        result = step("convert to W4A8 FPTQ", lambda: convert(fp32, w4a8, calib, config, progress=progress))
+        result = step("convert to W4A8 FPTQ", lambda: convert(fp32, w4a8, calib, config, progress=progress,
+                                                              report=report))
         from .cli import conversion_summary
 
         print(conversion_summary(result), file=sys.stderr)
+    if report is not None:
+        print(f"[demo] conversion report: {report}", file=sys.stderr)
     brown = data.load_text("brown", progress=progress)
     reference = step("evaluate FP32 on Brown", lambda: evaluate(
         fp32, brown, max_tokens=max_tokens, progress=progress))
     quantized = step("evaluate W4A8 on Brown", lambda: evaluate(
         w4a8, brown, reference_path=fp32, max_tokens=max_tokens, session_factory=InferenceSession, progress=progress))
     print(demo_table(reference, quantized, fp32, w4a8))
-    return {"fp32": reference, "w4a8": quantized, "seconds": timings}
+    return {"fp32": reference, "w4a8": quantized, "seconds": timings, "report": report}
+
+
+def _report_path(path: Path) -> Path | None:
+    """``path``, or None (with a note) when matplotlib for the report is missing."""
+    from .errors import UserError
+    from .report import check_report_path
+
+    try:
+        return check_report_path(path)
+    except UserError as error:
+        print(f"[demo] no conversion report: {error}", file=sys.stderr)
+        return None
 
 
 def demo_table(reference: dict, quantized: dict, fp32: Path, w4a8: Path) -> str:

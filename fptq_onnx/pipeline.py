@@ -24,15 +24,16 @@ import onnx_graphsurgeon as gs
 
 from fptq_onnx.passes.act_scales import StaticActivationScalesPass
 from fptq_onnx.passes.base import ConversionContext, LayerGroup, LinearLayer, Pass, PassManager, Rejection
-from fptq_onnx.passes.find_linears import FindLinearLayersPass
+from fptq_onnx.passes.find_linears import FindLinearLayersPass, module_paths
 from fptq_onnx.passes.functions import MIN_OPSET, add_w4a8_function
 from fptq_onnx.passes.lae import LaePass
 from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from fptq_onnx.passes.replace_matmul import ReplaceMatMulPass
 from fptq_onnx.passes.strategy import LayerStrategyPass
 
-from .calibration import CalibrationConfig, collect_channel_max
+from .calibration import CalibrationConfig, collect_calibration_stats
 from .errors import UserError
+from .layer_error import LayerOutputErrorPass
 from .tokenizer import copy_tokenizer
 from .model_io import check_output_path, default_opset, load_model, save_model_atomic
 
@@ -74,44 +75,68 @@ class ConversionResult:
     seconds: dict[str, float]
     bytes_before: int
     bytes_after: int
+    model: Path | None = None
+    groups: list[LayerGroup] = dataclasses.field(default_factory=list)
+    config: ConvertConfig | None = None
+    dumps: list[Path] = dataclasses.field(default_factory=list)  # --dump-passes files, in order
+    report: Path | None = None
 
 
 def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, config: ConvertConfig,
-            progress: bool = True) -> ConversionResult:
+            progress: bool = True, dump_passes: str | Path | None = None,
+            report: str | Path | None = None) -> ConversionResult:
     """Convert ``model_path`` to a W4A8 FPTQ model at ``output_path``; see the module docstring."""
     model_path, output_path = Path(model_path), Path(output_path)
     check_output_path(model_path, output_path)
+    if report is not None:
+        from .report import check_report_path
+
+        report = check_report_path(Path(report))
+    dumper = PassDumper(Path(dump_passes)) if dump_passes is not None else None
     seconds = {}
     start = time.perf_counter()
     model = load_model(model_path)
     if default_opset(model) < MIN_OPSET:
         raise UserError(f"{model_path} uses ONNX opset {default_opset(model)}; fptq-onnx needs >= {MIN_OPSET}: "
                         "re-export the model (fptq-onnx export uses 18)")
+    module_names = module_paths(model)  # read before graphsurgeon drops node metadata
     ctx = ConversionContext(graph=gs.import_onnx(model))
     bytes_before = sum(t.ByteSize() for t in model.graph.initializer)
     seconds["load"] = time.perf_counter() - start
+    if dumper is not None:
+        dumper.write("input", ctx)
 
-    PassManager([FindLinearLayersPass(config.nodes_to_exclude, config.exclude_lm_head)])(ctx)
+    PassManager([FindLinearLayersPass(config.nodes_to_exclude, config.exclude_lm_head, module_names)], after_each=dumper)(ctx)
     if not ctx.groups:
         reasons = "; ".join(f"{r.node}: {r.reason}" for r in ctx.rejections[:3]) or "the model has no MatMul/Gemm"
         raise UserError(f"no quantizable MatMul in {model_path} ({reasons})")
 
     start = time.perf_counter()
     names = [group.input.name for group in ctx.groups]
-    channel_max = collect_channel_max(model_path, names, Path(calib), config.calibration, progress)
+    stats = collect_calibration_stats(model_path, names, Path(calib), config.calibration, progress)
     for group in ctx.groups:
-        group.channel_max_abs = channel_max[group.input.name]
+        group.channel_max_abs = stats.channel_max[group.input.name]
+        group.sample_rows = stats.rows.get(group.input.name)
+        for layer in group.layers:
+            layer.v = group.v
     seconds["calibrate"] = time.perf_counter() - start
-    del model  # the graph holds the weights now
+    del model, stats  # the graph holds the weights now
 
-    results = PassManager([
+    passes = [
         LayerStrategyPass(config.v0, config.v1),
         LaePass(fold=config.fold_lae),
         StaticActivationScalesPass(),
         QuantizeWeightsPass(config.group_size, config.symmetric),
         ReplaceMatMulPass(),
-    ])(ctx)
+    ]
+    if config.calibration.error_rows:
+        passes.append(LayerOutputErrorPass())
+    results = PassManager(passes, after_each=dumper)(ctx)
     seconds.update({name: result.seconds for name, result in results.items()})
+    for group in ctx.groups:
+        group.sample_rows = None  # measured; free the rows
+    if dumper is not None:
+        seconds["dump_passes"] = dumper.seconds
 
     start = time.perf_counter()
     converted = export_model_proto(ctx)
@@ -119,26 +144,128 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
     save_model_atomic(converted, output_path)
     copy_tokenizer(model_path, output_path)  # so eval and later conversions find it beside the model
     seconds["save"] = time.perf_counter() - start
-    return ConversionResult(output_path, ctx.layers, ctx.rejections, seconds, bytes_before, bytes_after)
+    result = ConversionResult(output_path, ctx.layers, ctx.rejections, seconds, bytes_before, bytes_after,
+                              model=model_path, groups=ctx.groups, config=config,
+                              dumps=dumper.written if dumper is not None else [])
+    if report is not None:
+        from .report import write_report
+
+        result.report = write_report(result, report)
+    return result
 
 
 def export_model_proto(ctx: ConversionContext) -> onnx.ModelProto:
     """The graph as a ModelProto with the W4A8 function attached and decisions on the nodes."""
+    decisions = node_decisions(ctx)
     model = gs.export_onnx(ctx.graph)
     model.ir_version = max(model.ir_version, 8)  # model-local functions need IR >= 8
     add_w4a8_function(model)
-    decisions = {}
-    for layer in ctx.layers:
-        decisions[layer.replaced_by] = layer.decision()
-        if layer.lae_folded_into:
-            decisions.setdefault(layer.lae_folded_into, {"lae_for": ""})
-            entry = decisions[layer.lae_folded_into]
-            entry["lae_for"] = ",".join(filter(None, [entry["lae_for"], layer.name]))
     for node in model.graph.node:
-        decision = decisions.get(node.name)
+        decision = decisions.get(node.output[0]) if node.output else None
         if decision:
             node.doc_string = "fptq: " + ", ".join(f"{key}={value}" for key, value in decision.items())
+            kept = [(p.key, p.value) for p in node.metadata_props if not p.key.startswith("fptq.")]
             del node.metadata_props[:]
+            for key, value in kept:
+                node.metadata_props.add(key=key, value=value)
             for key, value in decision.items():
                 node.metadata_props.add(key=f"fptq.{key}", value=value)
     return model
+
+
+# roles of the nodes that carry decisions (``fptq.role``)
+ROLE_LAYER = "layer"  # the node computing the layer: its MatMul/Gemm, then its W4A8MatMul
+ROLE_LAE_SCALE = "lae_scale"  # the Mul by 1/s that LAE inserted in front of a group
+ROLE_LAE_FOLDED = "lae_folded"  # the norm (or Mul by gamma) whose constants absorbed 1/s
+ROLE_PAD_K = "pad_k"  # the Pad that zero-pads a group's input to K'
+ROLE_BIAS = "bias"  # the Add of a Gemm's bias after its W4A8MatMul
+
+
+def node_decisions(ctx: ConversionContext) -> dict[str, dict[str, str]]:
+    """Decisions to write on each node the passes touched, keyed by the node's first output.
+
+    The node that currently computes a layer gets the layer's :meth:`LinearLayer.decision`; a
+    node serving several layers of a group (LAE Mul, folded norm, Pad) gets them merged (see
+    :func:`merge_decisions`). Every entry starts with ``role`` (``ROLE_*``). Nodes are keyed by
+    output tensor, which is unique in a graph, since exporters may leave node names empty.
+    """
+    by_name = {node.name: node for node in ctx.graph.nodes if node.name}
+    by_output = {node.outputs[0].name: node for node in ctx.graph.nodes if node.outputs}
+    touched: dict[int, tuple[gs.Node, str, list[LinearLayer]]] = {}
+
+    def add(node: gs.Node | None, role: str, layer: LinearLayer) -> None:
+        if node is None or not node.outputs:
+            return
+        entry = touched.setdefault(id(node), (node, role, []))
+        if all(other is not layer for other in entry[2]):
+            entry[2].append(layer)
+
+    for group in ctx.groups:
+        for layer in group.layers:
+            add(layer.node, ROLE_LAYER, layer)
+            if layer.lae_folded_into:
+                target = by_name.get(layer.lae_folded_into) or by_output.get(layer.lae_folded_into)
+                # LaePass names the Mul it inserts "<group>/lae_scale" (the stable name users search for)
+                role = ROLE_LAE_SCALE if layer.lae_folded_into == f"{group.name}/lae_scale" else ROLE_LAE_FOLDED
+                add(target, role, layer)
+            if layer.replaced_by is None:
+                continue
+            source = layer.node.inputs[0] if layer.node.inputs else None
+            if layer.k_padded != layer.k and source is not None and source.inputs and source.inputs[0].op == "Pad":
+                add(source.inputs[0], ROLE_PAD_K, layer)
+            if layer.bias is not None:
+                for consumer in layer.node.outputs[0].outputs:
+                    if consumer.op == "Add":
+                        add(consumer, ROLE_BIAS, layer)
+    return {node.outputs[0].name: {"role": role, **merge_decisions(layers)}
+            for node, role, layers in touched.values()}
+
+
+def merge_decisions(layers: list[LinearLayer]) -> dict[str, str]:
+    """One decision dict for a node serving ``layers``: ``layer`` lists them all, a key whose value
+    all layers share is written once, one that differs as ``name: value; name: value``."""
+    decisions = [layer.decision() for layer in layers]
+    if len(decisions) == 1:
+        return decisions[0]
+    merged = {"layer": ",".join(layer.name for layer in layers)}
+    keys = [key for decision in decisions for key in decision if key != "layer"]
+    for key in dict.fromkeys(keys):
+        values = [decision.get(key) for decision in decisions]
+        if len(set(values)) == 1:
+            merged[key] = values[0]
+        else:
+            merged[key] = "; ".join(f"{layer.name}: {value}" for layer, value in zip(layers, values) if value)
+    return merged
+
+
+class PassDumper:
+    """``PassManager`` hook for ``--dump-passes DIR``: the graph after each pass, for Netron.
+
+    Writes ``DIR/NN_<label>.onnx`` with its weights in ``NN_<label>.onnx.data`` beside it (tensors
+    over 1 KiB), so the ``.onnx`` stays small and opens fast; ``NN`` counts the dumps of one
+    conversion from 00. Nothing is run: a dump costs one export and one write of the weights.
+    """
+
+    def __init__(self, folder: Path):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--dump-passes {folder} is a file, not a folder")
+        if not folder.resolve().parent.is_dir():
+            raise UserError(f"--dump-passes {folder}: folder {folder.resolve().parent} does not exist")
+        self.folder = folder  # created with the first dump, so a conversion refused early leaves nothing
+        self.written: list[Path] = []
+        self.seconds = 0.0
+
+    def __call__(self, index: int, one_pass: Pass, ctx: ConversionContext) -> None:
+        self.write(one_pass.name, ctx)
+
+    def write(self, label: str, ctx: ConversionContext) -> Path:
+        start = time.perf_counter()
+        self.folder.mkdir(exist_ok=True)
+        path = self.folder / f"{len(self.written):02d}_{label}.onnx"
+        data = path.with_name(path.name + ".data")
+        data.unlink(missing_ok=True)  # onnx appends to an existing external data file
+        onnx.save_model(export_model_proto(ctx), str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        self.written.append(path)
+        self.seconds += time.perf_counter() - start
+        return path

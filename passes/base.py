@@ -31,6 +31,7 @@ class LinearLayer:
     node: gs.Node  # the MatMul or Gemm node
     weight: np.ndarray  # float32 [K, N]
     bias: np.ndarray | None = None  # float32 [N] (Gemm's C times beta), None for MatMul
+    v: float | None = None  # max |x| of the layer's input over the calibration data (its group's v)
     # decisions
     band: str | None = None  # "low" | "mid" | "high" (strategy pass)
     act_mode: str | None = None  # "per_tensor_static" | "per_token_dynamic"
@@ -44,6 +45,7 @@ class LinearLayer:
     weight_error: float | None = None  # ||W - Q(W)||_F / ||W||_F
     packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (B, scales, zero_points)
     replaced_by: str | None = None  # name of the W4A8 node
+    output_error: float | None = None  # ||X W - Y_w4a8||_F / ||X W||_F on sampled calibration rows
 
     @property
     def k(self) -> int:
@@ -57,6 +59,7 @@ class LinearLayer:
         """The decisions made so far as strings, for doc_string and metadata_props."""
         fields = {
             "layer": self.name,
+            "v": None if self.v is None else f"{self.v:.4g}",
             "band": self.band,
             "act_mode": self.act_mode,
             "act_scale": None if self.act_mode != "per_tensor_static" else f"{self.act_scale:.6g}",
@@ -69,6 +72,7 @@ class LinearLayer:
             "k_padded": None if self.k_padded in (None, self.k) else f"{self.k} -> {self.k_padded}",
             "weight_symmetric": None if self.symmetric is None else str(self.symmetric).lower(),
             "weight_error": None if self.weight_error is None else f"{self.weight_error:.4g}",
+            "output_error": None if self.output_error is None else f"{self.output_error:.4g}",
         }
         return {key: value for key, value in fields.items() if value is not None}
 
@@ -84,6 +88,7 @@ class LayerGroup:
     layers: list[LinearLayer]
     channel_max_abs: np.ndarray | None = None  # float32 [K]
     lae_scales: np.ndarray | None = None  # float32 [K] when LAE applies
+    sample_rows: np.ndarray | None = None  # float32 [M, K]: calibration rows of the input, sampled uniformly
 
     @property
     def v(self) -> float:

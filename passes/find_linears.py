@@ -7,15 +7,19 @@ multiple of the group size is padded later, see ``quant.pad_to_group_multiple``.
 tied to the embedding. Layers that read the same tensor are grouped, since the activation
 decision (band, LAE scales, static scale) belongs to the shared input.
 
-Layer names come from the weight initializer (``model.layers.0.mlp.up_proj.weight`` ->
-``model.layers.0.mlp.up_proj``), which exporters derive from the module path; when the weight
-has no such name the node name is used.
+Layer names are module paths (``model.layers.0.mlp.up_proj``), so a user finds a layer in Netron
+and in ``--nodes-to-exclude`` by the name they know from the model code. They come from, in
+order: the torch exporter's ``pkg.torch.onnx.name_scopes`` node metadata (see
+:func:`module_paths`; onnx-graphsurgeon drops node metadata, so it is read from the proto), the
+weight initializer's name (``model.layers.0.mlp.up_proj.weight``), or the node name.
 """
 from __future__ import annotations
 
+import ast
 import re
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .base import ConversionContext, LayerGroup, LinearLayer, Pass
@@ -24,8 +28,35 @@ NOT_A_LINEAR_LAYER = "weight is not a constant initializer"
 LM_HEAD_PATTERN = re.compile(r"(^|[./_])lm_head([./_]|$)")
 
 
-def layer_name(node: gs.Node, weight: gs.Constant) -> str:
-    """Module-path name of a linear layer, derived from its weight's name."""
+# the module attribute under which fptq_onnx.export wraps the Hugging Face model
+EXPORT_WRAPPER_PREFIX = "inner."
+
+
+def module_paths(model: onnx.ModelProto) -> dict[str, str]:
+    """``{node name: module path}`` from the torch exporter's name-scope metadata.
+
+    The metadata value is a Python list literal of nested scopes; the last one is the module
+    that called the op (``inner.model.layers.0.self_attn.q_proj`` -> ``model.layers.0.self_attn.q_proj``).
+    """
+    paths = {}
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key != "pkg.torch.onnx.name_scopes" or not node.name:
+                continue
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(scopes, list) and scopes and isinstance(scopes[-1], str) and scopes[-1]:
+                path = scopes[-1]
+                paths[node.name] = path[len(EXPORT_WRAPPER_PREFIX):] if path.startswith(EXPORT_WRAPPER_PREFIX) else path
+    return paths
+
+
+def layer_name(node: gs.Node, weight: gs.Constant, module_names: dict[str, str] | None = None) -> str:
+    """Module-path name of a linear layer: exporter metadata, else its weight's name, else the node's."""
+    if module_names and node.name in module_names:
+        return module_names[node.name]
     name = weight.name
     for suffix in (".weight", "_weight", ".w"):
         if name.endswith(suffix):
@@ -40,11 +71,14 @@ class FindLinearLayersPass(Pass):
         nodes_to_exclude: regular expression; layers whose name or node name matches (``re.search``)
             are skipped.
         exclude_lm_head: skip the layer that produces the logits.
+        module_names: ``{node name: module path}`` (:func:`module_paths` of the source model).
     """
 
     name = "find_linears"
 
-    def __init__(self, nodes_to_exclude: str | None = None, exclude_lm_head: bool = True):
+    def __init__(self, nodes_to_exclude: str | None = None, exclude_lm_head: bool = True,
+                 module_names: dict[str, str] | None = None):
+        self.module_names = module_names or {}
         self.exclude = re.compile(nodes_to_exclude) if nodes_to_exclude else None
         self.exclude_lm_head = exclude_lm_head
 
@@ -84,7 +118,7 @@ class FindLinearLayersPass(Pass):
             if parsed is None:
                 return None
             weight, bias = parsed
-        name = layer_name(node, weight_tensor)
+        name = layer_name(node, weight_tensor, self.module_names)
         if self.exclude_lm_head and (LM_HEAD_PATTERN.search(name) or node.outputs[0].name in graph_outputs):
             ctx.reject(self.name, name, "language-model head (excluded by default; --include-lm-head keeps it)")
             return None

@@ -22,7 +22,7 @@ from fptq_onnx import quant
 from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, add_w4a8_function, w4a8_function
 
 REL_TOL = 1e-5
-ISAS = ["generic", "avx2", "avx512vnni"]
+ISAS = ["generic", "avx2", "avx512vnni", "amx"]
 
 
 # --- model building -----------------------------------------------------------------------
@@ -224,6 +224,20 @@ def test_nan_and_inf_inputs_are_memory_safe(isa, act_mode):
     assert_close(got[:1], clean)
 
 
+def test_zero_points_beyond_15_match_the_reference(isa):
+    """docs/ops.md has z in [0, 15]; larger uint8 zero points still compute the formula (the AMX
+    kernel, whose int8 weights u - z need z <= 15, hands such weights to AVX-512)."""
+    rng = np.random.default_rng(41)
+    weights = quantized_weights(rng, 256, 40, 64, False)
+    weights["Z"] = weights["Z"].copy()
+    weights["Z"][3, 1] = 200
+    weights["Z"][17, 0] = 255
+    x = rng.standard_normal((40, 256)).astype(np.float32)
+    model = w4a8_model(weights, 1.0, k=256, n=40, group_size=64, act_mode=1)
+    got = kernel_session(model).run(None, {"X": x})[0]
+    assert_close(got, quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 1.0, 1))
+
+
 def test_isas_agree():
     """Every ISA this CPU has computes the same Y (up to float32 rounding of the group sums)."""
     rng = np.random.default_rng(13)
@@ -246,11 +260,13 @@ def test_isas_agree():
 @pytest.mark.parametrize("m, n, group_size", [
     pytest.param(13, 100, 64, id="M13-N100-g64"),
     pytest.param(70, 37, 32, id="M70-N37-g32-two-row-blocks"),
+    pytest.param(53, 37, 128, id="M53-N37-g128-amx-blocks-of-32-and-16"),
 ])
 def test_rows_do_not_depend_on_the_batch(isa, m, n, group_size):
     """Dynamic mode: row i of Y(X) is bit for bit Y(X[i]) run alone, so a token's output does not
     depend on what it is batched with, although the kernels take other paths for one row
-    (streaming) than for many (register blocks over unpacked weights)."""
+    (streaming) than for many (register blocks over unpacked weights; AMX tiles for whole
+    blocks of 16 rows)."""
     rng = np.random.default_rng(37)
     weights = quantized_weights(rng, 384, n, group_size, False)
     x = rng.standard_normal((m, 384)).astype(np.float32)

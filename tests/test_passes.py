@@ -8,7 +8,7 @@ import pytest
 from fptq_onnx import quant
 from fptq_onnx.passes.act_scales import StaticActivationScalesPass, static_activation_scale
 from fptq_onnx.passes.base import ConversionContext, PassManager, PassPreconditionError
-from fptq_onnx.passes.find_linears import FindLinearLayersPass
+from fptq_onnx.passes.find_linears import FindLinearLayersPass, module_paths
 from fptq_onnx.passes.lae import LaePass
 from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from fptq_onnx.passes.replace_matmul import ReplaceMatMulPass
@@ -280,3 +280,16 @@ def test_replace_matmul_output_matches_numpy_simulation(rng, tiny_block):
     expected = w4a8(down_layer, act.astype(np.float32))
     got = run_model(model, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
+
+
+def test_layer_names_come_from_exporter_metadata(tiny_block):
+    """torch.onnx (dynamo) records the calling module per node; that beats weight names like val_12."""
+    for node in tiny_block.graph.node:
+        if node.op_type == "MatMul" and "q_proj" in node.input[1]:
+            node.name = "node_linear_7"
+            node.metadata_props.add(key="pkg.torch.onnx.name_scopes",
+                                    value="['', 'inner', 'inner.model.layers.0.self_attn.q_proj']")
+    ctx = context_of(tiny_block)
+    FindLinearLayersPass(exclude_lm_head=False, module_names=module_paths(tiny_block))(ctx)
+    assert ctx.layers[0].name == "model.layers.0.self_attn.q_proj"
+    assert ctx.layers[1].name == "layers.0.k_proj"  # no metadata: the weight's name

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Speed of the W4A8 CPU kernel (libfptq_ops.so) against ONNX Runtime's own CPU matmuls.
+
+Each contender is a one-node ONNX model run by onnxruntime on CPUExecutionProvider with the
+same intra-op thread count (``--threads``, default 2):
+
+* ``ours dyn``  ai.fptq::W4A8MatMul, act_mode=1 (per-token dynamic int8; the harder mode)
+* ``ours sta``  ai.fptq::W4A8MatMul, act_mode=0 (per-tensor static int8)
+* ``acc4``      com.microsoft::MatMulNBits, bits=4, block_size=128, accuracy_level=4
+                (MLAS' int8-activation path: the like-for-like competitor)
+* ``acc1``      com.microsoft::MatMulNBits, same weights, accuracy_level=1 (float32 activations)
+* ``fp32``      ONNX MatMul with the dequantized float32 weight [K, N]
+
+All use the same asymmetric group-wise (g = 128) 4-bit weights of a random [K, N] matrix.
+Times are the median over ``rounds`` of the mean time per run of a batch of runs (IOBinding,
+output preallocated); contenders are interleaved round by round so that noise from other
+processes on the machine hits all of them alike. Weights stay in the caches between runs
+(one node runs again and again), as they do for no real model: the numbers compare kernels,
+not end-to-end decoding speed (see benchmarks/e2e_cpu.py for that).
+
+Ratios are speedups of ours (dynamic mode) over the contender: contender time / our time,
+> 1 means ours is faster.
+
+Before timing, every contender's output at M=16 is checked against the float64 product with
+the dequantized weight (catches a wrong MatMulNBits layout or a broken kernel).
+
+Our kernel runs with the instruction set $FPTQ_CPU_ISA selects (``--isa``, default ``auto``:
+AMX where the CPU and OS allow it, else AVX-512 VNNI, AVX2, portable C++); the table's header
+names it.
+
+    python3 benchmarks/cpu_gemm.py [--threads 2] [--quick] [--isa auto] [--shapes 4096x4096,...] [--m 1,16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # a plain checkout works too when the package is installed editable
+
+import fptq_onnx  # noqa: E402
+from fptq_onnx import quant  # noqa: E402
+from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, add_w4a8_function  # noqa: E402
+
+GROUP = 128
+SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
+MS = [1, 16, 64, 512]
+CONTENDERS = ["ours dyn", "ours sta", "acc4", "acc1", "fp32"]
+# Relative error bound (of max |Y|) of each contender against the float64 product with the
+# dequantized weight: int8 activations cost ~1e-2, float32 ones only rounding.
+CHECK_TOL = {"ours dyn": 3e-2, "ours sta": 3e-2, "acc4": 3e-2, "acc1": 1e-4, "fp32": 1e-4}
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass
+class Weights:
+    """One random [K, N] weight, quantized asymmetrically in groups of GROUP along K."""
+    k: int
+    n: int
+    packed: np.ndarray   # uint8 [N, K/2], even k in the low nibble (docs/ops.md)
+    scales: np.ndarray   # float32 [N, G]
+    zeros: np.ndarray    # uint8 [N, G] in [0, 15]
+    dense: np.ndarray    # float32 [K, N]: the dequantized weight
+
+    @classmethod
+    def random(cls, k: int, n: int, seed: int) -> "Weights":
+        rng = np.random.default_rng(seed)
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        u, scales, zeros = quant.quantize_weight_groupwise(w, GROUP, symmetric=False)
+        dense = quant.dequantize_weight(u, scales, zeros).astype(np.float32)
+        return cls(k, n, quant.pack_int4(u), scales, zeros, dense)
+
+
+def _model(node: onnx.NodeProto, k: int, n: int, initializers: list[onnx.TensorProto],
+           opsets: list[onnx.OperatorSetIdProto]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [node], "bench", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), *opsets], ir_version=10)
+    return model
+
+
+def ours_model(w: Weights, act_mode: int, act_scale: float) -> bytes:
+    node = helper.make_node(OP_TYPE, ["X", "B", "S", "Z", "A"], ["Y"], domain=OP_DOMAIN,
+                            K=w.k, N=w.n, group_size=GROUP, act_mode=act_mode)
+    inits = [numpy_helper.from_array(w.packed, "B"), numpy_helper.from_array(w.scales, "S"),
+             numpy_helper.from_array(w.zeros, "Z"), numpy_helper.from_array(np.float32(act_scale), "A")]
+    model = _model(node, w.k, w.n, inits, [])
+    add_w4a8_function(model)
+    return model.SerializeToString()
+
+
+def matmulnbits_model(w: Weights, accuracy_level: int) -> bytes:
+    """com.microsoft MatMulNBits: B uint8 [N, K/block, block/2], scales float [N * K/block],
+    zero_points uint8 [N * ceil(K/block / 2)] (two 4-bit zero points per byte, low nibble first)."""
+    blocks = w.k // GROUP
+    b = w.packed.reshape(w.n, blocks, GROUP // 2)
+    zeros = w.zeros if blocks % 2 == 0 else np.pad(w.zeros, ((0, 0), (0, 1)))
+    zp = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+    node = helper.make_node("MatMulNBits", ["X", "B", "S", "Z"], ["Y"], domain="com.microsoft",
+                            K=w.k, N=w.n, bits=4, block_size=GROUP, accuracy_level=accuracy_level)
+    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(w.scales.reshape(-1), "S"),
+             numpy_helper.from_array(zp, "Z")]
+    return _model(node, w.k, w.n, inits, [helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+
+
+def fp32_model(w: Weights) -> bytes:
+    node = helper.make_node("MatMul", ["X", "W"], ["Y"])
+    return _model(node, w.k, w.n, [numpy_helper.from_array(w.dense, "W")], []).SerializeToString()
+
+
+class Runner:
+    """One session with its input and preallocated output bound (IOBinding)."""
+
+    def __init__(self, model: bytes, threads: int, ours: bool):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if ours:
+            self.session = fptq_onnx.InferenceSession(model, options)
+        else:
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.binding = None
+
+    def bind(self, x: np.ndarray, n: int) -> None:
+        self.y = np.empty((x.shape[0], n), np.float32)
+        self.x = x
+        self.binding = self.session.io_binding()
+        self.binding.bind_cpu_input("X", self.x)
+        self.binding.bind_output("Y", "cpu", 0, np.float32, self.y.shape, self.y.ctypes.data)
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+    def timed(self, repeats: int) -> float:
+        """Mean seconds per run over `repeats` back-to-back runs."""
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self.session.run_with_iobinding(self.binding)
+        return (time.perf_counter() - start) / repeats
+
+
+def check(runners: dict[str, Runner], w: Weights) -> None:
+    x = np.random.default_rng(1).standard_normal((16, w.k), dtype=np.float32)
+    expected = x.astype(np.float64) @ w.dense.astype(np.float64)
+    bound = float(np.abs(expected).max())
+    for name, runner in runners.items():
+        runner.bind(x, w.n)
+        runner.run()
+        err = float(np.abs(runner.y - expected).max()) / bound
+        if not err <= CHECK_TOL[name]:
+            raise SystemExit(f"{name} K={w.k} N={w.n}: max error {err:.3g} of max|Y| > {CHECK_TOL[name]}")
+
+
+def bench_shape(k: int, n: int, ms: list[int], threads: int, rounds: int, batch_s: float) -> list[dict]:
+    w = Weights.random(k, n, seed=k * 7 + n)
+    x_max = 4.0  # standard normal X: |x| rarely beyond 4
+    runners = {
+        "ours dyn": Runner(ours_model(w, 1, 1.0), threads, ours=True),
+        "ours sta": Runner(ours_model(w, 0, x_max / 127.0), threads, ours=True),
+        "acc4": Runner(matmulnbits_model(w, 4), threads, ours=False),
+        "acc1": Runner(matmulnbits_model(w, 1), threads, ours=False),
+        "fp32": Runner(fp32_model(w), threads, ours=False),
+    }
+    check(runners, w)
+    rows = []
+    for m in ms:
+        x = np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)
+        repeats = {}
+        for name, runner in runners.items():
+            runner.bind(x, n)
+            runner.run()  # warm-up (first-run packing, thread pool start)
+            once = min(runner.timed(1) for _ in range(3))
+            repeats[name] = max(1, int(batch_s / max(once, 1e-7)))
+        samples: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                samples[name].append(runner.timed(repeats[name]))
+        row = {"shape": f"{k}x{n}", "M": m}
+        row.update({name: statistics.median(s) * 1e6 for name, s in samples.items()})
+        rows.append(row)
+        print(f"  {k}x{n} M={m}: " + ", ".join(f"{c} {row[c]:.0f}" for c in CONTENDERS) + " us",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows: list[dict], threads: int, args: argparse.Namespace) -> None:
+    print(f"CPU: {cpu_model_name()}; onnxruntime {ort.__version__}; intra-op threads: {threads}; "
+          f"our ISA: {args.isa}; rounds: {args.rounds}; median time per run in us; "
+          f"x = contender / ours dyn (> 1: ours faster)")
+    header = ["K x N", "M", "ours dyn", "ours sta", "acc4", "acc1", "fp32", "vs acc4", "vs acc1", "vs fp32"]
+    lines = []
+    for r in rows:
+        ours = r["ours dyn"]
+        lines.append([r["shape"], str(r["M"])] + [f"{r[c]:.0f}" for c in CONTENDERS] +
+                     [f"{r[c] / ours:.2f}x" for c in ("acc4", "acc1", "fp32")])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---:" if i > 0 else "---" for i in range(len(header))) + "|")
+    for line in lines:
+        print("| " + " | ".join(line) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every contender (default 2)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (a rough pass)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 15, quick 3)")
+    parser.add_argument("--shapes", default=None, help="comma-separated KxN (default: all four)")
+    parser.add_argument("--m", default=None, help="comma-separated M values (default 1,16,64,512)")
+    parser.add_argument("--isa", default="auto", help="our kernel's ISA ($FPTQ_CPU_ISA): auto, amx, avx512vnni, "
+                        "avx2 or generic (default auto)")
+    args = parser.parse_args()
+    os.environ["FPTQ_CPU_ISA"] = args.isa  # read when our sessions are created
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 15
+    batch_s = 0.01 if args.quick else 0.04
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = MS if args.m is None else [int(v) for v in args.m.split(",")]
+    rows = []
+    for k, n in shapes:
+        rows += bench_shape(k, n, ms, args.threads, args.rounds, batch_s)
+    print_table(rows, args.threads, args)
+
+
+if __name__ == "__main__":
+    main()
