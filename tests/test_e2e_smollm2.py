@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from fptq_onnx import data
@@ -21,6 +23,10 @@ pytestmark = pytest.mark.slow
 
 EVAL_TOKENS = 4096
 CALIBRATION = CalibrationConfig(samples=32, seq_len=512)
+
+
+def stock_session(model_bytes: bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +85,41 @@ def test_quality_against_fp32_and_naive(fp32_model, converted, brown, capsys):
 
 
 def test_kernel_agrees_with_function_body(converted, brown):
-    """Our CPU kernel (library loaded) against stock ORT running the function body."""
-    from fptq_onnx.evaluate import default_session, evaluate
+    """Our CPU kernel (library loaded) against stock ORT running the function body.
+
+    Node by node, on the real activations of a Brown window: every 7th W4A8 node (all shapes,
+    both activation modes, LAE and padded-K layers among them) gets the same captured input in
+    both runtimes and must agree to float32 rounding. End to end the two must give the same
+    perplexity within 3%: a W4A8 network is chaotic under float-rounding changes (one int8
+    rounding flip spawns dozens in the next layer), so the whole-model logits of two valid
+    executions differ, as do stock ORT's own with and without graph optimizations
+    (docs/accuracy.md), while their quality does not.
+    """
+    from fptq_onnx.evaluate import default_session, evaluate, tokenizer_for
 
     fptq, _ = converted
-    agreement = evaluate(fptq.output, brown, reference_path=fptq.output, max_tokens=EVAL_TOKENS,
-                         session_factory=InferenceSession, reference_session_factory=default_session, progress=False)
-    assert agreement["top1_agreement"] >= 0.999
+    model = onnx.load(str(fptq.output))
+    nodes = [n for n in model.graph.node if n.op_type == "W4A8MatMul"][::7]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    for node in nodes:
+        exposed.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+    tokenizer = tokenizer_for(fptq.output)
+    ids = np.asarray([tokenizer.windows(tokenizer.encode(brown[:20000]), 256)[0]], np.int64)
+    captured = stock_session(exposed.SerializeToString()).run(
+        [n.input[0] for n in nodes], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node, x in zip(nodes, captured):
+        single = onnx.helper.make_model(onnx.helper.make_graph(
+            [node], "one", [onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None)],
+            [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
+            [initializers[name] for name in node.input[1:]]), opset_imports=model.opset_import)
+        single.ir_version = model.ir_version
+        single.functions.extend(model.functions)
+        body = stock_session(single.SerializeToString()).run(None, {node.input[0]: x})[0]
+        kernel = InferenceSession(single.SerializeToString()).run(None, {node.input[0]: x})[0]
+        np.testing.assert_allclose(kernel, body, rtol=0, atol=1e-5 * np.abs(body).max(), err_msg=node.name)
+
+    with_kernel = evaluate(fptq.output, brown, max_tokens=EVAL_TOKENS, session_factory=InferenceSession, progress=False)
+    with_body = evaluate(fptq.output, brown, max_tokens=EVAL_TOKENS, session_factory=default_session, progress=False)
+    assert with_kernel["perplexity"] == pytest.approx(with_body["perplexity"], rel=0.03)
