@@ -35,7 +35,7 @@ class LinearLayer:
     # decisions
     band: str | None = None  # "low" | "mid" | "high" (strategy pass)
     act_mode: str | None = None  # "per_tensor_static" | "per_token_dynamic"
-    act_scale: float = 1.0  # static activation scale (1.0 when dynamic)
+    act_scale: float | None = None  # static activation scale (1.0 when dynamic); set by act_scales
     lae: bool = False
     lae_scale_range: tuple[float, float] | None = None
     lae_folded_into: str | None = None  # node name whose constant absorbed 1/s, or the Mul we made
@@ -62,7 +62,8 @@ class LinearLayer:
             "v": None if self.v is None else f"{self.v:.4g}",
             "band": self.band,
             "act_mode": self.act_mode,
-            "act_scale": None if self.act_mode != "per_tensor_static" else f"{self.act_scale:.6g}",
+            "act_scale": None if self.act_mode != "per_tensor_static" or self.act_scale is None
+            else f"{self.act_scale:.6g}",
             "lae": None if self.band is None else ("yes" if self.lae else "no"),
             "lae_scale_range": None
             if self.lae_scale_range is None

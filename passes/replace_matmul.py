@@ -31,6 +31,8 @@ class ReplaceMatMulPass(Pass):
     def requires(self, ctx: ConversionContext) -> None:
         if any(layer.packed is None for layer in ctx.layers):
             raise PassPreconditionError(f"{self.name}: layers without quantized weights; run quantize_weights first")
+        if any(layer.act_scale is None for layer in ctx.layers):
+            raise PassPreconditionError(f"{self.name}: layers without an activation scale; run act_scales first")
 
     def call(self, ctx: ConversionContext) -> bool:
         padded_inputs: dict[str, gs.Variable] = {}

@@ -14,9 +14,9 @@ DUMPS = ["00_input", "01_find_linears", "02_strategy", "03_lae", "04_act_scales"
 # what each dump adds to a layer's decision (cumulative), for a layer in the LAE band
 NEW_KEYS = {
     "01_find_linears": {"role", "layer"},
-    "02_strategy": {"v", "band", "act_mode", "act_scale", "lae"},  # act_scale is 1 until act_scales sets it
+    "02_strategy": {"v", "band", "act_mode", "lae"},
     "03_lae": {"lae_scale_range", "lae_folded_into"},
-    "04_act_scales": set(),
+    "04_act_scales": {"act_scale"},
     "05_quantize_weights": {"group_size", "weight_symmetric", "weight_error"},
     "06_replace_matmul": set(),
     "07_output_error": {"output_error"},
