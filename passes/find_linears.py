@@ -35,8 +35,9 @@ EXPORT_WRAPPER_PREFIX = "inner."
 def module_paths(model: onnx.ModelProto) -> dict[str, str]:
     """``{node name: module path}`` from the torch exporter's name-scope metadata.
 
-    The metadata value is a Python list literal of nested scopes; the last one is the module
-    that called the op (``inner.model.layers.0.self_attn.q_proj`` -> ``model.layers.0.self_attn.q_proj``).
+    The metadata value is a Python list literal of nested scopes, e.g. ``['', 'inner', ...,
+    'inner.model.layers.0.self_attn.q_proj', 'linear']``; the deepest module path is the layer
+    (``model.layers.0.self_attn.q_proj``, without our exporter's wrapper prefix).
     """
     paths = {}
     for node in model.graph.node:
@@ -47,10 +48,19 @@ def module_paths(model: onnx.ModelProto) -> dict[str, str]:
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
                 continue
-            if isinstance(scopes, list) and scopes and isinstance(scopes[-1], str) and scopes[-1]:
-                path = scopes[-1]
+            path = _deepest_module(scopes) if isinstance(scopes, list) else ""
+            if path:
                 paths[node.name] = path[len(EXPORT_WRAPPER_PREFIX):] if path.startswith(EXPORT_WRAPPER_PREFIX) else path
     return paths
+
+
+def _deepest_module(scopes: list) -> str:
+    """The last scope of the chain in which each scope extends the previous one by ``.name``."""
+    path = ""
+    for scope in scopes:
+        if isinstance(scope, str) and scope and (not path or scope.startswith(path + ".")):
+            path = scope
+    return path
 
 
 def layer_name(node: gs.Node, weight: gs.Constant, module_names: dict[str, str] | None = None) -> str:

@@ -288,7 +288,7 @@ def test_layer_names_come_from_exporter_metadata(tiny_block):
         if node.op_type == "MatMul" and "q_proj" in node.input[1]:
             node.name = "node_linear_7"
             node.metadata_props.add(key="pkg.torch.onnx.name_scopes",
-                                    value="['', 'inner', 'inner.model.layers.0.self_attn.q_proj']")
+                                    value="['', 'inner', 'inner.model', 'inner.model.layers.0.self_attn.q_proj', 'linear']")
     ctx = context_of(tiny_block)
     FindLinearLayersPass(exclude_lm_head=False, module_names=module_paths(tiny_block))(ctx)
     assert ctx.layers[0].name == "model.layers.0.self_attn.q_proj"
