@@ -121,6 +121,8 @@ CASES = [
     pytest.param(1, 384, 40, 48, 1, False, id="dynamic-asym-M1-g48-chunk-remainder"),
     pytest.param(6, 256, 80, 128, 0, False, id="static-asym-M6-N80-blocked-5-tiles"),
     pytest.param(7, 4096, 20, 2048, 1, False, id="dynamic-asym-M7-g2048-large-group"),
+    # K so large that a task's q rows are capped to fit L2 (48 rows per task, not 64 or 256).
+    pytest.param(100, 16384, 20, 128, 1, False, id="dynamic-asym-M100-K16384-rows-per-task-capped"),
 ]
 
 
