@@ -1,6 +1,7 @@
 """Bad input gets one line on stderr, exit code 2, and no output file."""
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -99,9 +100,11 @@ def test_bad_option_values_are_user_errors(workdir, capsys):
 
 def test_console_script_exit_code(workdir):
     """The installed entry point, as a user runs it."""
-    result = subprocess.run([sys.executable, "-m", "fptq_onnx.cli", "convert", str(workdir / "model.onnx"),
-                             "--calib", str(workdir / "calib.npz"), "-o", str(workdir / "model.onnx")],
-                            capture_output=True, text=True)
+    script = Path(sys.executable).with_name("fptq-onnx")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fptq_onnx.cli"]
+    # run from the test folder: from the repository root the source tree would shadow the install
+    result = subprocess.run(command + ["convert", str(workdir / "model.onnx"), "--calib", str(workdir / "calib.npz"),
+                                       "-o", str(workdir / "model.onnx")], capture_output=True, text=True, cwd=workdir)
     assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.strip().endswith("is the input model: choose another path")
 
