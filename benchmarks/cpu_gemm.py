@@ -14,7 +14,12 @@ same intra-op thread count (``--threads``, default 2):
 All use the same asymmetric group-wise (g = 128) 4-bit weights of a random [K, N] matrix.
 Times are the median over ``rounds`` of the mean time per run of a batch of runs (IOBinding,
 output preallocated); contenders are interleaved round by round so that noise from other
-processes on the machine hits all of them alike. Weights stay in the caches between runs
+processes on the machine hits all of them alike. Before each batch the script sleeps
+SETTLE_S: after a run, ONNX Runtime's intra-op worker threads spin (busy-wait) for ~30 ms,
+and each session has its own pool, so without the pause a contender would share the CPU with
+the spinning threads of the one timed before it. After the pause, ~5 ms of untimed runs wake
+the session's own (by then sleeping) threads again: on this VM the first runs after idling were
+several times slower, which skewed short batches. Weights stay in the caches between runs
 (one node runs again and again), as they do for no real model: the numbers compare kernels,
 not end-to-end decoding speed (see benchmarks/e2e_cpu.py for that).
 
@@ -54,6 +59,8 @@ from fptq_onnx import quant  # noqa: E402
 from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, add_w4a8_function  # noqa: E402
 
 GROUP = 128
+SETTLE_S = 0.06  # > the ~30 ms that ORT's idle intra-op threads spin after a run
+WARM_S = 0.005   # untimed runs after the pause: the first runs after idling pay thread wake-ups
 SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
 MS = [1, 16, 64, 512]
 CONTENDERS = ["ours dyn", "ours sta", "acc4", "acc1", "fp32"]
@@ -187,15 +194,18 @@ def bench_shape(k: int, n: int, ms: list[int], threads: int, rounds: int, batch_
     rows = []
     for m in ms:
         x = np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)
-        repeats = {}
+        repeats, warm = {}, {}
         for name, runner in runners.items():
             runner.bind(x, n)
             runner.run()  # warm-up (first-run packing, thread pool start)
             once = min(runner.timed(1) for _ in range(3))
             repeats[name] = max(1, int(batch_s / max(once, 1e-7)))
+            warm[name] = max(1, int(WARM_S / max(once, 1e-7)))
         samples: dict[str, list[float]] = {name: [] for name in runners}
         for _ in range(rounds):
             for name, runner in runners.items():
+                time.sleep(SETTLE_S)
+                runner.timed(warm[name])  # untimed: wakes the pool's threads (and the vCPU) again
                 samples[name].append(runner.timed(repeats[name]))
         row = {"shape": f"{k}x{n}", "M": m}
         row.update({name: statistics.median(s) * 1e6 for name, s in samples.items()})

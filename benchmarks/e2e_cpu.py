@@ -10,19 +10,23 @@ threads ``--threads``, default 2; sequential execution), batch 1:
   then run at M = 1: the memory-bound case of the kernel).
 
 Optionally (``--matmulnbits``) also ONNX Runtime's own 4-bit path: the FP32 model's MatMuls
-quantized by ``onnxruntime.quantization.MatMulNBitsQuantizer`` (asymmetric, block 128,
+quantized by ``onnxruntime.quantization.MatMulNBitsQuantizer`` (asymmetric, block G,
 accuracy_level=4, the int8-activation kernels), with the same layers left in float as in our
 conversion (the tied language-model head, whose N is the vocabulary size).
 
 The W4A8 model is made if missing with the project's CLI,
 ``fptq-onnx convert FP32 --calib sotu.txt --group-size G -o W4A8`` (``--calib-samples``
-sequences; speed does not depend on them). G defaults to 64 here, not the CLI's 128: SmolLM2's
-hidden size 576 is not a multiple of 128, so with 128 only the 30 down projections (K = 1536)
-would be converted and the other 180 linear layers would stay in float. Times are medians over interleaved rounds (noise from other processes hits
-all models alike). The prefill input is a window of real text (the ``brown`` corpus, so not the
-calibration text), led by BOS when the model expects one; the single-token step feeds its last
-token. Sanity check printed with the table: how often each model's top-1 next-token prediction
-agrees with FP32's over the prefill's positions.
+sequences; speed does not depend on them). G (``--group-size``) defaults to the CLI's 128; for
+SmolLM2, whose hidden size 576 is not a multiple of 128, the converter pads K to 640 (a Pad node
+before the op), while 64 divides every K of the model.
+
+The prefill input is a window of real text (the ``brown`` corpus, not the calibration text),
+led by BOS when the model expects one; the single-token step feeds its last token. Times are
+medians over interleaved rounds (noise from other processes hits all models alike), with a
+pause before each model's turn: ONNX Runtime's intra-op threads spin for ~30 ms after a run and
+each session has its own, so the previous model's threads would otherwise share the CPU with
+the one being timed. Sanity check printed with the table: how often each model's top-1
+next-token prediction agrees with FP32's over the prefill's positions.
 
     python3 benchmarks/e2e_cpu.py [--fp32 PATH] [--w4a8 PATH] [--threads 2] [--quick] [--matmulnbits]
 """
@@ -50,6 +54,7 @@ FP32_CANDIDATES = [
     data.cache_dir() / "tests" / "smollm2-135m.onnx",  # made by tests/test_e2e_smollm2.py
 ]
 OUT_DIR = REPO / "work-cache" / "e2e"
+SETTLE_S = 0.1  # > the ~30 ms that ORT's idle intra-op threads spin after a run
 
 
 def cpu_model_name() -> str:
@@ -59,37 +64,15 @@ def cpu_model_name() -> str:
     return "unknown CPU"
 
 
-def has_external_data(path: Path) -> bool:
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
 def model_stem(fp32: Path) -> str:
     """A name for files made from fp32: its stem, or its folder's name for a generic model.onnx."""
     return fp32.stem if fp32.stem != "model" else fp32.parent.name
 
 
-def single_file_copy(fp32: Path) -> Path:
-    """The FP32 model with its weights inside the .onnx (a model under 2 GB).
-
-    Workaround: on onnxruntime 1.32 the calibration step of ``fptq-onnx convert`` fails for a
-    model with external data ("External data path escapes model directory": its temporary
-    calibration model symlinks the data file, which ORT now rejects). Converting from a
-    single-file copy avoids it.
-    """
-    copy = OUT_DIR / f"{model_stem(fp32)}.fp32-single-file.onnx"
-    if not copy.exists():
-        print(f"writing a single-file copy of {fp32} to {copy}", file=sys.stderr)
-        OUT_DIR.mkdir(parents=True, exist_ok=True)
-        onnx.save(onnx.load(str(fp32)), str(copy))
-    return copy
-
-
 def make_w4a8(fp32: Path, out: Path, samples: int, group_size: int) -> None:
-    source = single_file_copy(fp32) if has_external_data(fp32) else fp32
     calib = data.text_path("sotu", progress=False)
     cli = Path(sys.executable).with_name("fptq-onnx")
-    command = [str(cli) if cli.exists() else "fptq-onnx", "convert", str(source), "--calib", str(calib),
+    command = [str(cli) if cli.exists() else "fptq-onnx", "convert", str(fp32), "--calib", str(calib),
                "--samples", str(samples), "--group-size", str(group_size), "--tokenizer", str(fp32.parent),
                "-o", str(out)]
     print("running:", " ".join(command), file=sys.stderr, flush=True)
@@ -156,7 +139,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a rough pass)")
     parser.add_argument("--rounds", type=int, default=None, help="timed prefill rounds (default 10, quick 3)")
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration sequences for the conversion")
-    parser.add_argument("--group-size", type=int, default=64, help="4-bit group size of the conversions (default 64)")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="4-bit group size of the conversions (default 128, the CLI's)")
     parser.add_argument("--matmulnbits", action="store_true",
                         help="also time ORT's MatMulNBits (accuracy_level=4) quantization of the FP32 model")
     args = parser.parse_args()
@@ -192,6 +176,7 @@ def main() -> None:
     for _ in range(rounds):
         for name, s in sessions.items():
             f = feeds(s, prefill_ids)
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             s.run(None, f)
             prefill[name].append(time.perf_counter() - start)

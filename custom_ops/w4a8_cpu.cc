@@ -10,7 +10,7 @@
 #include <string>
 #include <thread>
 
-#if defined(FPTQ_AMX_KERNELS)
+#if defined(FPTQ_AMX_KERNELS) && defined(__linux__)
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -40,6 +40,9 @@ constexpr int64_t kMaxQBytesPerTask = int64_t{1} << 20;
 // and Linux lets this process use the 8 KB tile data state, which it must request once
 // (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+; see the kernel's Documentation/arch/x86/xstate.rst).
 bool amx_usable() {
+#if !defined(__linux__)
+  return false;  // the permission request below is Linux's; other systems keep the AVX-512 kernels
+#else
   static const bool usable = [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
@@ -49,6 +52,7 @@ bool amx_usable() {
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return usable;
+#endif
 }
 #endif
 

@@ -2,7 +2,7 @@
 // when the CPU has AMX and Linux granted this process the tile state, see w4a8_cpu.cc).
 //
 // One tdpbssd multiplies a 16 x 64 int8 tile of activations q by a 64 x 16 int8 tile of weights
-// (16 cycles for 16 x 16 x 64 multiply-adds, 16 times what vpdpbusd does in that time), adding
+// (16 x 16 x 64 multiply-adds in 16 cycles: 8 times two vpdpbusd per cycle), adding
 // into a 16 x 16 int32 tile. A task takes its rows in blocks of 32 (2 A tiles) and its output
 // channels in pairs of 16-channel tiles (2 B tiles): 4 C accumulator tiles, the 8 tile
 // registers in all. Per group:
