@@ -1,7 +1,9 @@
 // Bodies of the CPU tile kernels, compiled once per ISA.
 //
 // Each w4a8_cpu_<isa>.cc defines a struct of vector primitives (the "Isa" below), includes
-// this header and exports TileKernels{quantize_rows, gemm_tiles<Isa>}. Every ISA file is
+// this header and exports TileKernels{rows_per_task, quantize_rows, gemm_tiles<Isa>}; the
+// AVX-512 and AMX files have gemm kernels of their own and take only quantize_rows and
+// TaskScratch from here (w4a8_cpu_avx512.cc explains why). Every ISA file is
 // compiled with its own -m flags, so everything here lives in an anonymous namespace and uses
 // compiler builtins instead of std:: inline functions: an out-of-line copy with external
 // linkage could otherwise be shared by the linker across files and run AVX-512 code on a CPU

@@ -325,7 +325,8 @@ class _session_exposing:
 
     The copy lives in a temporary folder; external data files are hard-linked beside it (ONNX
     Runtime refuses external data that resolves outside the model's folder, so a symlink will
-    not do), copied only when the temporary folder is on another file system.
+    not do), copied only when the temporary folder is on another file system. The folder is
+    removed as soon as the session exists, so the link lives only while ONNX Runtime loads.
     """
 
     def __init__(self, model: onnx.ModelProto, model_path: Path, tensor_names: list[str]):
@@ -346,7 +347,12 @@ class _session_exposing:
         onnx.save(model, str(path))
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            # The session holds the weights now. Drop the hard link at once: while it exists,
+            # onnx.load refuses the user's model ("multiple hard links").
+            self.tmp.cleanup()
 
     def __exit__(self, *exc) -> None:
         self.tmp.cleanup()
