@@ -17,7 +17,7 @@ CPU kernel, with the same library, also on machines without a GPU or CUDA driver
 Environment:
 
 * ``FPTQ_ONNX_LIBRARY``: path of the library to load instead of the installed one.
-* ``FPTQ_CPU_ISA``: ``auto`` (default), ``generic``, ``avx2`` or ``avx512vnni``: the CPU
+* ``FPTQ_CPU_ISA``: ``auto`` (default), ``generic``, ``avx2``, ``avx512vnni`` or ``amx``: the CPU
   kernel's instruction set, read when a session is created (for testing the slower paths).
 """
 from __future__ import annotations
