@@ -1,21 +1,17 @@
 """Accuracy matrix: FPTQ W4A8 against the baselines a user would otherwise pick (not a test).
 
-    python benchmarks/accuracy.py --models smollm2-135m gemma3-270m --tokens 8192
+    python benchmarks/accuracy.py --models smollm2-135m gemma3-270m --tokens 8192 \\
+        --metrics brown moby_dick piqa
 
-Rows (each a model file built once and cached, each result cached in --results, so the script
-resumes where it stopped):
+Rows (each a model file built once and cached under --root, each (model, row, metric) result
+cached in --results, so the script resumes where it stopped): see ``ROWS``. Every W4A8 row is
+ours (``fptq_onnx.convert``) except the two ONNX Runtime rows; every row keeps the lm_head in
+float; ours run with our CPU kernel (``fptq_onnx.InferenceSession``).
 
-* ``fp32``            the exported model
-* ``ort_w4a16_acc1``  ONNX Runtime's MatMulNBits quantizer, RTN asymmetric g128, accuracy_level 1
-* ``ort_w4a8_acc4``   the same weights, accuracy_level 4 (ORT's int8-activation path)
-* ``naive_w4a8``      ours, per-tensor static int8 in every layer, no LAE
-* ``per_token_w4a8``  ours, per-token dynamic int8 in every layer
-* ``fptq``            ours, the paper recipe (v0 15, v1 150, LAE), asymmetric weights (default)
-* ``fptq_sym``        the same with symmetric weights
-
-Calibration: State of the Union text only. Evaluation: Brown (and Moby Dick with --moby),
-``--tokens`` tokens in 512-token windows; top-1 agreement and KL against FP32 with --agreement.
-The lm_head stays in float in every row. Prints a markdown table for docs/accuracy.md.
+Calibration: State of the Union text only, ``--samples`` windows of 512 tokens (SLAC rows draw
+their own lengths). Metrics: perplexity on Brown and Moby Dick (``--tokens`` tokens each in
+512-token windows) with top-1 agreement and KL against FP32, and PIQA validation accuracy (1,500
+items, acc_norm: length-normalized log-likelihood). Prints a markdown table for docs/accuracy.md.
 """
 from __future__ import annotations
 
@@ -31,14 +27,37 @@ from fptq_onnx.calibration import CalibrationConfig
 from fptq_onnx.pipeline import ConvertConfig, convert
 from fptq_onnx.session import InferenceSession
 
+ALL_BANDS = ("low", "mid", "high")
+STATIC_EVERYWHERE = dict(v0=1e9, v1=1e9)
+# row -> (description, ConvertConfig fields); CalibrationConfig fields go under "calibration"
 OURS = {
-    "naive_w4a8": dict(v0=1e9, v1=1e9),
-    "per_token_w4a8": dict(v0=1e-9, v1=1e-9),
-    "fptq": dict(),
-    "fptq_sym": dict(symmetric=True),
+    "naive_w4a8": ("naive W4A8: per-tensor static int8 everywhere, no equalization", STATIC_EVERYWHERE),
+    "per_token_w4a8": ("W4A8 per-token dynamic everywhere", dict(v0=1e-9, v1=1e-9)),
+    "smoothquant_a0.5": ("SmoothQuant alpha 0.5, per-tensor static everywhere",
+                         dict(STATIC_EVERYWHERE, equalization="smoothquant", sq_alpha=0.5, lae_bands=ALL_BANDS)),
+    "smoothquant_a0.75": ("SmoothQuant alpha 0.75, per-tensor static everywhere",
+                          dict(STATIC_EVERYWHERE, equalization="smoothquant", sq_alpha=0.75, lae_bands=ALL_BANDS)),
+    "fptq_paper": ("FPTQ paper recipe (v0 15, v1 150, LAE on the mid band, RTN weights)",
+                   dict(lae_bands=("mid",), weight_clip="none", gptq=False, auto_thresholds=False)),
+    "fptq_sym": ("FPTQ paper recipe, symmetric weights",
+                 dict(symmetric=True, lae_bands=("mid",), weight_clip="none", gptq=False)),
+    "fptq_lae_all": ("+ LAE on every layer (bands kept for static/dynamic)",
+                     dict(lae_bands=ALL_BANDS, weight_clip="none", gptq=False)),
+    "fptq_clip": ("+ weight clipping by output error", dict(lae_bands=("mid",), weight_clip="output", gptq=False)),
+    "fptq_gptq": ("+ GPTQ weight rounding", dict(lae_bands=("mid",), weight_clip="none", gptq=True)),
+    "fptq_auto_v": ("+ automatic v0/v1", dict(lae_bands=("mid",), weight_clip="none", gptq=False,
+                                             auto_thresholds=True)),
+    "fptq_w8_10": ("+ mixed precision: 10 most sensitive layers at 8-bit weights",
+                   dict(lae_bands=("mid",), weight_clip="none", gptq=False, w8_layers=10)),
+    "fptq_slac_short": ("+ SLAC: calibration lengths 32-128 (PIQA-like)",
+                        dict(lae_bands=("mid",), weight_clip="none", gptq=False,
+                             calibration=dict(seq_lens=(32, 64, 128)))),
+    "fptq": ("FPTQ, our defaults", dict()),
 }
-ORT_ROWS = {"ort_w4a16_acc1": 1, "ort_w4a8_acc4": 4}
+ORT_ROWS = {"ort_w4a16_acc1": ("ONNX Runtime MatMulNBits W4A16 RTN asym g128, accuracy_level 1", 1),
+            "ort_w4a8_acc4": ("ONNX Runtime MatMulNBits accuracy_level 4 (its int8-activation path)", 4)}
 ROWS = ["fp32", *ORT_ROWS, *OURS]
+METRICS = ("brown", "moby_dick", "piqa")
 
 
 def fp32_model(name: str, root: Path) -> Path:
@@ -69,73 +88,105 @@ def ort_quantized(fp32: Path, accuracy_level: int) -> Path:
     return out
 
 
-def build_row(row: str, fp32: Path, samples: int) -> tuple[Path, object]:
+def row_config(row: str, samples: int) -> ConvertConfig:
+    fields = dict(OURS[row][1])
+    calibration = dict(samples=samples, seq_len=512, **fields.pop("calibration", {}))
+    return ConvertConfig(calibration=CalibrationConfig(**calibration), **fields)
+
+
+def build_row(row: str, fp32: Path, samples: int, stats_cache: dict) -> tuple[Path, object]:
     if row == "fp32":
         return fp32, None
     if row in ORT_ROWS:
-        return ort_quantized(fp32, ORT_ROWS[row]), None
+        return ort_quantized(fp32, ORT_ROWS[row][1]), None
     out = fp32.with_name(f"{row}.onnx")
     if not out.exists():
-        config = ConvertConfig(calibration=CalibrationConfig(samples=samples, seq_len=512), **OURS[row])
-        convert(fp32, out, data.text_path("sotu"), config)
+        convert(fp32, out, data.text_path("sotu"), row_config(row, samples), stats_cache=stats_cache)
     return out, InferenceSession
+
+
+def measure(metric: str, path: Path, factory, fp32: Path, tokens: int) -> dict:
+    from fptq_onnx.evaluate import default_session, evaluate, evaluate_piqa
+
+    factory = factory or default_session
+    if metric == "piqa":
+        return evaluate_piqa(path, data.piqa_items(), tokenizer_dir=fp32.parent, session_factory=factory)
+    reference = fp32 if path != fp32 else None
+    return evaluate(path, data.load_text(metric), tokenizer_dir=fp32.parent, reference_path=reference,
+                    max_tokens=tokens, session_factory=factory, reference_session_factory=default_session)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows of 512 SOTU tokens")
-    parser.add_argument("--agreement", action="store_true", help="also top-1 agreement and KL vs FP32")
-    parser.add_argument("--moby", action="store_true", help="also Moby Dick perplexity")
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows of SOTU")
     parser.add_argument("--root", type=Path, default=data.cache_dir() / "accuracy")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/accuracy.json"))
+    parser.add_argument("--rebuild", nargs="*", default=[], help="rows whose cached model files to rebuild")
+    parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    from fptq_onnx.evaluate import default_session, evaluate
 
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
-    texts = {"brown": data.load_text("brown")}
-    if args.moby:
-        texts["moby_dick"] = data.load_text("moby_dick")
-    for name in args.models:
+    for name in [] if args.table_only else args.models:
         fp32 = fp32_model(name, args.root)
+        stats_cache: dict = {}  # calibration statistics shared by the rows of one model
         for row in args.rows:
-            for text_name, text in texts.items():
-                key = f"{name}|{row}|{text_name}|{args.tokens}|{args.samples}"
+            if row in args.rebuild:
+                for stale in fp32.parent.glob(f"{row}.onnx*"):
+                    stale.unlink()
+                for key in [k for k in results if k.startswith(f"{name}|{row}|")]:
+                    del results[key]
+            for metric in args.metrics:
+                key = f"{name}|{row}|{metric}|{args.tokens if metric != 'piqa' else 1500}|{args.samples}"
                 if key in results:
                     continue
                 start = time.perf_counter()
-                path, factory = build_row(row, fp32, args.samples)
-                reference = fp32 if args.agreement and row != "fp32" else None
-                result = evaluate(path, text, tokenizer_dir=fp32.parent, reference_path=reference,
-                                  max_tokens=args.tokens, session_factory=factory or default_session,
-                                  reference_session_factory=default_session)
+                path, factory = build_row(row, fp32, args.samples, stats_cache)
+                result = measure(metric, path, factory, fp32, args.tokens)
                 result["seconds"] = round(time.perf_counter() - start, 1)
+                result["date"] = time.strftime("%Y-%m-%d")
                 results[key] = result
-                args.results.parent.mkdir(parents=True, exist_ok=True)
-                args.results.write_text(json.dumps(results, indent=1, sort_keys=True))
+                save_result(args.results, key, result)
                 print(f"{key}: {result}", file=sys.stderr, flush=True)
     print(table(results, args))
     return 0
 
 
+def save_result(path: Path, key: str, result: dict) -> None:
+    """Add one result to the JSON file, re-reading it first: several runs may share the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored[key] = result
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(stored, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def describe(row: str) -> str:
+    if row == "fp32":
+        return "FP32"
+    return ORT_ROWS[row][0] if row in ORT_ROWS else OURS[row][0]
+
+
 def table(results: dict, args) -> str:
-    lines = [f"Brown perplexity, {args.tokens} tokens in 512-token windows; calibration {args.samples} x 512 SOTU "
-             f"tokens; {platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}", "",
-             "| row | " + " | ".join(args.models) + " |", "|---|" + "---|" * len(args.models)]
-    for row in args.rows:
-        cells = []
-        for name in args.models:
-            result = results.get(f"{name}|{row}|brown|{args.tokens}|{args.samples}")
-            if result is None:
-                cells.append("-")
-                continue
-            cell = f"{result['perplexity']:.2f}"
-            if "top1_agreement" in result:
-                cell += f" (top-1 {result['top1_agreement'] * 100:.1f}%, KL {result['kl']:.3f})"
-            cells.append(cell)
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines = [f"{args.tokens} tokens per text in 512-token windows; PIQA 1,500 validation items (acc_norm); "
+             f"calibration {args.samples} x 512 SOTU tokens; {platform.processor() or platform.machine()}", ""]
+    for name in args.models:
+        lines += [f"**{name}**", "",
+                  "| row | Brown ppl | Moby Dick ppl | Brown top-1 / KL vs FP32 | PIQA acc_norm (acc) |",
+                  "|---|---|---|---|---|"]
+        for row in args.rows:
+            get = lambda metric: results.get(  # noqa: E731
+                f"{name}|{row}|{metric}|{args.tokens if metric != 'piqa' else 1500}|{args.samples}")
+            brown, moby, piqa = get("brown"), get("moby_dick"), get("piqa")
+            cells = [f"{brown['perplexity']:.2f}" if brown else "-", f"{moby['perplexity']:.2f}" if moby else "-",
+                     f"{brown['top1_agreement'] * 100:.1f}% / {brown['kl']:.3f}" if brown and "kl" in brown else "-",
+                     f"{piqa['piqa_acc_norm'] * 100:.1f} ({piqa['piqa_acc'] * 100:.1f})" if piqa else "-"]
+            lines.append(f"| `{row}` {describe(row)} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 

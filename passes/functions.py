@@ -11,6 +11,9 @@ and the kernels are tested against it. The body follows ``docs/ops.md`` step by 
   (``act_mode = 1``, per-token dynamic, ``a_m = 1`` for an all-zero row);
 * ``Y = (q * a) @ W``, cast back to the type of X.
 
+Layers kept at 8-bit weights (mixed precision, ``W8A8MatMul``) share the activation part and
+multiply int8 by int8 with ``MatMulInteger``.
+
 Both activation paths are computed and one is selected with ``Where`` on the ``act_mode``
 attribute: a function body cannot branch on an attribute otherwise, and the fallback path is
 about portability, not speed.
@@ -25,10 +28,44 @@ OP_TYPE = "W4A8MatMul"
 OP_VERSION = 1
 MIN_OPSET = 15  # CastLike
 
-_FUNCTION_TEXT = """
+# Activation quantization shared by both functions: ``x`` (float32) -> ``q`` (integer-valued
+# float32 in [-127, 127]) and its scale ``a`` (a scalar, or ``a[..., 1]`` per token).
+_ACTIVATION_TEXT = """
+    x = Cast <to = 1> (X)
+    last_axis = Constant <value_ints = [-1]> ()
+    int8_max = Constant <value = float {{127.0}}> ()
+    int8_min = Constant <value = float {{-127.0}}> ()
+    one = Constant <value = float {{1.0}}> ()
+    zero = Constant <value = float {{0.0}}> ()
+
+    static_scale = Cast <to = 1> (act_scale)
+    static_inv = Reciprocal (static_scale)
+    static_scaled = Mul (x, static_inv)
+    static_rounded = Round (static_scaled)
+    static_q = Clip (static_rounded, int8_min, int8_max)
+
+    x_abs = Abs (x)
+    {token_amax}
+    token_scale_raw = Div (token_amax, int8_max)
+    token_is_zero = Equal (token_scale_raw, zero)
+    token_scale = Where (token_is_zero, one, token_scale_raw)
+    token_inv = Reciprocal (token_scale)
+    token_scaled = Mul (x, token_inv)
+    token_rounded = Round (token_scaled)
+    token_q = Clip (token_rounded, int8_min, int8_max)
+
+    mode = Constant <value_int: int = @act_mode> ()
+    dynamic_mode = Constant <value_int = 1> ()
+    is_dynamic = Equal (mode, dynamic_mode)
+    q = Where (is_dynamic, token_q, static_q)
+    a = Where (is_dynamic, token_scale, static_scale)
+"""
+
+_W4A8_TEXT = """
 <domain: "{OP_DOMAIN}", opset_import: ["" : {opset}]>
 {OP_TYPE} <K, N, group_size, act_mode> (X, B, scales, zero_points, act_scale) => (Y)
 {{
+{activation}
     packed_f = Cast <to = 1> (B)
     sixteen = Constant <value = float {{16.0}}> ()
     inv_sixteen = Constant <value = float {{0.0625}}> ()
@@ -36,7 +73,6 @@ _FUNCTION_TEXT = """
     u_odd_f = Floor (high_scaled)
     high_part = Mul (u_odd_f, sixteen)
     u_even_f = Sub (packed_f, high_part)
-    last_axis = Constant <value_ints = [-1]> ()
     u_even_3d = Unsqueeze (u_even_f, last_axis)
     u_odd_3d = Unsqueeze (u_odd_f, last_axis)
     u_pairs = Concat <axis = -1> (u_even_3d, u_odd_3d)
@@ -54,38 +90,39 @@ _FUNCTION_TEXT = """
     w_nk = Reshape (w_grouped, keep_n_any_g)
     w_kn = Transpose <perm = [1, 0]> (w_nk)
 
-    x = Cast <to = 1> (X)
-    int8_max = Constant <value = float {{127.0}}> ()
-    int8_min = Constant <value = float {{-127.0}}> ()
-    one = Constant <value = float {{1.0}}> ()
-    zero = Constant <value = float {{0.0}}> ()
-
-    static_scale = Cast <to = 1> (act_scale)
-    static_inv = Reciprocal (static_scale)
-    static_scaled = Mul (x, static_inv)
-    static_rounded = Round (static_scaled)
-    static_q = Clip (static_rounded, int8_min, int8_max)
-    static_x = Mul (static_q, static_scale)
-
-    x_abs = Abs (x)
-    {token_amax}
-    token_scale_raw = Div (token_amax, int8_max)
-    token_is_zero = Equal (token_scale_raw, zero)
-    token_scale = Where (token_is_zero, one, token_scale_raw)
-    token_inv = Reciprocal (token_scale)
-    token_scaled = Mul (x, token_inv)
-    token_rounded = Round (token_scaled)
-    token_q = Clip (token_rounded, int8_min, int8_max)
-    token_x = Mul (token_q, token_scale)
-
-    mode = Constant <value_int: int = @act_mode> ()
-    dynamic_mode = Constant <value_int = 1> ()
-    is_dynamic = Equal (mode, dynamic_mode)
-    x_dq = Where (is_dynamic, token_x, static_x)
+    x_dq = Mul (q, a)
     y = MatMul (x_dq, w_kn)
     Y = CastLike (y, X)
 }}
 """
+
+# W8A8 (mixed precision): int8 weights W[K, N] with per-output-channel scales, the same int8
+# activations; an integer MatMulInteger, then both scales: Y = (q @ W) * a * w_scale.
+_W8A8_TEXT = """
+<domain: "{OP_DOMAIN}", opset_import: ["" : {opset}]>
+{OP_TYPE} <act_mode> (X, W, w_scales, act_scale) => (Y)
+{{
+{activation}
+    q_int8 = Cast <to = 3> (q)
+    acc = MatMulInteger (q_int8, W)
+    acc_f = Cast <to = 1> (acc)
+    w_scales_f = Cast <to = 1> (w_scales)
+    y_tokens = Mul (acc_f, a)
+    y = Mul (y_tokens, w_scales_f)
+    Y = CastLike (y, X)
+}}
+"""
+W8A8_OP_TYPE = "W8A8MatMul"
+
+
+def _function(text: str, op_type: str, opset: int) -> onnx.FunctionProto:
+    if opset < MIN_OPSET:
+        raise ValueError(f"the {op_type} function body needs ONNX opset >= {MIN_OPSET}, the model has {opset}")
+    token_amax = ("token_amax = ReduceMax <keepdims = 1> (x_abs, last_axis)" if opset >= 18
+                  else "token_amax = ReduceMax <keepdims = 1, axes = [-1]> (x_abs)")
+    activation = _ACTIVATION_TEXT.format(token_amax=token_amax)
+    return onnx.parser.parse_function(text.format(OP_DOMAIN=OP_DOMAIN, OP_TYPE=op_type, opset=opset,
+                                                  activation=activation))
 
 
 def w4a8_function(opset: int = 18) -> onnx.FunctionProto:
@@ -94,12 +131,13 @@ def w4a8_function(opset: int = 18) -> onnx.FunctionProto:
     The body imports the model's own default opset (ONNX requires functions and model to agree);
     only ReduceMax differs across opsets (axes became an input in 18).
     """
-    if opset < MIN_OPSET:
-        raise ValueError(f"the W4A8 function body needs ONNX opset >= {MIN_OPSET}, the model has {opset}")
-    token_amax = ("token_amax = ReduceMax <keepdims = 1> (x_abs, last_axis)" if opset >= 18
-                  else "token_amax = ReduceMax <keepdims = 1, axes = [-1]> (x_abs)")
-    return onnx.parser.parse_function(
-        _FUNCTION_TEXT.format(OP_DOMAIN=OP_DOMAIN, OP_TYPE=OP_TYPE, opset=opset, token_amax=token_amax))
+    return _function(_W4A8_TEXT, OP_TYPE, opset)
+
+
+def w8a8_function(opset: int = 18) -> onnx.FunctionProto:
+    """The W8A8MatMul function (mixed precision layers); no kernel of ours, ONNX Runtime inlines
+    it and runs its integer MatMulInteger."""
+    return _function(_W8A8_TEXT, W8A8_OP_TYPE, opset)
 
 
 def add_w4a8_function(model: onnx.ModelProto) -> None:
@@ -116,3 +154,6 @@ def add_w4a8_function(model: onnx.ModelProto) -> None:
         model.opset_import.append(onnx.helper.make_opsetid(OP_DOMAIN, OP_VERSION))
     if not any(f.domain == OP_DOMAIN and f.name == OP_TYPE for f in model.functions):
         model.functions.append(w4a8_function(default.version))
+    uses_w8 = any(node.domain == OP_DOMAIN and node.op_type == W8A8_OP_TYPE for node in model.graph.node)
+    if uses_w8 and not any(f.domain == OP_DOMAIN and f.name == W8A8_OP_TYPE for f in model.functions):
+        model.functions.append(w8a8_function(default.version))

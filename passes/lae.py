@@ -17,13 +17,17 @@ multiply, which costs nothing at run time:
 Folding is only valid when every consumer of X is a layer of this group (otherwise the others
 would see X / s too). Where it is not, a ``Mul`` by ``1 / s`` named ``<group>/lae_scale`` is
 inserted in front of the group, visible in Netron.
+
+``method="smoothquant"`` swaps the scale formula for SmoothQuant's
+(``fptq_onnx.quant.smoothquant_scales``), everything else unchanged: the baseline rows of the
+accuracy matrix.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from fptq_onnx.quant import lae_scales
+from fptq_onnx.quant import lae_scales, smoothquant_scales
 
 from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
 
@@ -42,12 +46,22 @@ class LaePass(Pass):
     Args:
         fold: fold ``1 / s`` into the preceding normalization where possible (else always insert
             the Mul node).
+        method: ``"lae"`` or ``"smoothquant"`` (with ``alpha``).
     """
 
     name = "lae"
 
-    def __init__(self, fold: bool = True):
-        self.fold = fold
+    def __init__(self, fold: bool = True, method: str = "lae", alpha: float = 0.5):
+        if method not in ("lae", "smoothquant"):
+            raise ValueError(f"unknown equalization {method!r}")
+        self.fold, self.method, self.alpha = fold, method, alpha
+
+    def scales(self, group: LayerGroup) -> np.ndarray:
+        """The group's per-input-channel scales ``s[K]``."""
+        if self.method == "lae":
+            return lae_scales(group.channel_max_abs)
+        weight_max = np.max([np.abs(layer.weight).max(axis=1) for layer in group.layers], axis=0)
+        return smoothquant_scales(group.channel_max_abs, weight_max, self.alpha)
 
     def requires(self, ctx: ConversionContext) -> None:
         if any(layer.band is None for layer in ctx.layers):
@@ -58,7 +72,7 @@ class LaePass(Pass):
         for group in ctx.groups:
             if not all(layer.lae for layer in group.layers):
                 continue
-            scales = lae_scales(group.channel_max_abs)
+            scales = self.scales(group)
             group.lae_scales = scales
             for layer in group.layers:
                 layer.weight = layer.weight * scales[:, None]

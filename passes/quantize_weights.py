@@ -1,18 +1,29 @@
-"""4-bit group-wise weight quantization along K (``fptq_onnx.quant.quantize_weight_groupwise``).
+"""4-bit group-wise weight quantization along K (``fptq_onnx.quant``).
 
 Each layer's ``[K, N]`` weight (already multiplied by its LAE scales) becomes packed nibbles
 ``B[N, K/2]``, ``scales[N, K/g]`` and ``zero_points[N, K/g]`` (the op's layout, ``docs/ops.md``).
 A K that is not a multiple of the group size is padded with zero rows (``K'``); the
 replacement pass pads X to match. The relative weight error ``||W - Q(W)||_F / ||W||_F`` (over
 the real rows) is recorded on the layer.
+
+Rounding, from the calibration second moment ``H = mean x x^T`` of the input the layer sees
+(``X / s`` after LAE, so ``H / (s s^T)``):
+
+* ``clip="none"``: round to nearest over each group's full range (RTN);
+* ``clip="output"``: each group's range shrunk by the ratio that minimizes its output error
+  (``quant.output_error_clip_ratios``);
+* ``gptq=True``: GPTQ rounding (``quant.gptq_quantize_weight``), with the clip ratios if any.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from fptq_onnx.quant import dequantize_weight, pack_int4, pad_to_group_multiple, quantize_weight_groupwise
+from fptq_onnx.quant import (dequantize_weight, gptq_quantize_weight, output_error_clip_ratios, pack_int4,
+                             pad_to_group_multiple, quantize_weight_groupwise)
 
-from .base import ConversionContext, Pass
+from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
+
+CLIP_MODES = ("none", "output")
 
 
 class QuantizeWeightsPass(Pass):
@@ -21,25 +32,63 @@ class QuantizeWeightsPass(Pass):
     Args:
         group_size: weights per group along K.
         symmetric: symmetric (zero point 8) instead of asymmetric min/max groups.
+        clip: ``"none"`` or ``"output"`` (clip ratios by output error; needs ``group.hessian``).
+        gptq: GPTQ rounding (needs ``group.hessian``).
+        damp: GPTQ's dampening, a fraction of the mean diagonal of H.
     """
 
     name = "quantize_weights"
 
-    def __init__(self, group_size: int = 128, symmetric: bool = False):
+    def __init__(self, group_size: int = 128, symmetric: bool = False, clip: str = "none", gptq: bool = False,
+                 damp: float = 0.01):
         if group_size < 2 or group_size % 2:
             raise ValueError(f"group size must be an even number >= 2, got {group_size}")
-        self.group_size = group_size
-        self.symmetric = symmetric
+        if clip not in CLIP_MODES:
+            raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+        self.group_size, self.symmetric, self.clip, self.gptq, self.damp = group_size, symmetric, clip, gptq, damp
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.clip == "output" or self.gptq
+
+    def requires(self, ctx: ConversionContext) -> None:
+        if self.needs_hessian:
+            missing = [group.name for group in ctx.groups if group.hessian is None]
+            if missing:
+                raise PassPreconditionError(f"{self.name}: clip/gptq need calibration Hessians, missing for "
+                                            f"{missing[:3]}; calibrate with hessian=True")
 
     def call(self, ctx: ConversionContext) -> bool:
-        for layer in ctx.layers:
-            padded = pad_to_group_multiple(layer.weight, self.group_size)
-            u, scales, zero_points = quantize_weight_groupwise(padded, self.group_size, self.symmetric)
-            restored = dequantize_weight(u, scales, zero_points)[: layer.k]
-            norm = float(np.linalg.norm(layer.weight))
-            layer.weight_error = float(np.linalg.norm(layer.weight - restored)) / norm if norm else 0.0
-            layer.packed = (pack_int4(u), scales, zero_points)
-            layer.group_size = self.group_size
-            layer.k_padded = padded.shape[0]
-            layer.symmetric = self.symmetric
+        for group in ctx.groups:
+            hessian = self._seen_hessian(group) if self.needs_hessian else None
+            for layer in group.layers:
+                padded = pad_to_group_multiple(layer.weight, self.group_size)
+                ratio = (output_error_clip_ratios(padded, hessian, self.group_size, self.symmetric)
+                         if self.clip == "output" else 1.0)
+                if self.gptq:
+                    u, scales, zero_points = gptq_quantize_weight(padded, hessian, self.group_size, self.symmetric,
+                                                                  ratio, self.damp)
+                else:
+                    u, scales, zero_points = quantize_weight_groupwise(padded, self.group_size, self.symmetric, ratio)
+                restored = dequantize_weight(u, scales, zero_points)[: layer.k]
+                norm = float(np.linalg.norm(layer.weight))
+                layer.weight_error = float(np.linalg.norm(layer.weight - restored)) / norm if norm else 0.0
+                layer.packed = (pack_int4(u), scales, zero_points)
+                layer.group_size = self.group_size
+                layer.k_padded = padded.shape[0]
+                layer.symmetric = self.symmetric
+                layer.rounding = "gptq" if self.gptq else "rtn"
+                layer.clipped = self.clip == "output"
         return False  # the graph changes when the MatMuls are replaced
+
+    def _seen_hessian(self, group: LayerGroup) -> np.ndarray:
+        """``H`` of the input the layers see (``X / s`` after LAE), zero-padded to ``K'``."""
+        h = group.hessian
+        if group.lae_scales is not None:
+            s = group.lae_scales.astype(np.float64)
+            h = h / np.outer(s, s)
+        k = h.shape[0]
+        padded_k = -(-k // self.group_size) * self.group_size
+        if padded_k != k:
+            h = np.pad(h, ((0, padded_k - k), (0, padded_k - k)))
+        return h

@@ -1,4 +1,5 @@
-"""Replace each quantized MatMul/Gemm with the W4A8 op (``ai.fptq::W4A8MatMul``).
+"""Replace each quantized MatMul/Gemm with the W4A8 op (``ai.fptq::W4A8MatMul``), or, for the
+layers mixed precision kept at 8-bit weights, with ``ai.fptq::W8A8MatMul``.
 
 The new node reads the layer's original input, the packed weights, group scales, zero points
 and the static activation scale, and writes the original output tensor, so nothing downstream
@@ -17,7 +18,7 @@ from fptq_onnx.errors import UserError
 from fptq_onnx.quant import ACT_PER_TENSOR_STATIC, ACT_PER_TOKEN_DYNAMIC
 
 from .base import ConversionContext, Pass, PassPreconditionError
-from .functions import OP_DOMAIN, OP_TYPE
+from .functions import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE
 from .strategy import PER_TENSOR_STATIC
 
 ACT_MODE_CODES = {PER_TENSOR_STATIC: ACT_PER_TENSOR_STATIC, "per_token_dynamic": ACT_PER_TOKEN_DYNAMIC}
@@ -44,21 +45,28 @@ class ReplaceMatMulPass(Pass):
         return bool(ctx.layers)
 
     def _replace(self, ctx: ConversionContext, group, layer, padded_inputs: dict[str, gs.Variable]) -> None:
-        packed, scales, zero_points = layer.packed
         node, output = layer.node, layer.node.outputs[0]
         name = layer.name
         activation = node.inputs[0]
-        if layer.k_padded != layer.k:
-            if activation.name not in padded_inputs:
-                padded_inputs[activation.name] = _pad_last_axis(ctx, group.name, activation, layer.k_padded - layer.k)
-            activation = padded_inputs[activation.name]
-        inputs = [
-            activation,
-            gs.Constant(f"{name}.weight_packed", packed),
-            gs.Constant(f"{name}.weight_scales", scales.astype(np.float32)),
-            gs.Constant(f"{name}.weight_zero_points", zero_points),
-            gs.Constant(f"{name}.act_scale", np.array(layer.act_scale, np.float32)),
-        ]
+        act_scale = gs.Constant(f"{name}.act_scale", np.array(layer.act_scale, np.float32))
+        if layer.weight_bits == 8:  # mixed precision: int8 weights need no padding
+            weight_int8, weight_scales = layer.weight_int8
+            op_type, suffix, attrs = W8A8_OP_TYPE, "w8a8_matmul", {"act_mode": ACT_MODE_CODES[layer.act_mode]}
+            inputs = [activation, gs.Constant(f"{name}.weight_int8", weight_int8),
+                      gs.Constant(f"{name}.weight_scales", weight_scales), act_scale]
+        else:
+            packed, scales, zero_points = layer.packed
+            if layer.k_padded != layer.k:
+                if activation.name not in padded_inputs:
+                    padded_inputs[activation.name] = _pad_last_axis(ctx, group.name, activation,
+                                                                    layer.k_padded - layer.k)
+                activation = padded_inputs[activation.name]
+            op_type, suffix = OP_TYPE, "w4a8_matmul"
+            attrs = {"K": layer.k_padded, "N": layer.n, "group_size": layer.group_size,
+                     "act_mode": ACT_MODE_CODES[layer.act_mode]}
+            inputs = [activation, gs.Constant(f"{name}.weight_packed", packed),
+                      gs.Constant(f"{name}.weight_scales", scales.astype(np.float32)),
+                      gs.Constant(f"{name}.weight_zero_points", zero_points), act_scale]
         node.outputs.clear()
         node.inputs.clear()
         result = output
@@ -66,11 +74,8 @@ class ReplaceMatMulPass(Pass):
             result = gs.Variable(f"{name}/w4a8_output", dtype=output.dtype, shape=output.shape)
             ctx.graph.nodes.append(gs.Node("Add", name=f"{name}/bias", outputs=[output], inputs=[
                 result, gs.Constant(f"{name}.bias", layer.bias.astype(np.float32))]))
-        replacement = gs.Node(
-            OP_TYPE, name=f"{name}/w4a8_matmul", domain=OP_DOMAIN, inputs=inputs, outputs=[result],
-            attrs={"K": layer.k_padded, "N": layer.n, "group_size": layer.group_size,
-                   "act_mode": ACT_MODE_CODES[layer.act_mode]},
-        )
+        replacement = gs.Node(op_type, name=f"{name}/{suffix}", domain=OP_DOMAIN, inputs=inputs, outputs=[result],
+                              attrs=attrs)
         ctx.graph.nodes.append(replacement)
         layer.node = replacement
         layer.replaced_by = replacement.name

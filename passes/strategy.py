@@ -14,6 +14,10 @@ Small ranges quantize well per tensor; medium ranges have a few outlier channels
 flattens; very large ranges (LLaMA's down_proj inputs reach thousands) are left to per-token
 scales, which adapt to each token's outliers at run time. ``v0 = 15`` and ``v1 = 150`` are the
 paper's values.
+
+``lae_bands`` decides which bands get equalization scales (the paper: ``mid`` only). Equalizing
+the low and high bands too keeps each band's activation scheme and changes only the weights'
+scaling, which on our models lowers the weight error that dominates W4A8 (``docs/accuracy.md``).
 """
 from __future__ import annotations
 
@@ -36,16 +40,18 @@ class LayerStrategyPass(Pass):
     """Assign each layer its band and activation scheme from the calibration statistics.
 
     Args:
-        v0: lower threshold (below: per-tensor static without LAE).
+        v0: lower threshold (below: per-tensor static).
         v1: upper threshold (above: per-token dynamic).
+        lae_bands: bands whose groups get LAE (equalization) scales.
     """
 
     name = "strategy"
 
-    def __init__(self, v0: float = 15.0, v1: float = 150.0):
+    def __init__(self, v0: float = 15.0, v1: float = 150.0, lae_bands: tuple[str, ...] = ("mid",)):
         if not 0 < v0 <= v1:
             raise ValueError(f"need 0 < v0 <= v1, got v0={v0}, v1={v1}")
         self.v0, self.v1 = v0, v1
+        self.lae_bands = frozenset(lae_bands)
 
     def requires(self, ctx: ConversionContext) -> None:
         missing = [group.name for group in ctx.groups if group.channel_max_abs is None]
@@ -53,10 +59,11 @@ class LayerStrategyPass(Pass):
             raise PassPreconditionError(f"{self.name}: no calibration statistics for {missing[:3]}; run calibration first")
 
     def call(self, ctx: ConversionContext) -> bool:
+        v0, v1 = ctx.thresholds or (self.v0, self.v1)  # AutoThresholdsPass's choice wins
         for group in ctx.groups:
-            band = band_of(group.v, self.v0, self.v1)
+            band = band_of(group.v, v0, v1)
             for layer in group.layers:
                 layer.band = band
                 layer.act_mode = PER_TOKEN_DYNAMIC if band == "high" else PER_TENSOR_STATIC
-                layer.lae = band == "mid"
+                layer.lae = band in self.lae_bands
         return False  # decisions only; the graph is unchanged

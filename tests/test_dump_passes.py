@@ -10,16 +10,16 @@ from fptq_onnx.pipeline import ConvertConfig, convert
 from conftest import model_from_text, outlier_inputs
 
 DUMPS = ["00_input", "01_find_linears", "02_strategy", "03_lae", "04_act_scales", "05_quantize_weights",
-         "06_replace_matmul", "07_output_error"]
+         "06_output_error", "07_replace_matmul"]
 # what each dump adds to a layer's decision (cumulative), for a layer in the LAE band
 NEW_KEYS = {
     "01_find_linears": {"role", "layer"},
     "02_strategy": {"v", "band", "act_mode", "lae"},
     "03_lae": {"lae_scale_range", "lae_folded_into"},
     "04_act_scales": {"act_scale"},
-    "05_quantize_weights": {"group_size", "weight_symmetric", "weight_error"},
-    "06_replace_matmul": set(),
-    "07_output_error": {"output_error"},
+    "05_quantize_weights": {"group_size", "weight_symmetric", "weight_error", "weight_rounding", "weight_clip"},
+    "06_output_error": {"output_error"},
+    "07_replace_matmul": set(),
 }
 
 
@@ -68,7 +68,7 @@ def test_follow_one_layer_through_every_dump(dumped):
         [node] = nodes_with(model, role="layer", layer=name)
         assert set(decisions(node)) == expected, path.stem
         assert f"layer={name}" in node.doc_string and node.doc_string.startswith("fptq: ")
-        replaced = path.stem >= "06"
+        replaced = path.stem >= "07"
         assert node.op_type == ("W4A8MatMul" if replaced else "MatMul"), path.stem
         if replaced:
             assert node.name == f"{name}/w4a8_matmul"

@@ -1,0 +1,51 @@
+"""Mixed precision: the layers that lose the most keep 8-bit weights (``W8A8MatMul``).
+
+W4A8's error is mostly weight error (``docs/accuracy.md``), and it is concentrated: on SmolLM2 a
+handful of layers have output errors several times the median. Giving those layers 8-bit weights
+(per output channel, symmetric; ``quant.quantize_weight_per_channel_int8``) removes most of their
+error for a small size cost. Activations stay int8 with the layer's scheme, so the layer is
+W8A8 and runs as an integer ``MatMulInteger`` (the function body of ``W8A8MatMul``,
+``passes/functions.py``).
+
+Ranking: the measured W4A8 output error (``layer_error.LayerOutputErrorPass`` must have run).
+Budget: ``count`` layers and/or ``fraction`` of all quantized weights (a size budget: each chosen
+layer adds 4 bits per weight); a layer is taken while either budget has room.
+"""
+from __future__ import annotations
+
+from fptq_onnx.layer_error import layer_output_error
+from fptq_onnx.quant import quantize_weight_per_channel_int8
+
+from .base import ConversionContext, Pass, PassPreconditionError
+
+
+class MixedPrecisionPass(Pass):
+    """Give the ``count`` (or ``fraction`` of weights) worst layers by output error 8-bit weights."""
+
+    name = "mixed_precision"
+
+    def __init__(self, count: int = 0, fraction: float = 0.0):
+        if count < 0 or not 0 <= fraction <= 1:
+            raise ValueError(f"need count >= 0 and 0 <= fraction <= 1, got {count}, {fraction}")
+        self.count, self.fraction = count, fraction
+
+    def requires(self, ctx: ConversionContext) -> None:
+        if any(layer.output_error is None for layer in ctx.layers):
+            raise PassPreconditionError(f"{self.name}: needs every layer's output error; run output_error first "
+                                        "(calibration with error rows > 0)")
+
+    def call(self, ctx: ConversionContext) -> bool:
+        total = sum(layer.k * layer.n for layer in ctx.layers)
+        ranked = sorted(((layer, group) for group in ctx.groups for layer in group.layers),
+                        key=lambda pair: pair[0].output_error, reverse=True)
+        chosen, weights = 0, 0
+        for layer, group in ranked:
+            size = layer.k * layer.n
+            if chosen >= self.count and weights + size > self.fraction * total:
+                break
+            layer.w4_output_error = layer.output_error
+            layer.weight_int8 = quantize_weight_per_channel_int8(layer.weight)
+            layer.weight_bits = 8
+            layer.output_error = layer_output_error(group.sample_rows, layer, group.lae_scales)
+            chosen, weights = chosen + 1, weights + size
+        return False  # decisions only; the replacement pass writes W8A8MatMul nodes
