@@ -182,3 +182,33 @@ def test_smollm2_brown_perplexity(tmp_path):
     result = evaluate(path, brown_text(progress=False), max_tokens=4096, progress=False)
     assert result["tokens"] == 4088
     assert result["perplexity"] == pytest.approx(38.07, abs=0.05)  # measured Nov 2026, see the report
+
+
+def test_piqa_accuracy_matches_torch(bigram):
+    """PIQA scoring on the bigram model: log-likelihoods of each continuation restated in torch,
+    with sequences of different lengths batched 3 at a time (right padding must not matter)."""
+    from fptq_onnx.data import PiqaItem, parse_piqa_record
+    from fptq_onnx.evaluate import evaluate_piqa
+
+    path, table, bos = bigram
+    rng = np.random.default_rng(5)
+    words = lambda n: " ".join(rng.choice(WORDS[:-4], n))  # noqa: E731
+    items = [PiqaItem(words(3), (words(int(rng.integers(1, 6))), words(int(rng.integers(1, 6)))), int(rng.integers(2)))
+             for _ in range(11)]
+    tokenizer = tokenizer_for(path)
+    t = torch.from_numpy(table).double()
+    correct = correct_norm = 0
+    for item in items:
+        context = ([BOS_ID] if bos else []) + tokenizer.encode(f"Question: {item.goal}\nAnswer:")
+        scores = []
+        for solution in item.solutions:
+            ids = context + tokenizer.encode(" " + solution)
+            logp = torch.log_softmax(t[torch.tensor(ids[:-1])], dim=-1)
+            ll = sum(logp[i - 1, ids[i]].item() for i in range(len(context), len(ids)))
+            scores.append((ll, ll / len(" " + solution)))
+        correct += int(np.argmax([s[0] for s in scores]) == item.label)
+        correct_norm += int(np.argmax([s[1] for s in scores]) == item.label)
+    result = evaluate_piqa(path, items, batch=3, progress=False)
+    assert result == {"piqa_acc": correct / len(items), "piqa_acc_norm": correct_norm / len(items), "piqa_items": 11}
+    record = {"question": "g ", "options": "A. first \nB. second", "answer": "A. first "}
+    assert parse_piqa_record(record) == PiqaItem("g", ("first", "second"), 0)
