@@ -2,6 +2,7 @@
 // weights once and caches them, and runs w4a8_cpu.h on ONNX Runtime's intra-op thread pool.
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -43,8 +44,11 @@ class CpuW4A8Kernel {
     if (t.x_type != kXType) fail_invalid(node_, "X's element type does not match the kernel's");
     if (t.problem.M == 0) return;
     const float act_scale = *t.act_scale;
-    if (attrs_.act_mode == kActPerTensorStatic && !(std::isfinite(act_scale) && act_scale > 0.0f)) {
-      fail_invalid(node_, "act_scale=" + std::to_string(act_scale) + " must be finite and > 0 with act_mode=0");
+    // A subnormal scale would overflow 1 / act_scale (docs/ops.md step 3): refused like 0.
+    if (attrs_.act_mode == kActPerTensorStatic &&
+        !(std::isfinite(act_scale) && act_scale >= std::numeric_limits<float>::min())) {
+      fail_invalid(node_, "act_scale=" + std::to_string(act_scale) +
+                              " must be finite and > 0, at least 2^-126 (a normal float32), with act_mode=0");
     }
     const cpu::ParallelFor parallel_for = [&context](size_t count, const std::function<void(size_t)>& task) {
       run_on_ort_threads(context, count, task);

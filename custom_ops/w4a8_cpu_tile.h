@@ -60,11 +60,16 @@ class TaskScratch {
   size_t size_ = 0;
 };
 
-// a_m = max_k |x[k]| / 127, or 1 for an all-zero row (docs/ops.md step 2). x: float32 [k].
-// The max is taken over the float bits with the sign cleared: for non-negative floats the
+// Bits of |x| for +Inf: larger patterns (sign cleared) are NaNs.
+constexpr uint32_t kInfBits = 0x7f800000u;
+// Smallest dynamic a_m kept (2^-126, the smallest normal float32): below it 1 / a_m would
+// overflow or lose precision, so the row gets a_m = 1 like an all-zero row (docs/ops.md step 2).
+constexpr float kMinTokenScale = 1.17549435e-38f;
+
+// max_k of the bits of |x[k]| (sign cleared), x: float32 [k]. For non-negative floats the
 // integer order is the float order, and an integer max reduction vectorizes without
-// -ffast-math (a float one does not). A NaN gives a NaN scale: unspecified output, no UB.
-inline float token_scale(const float* x, int64_t k) {
+// -ffast-math (a float one does not); NaNs compare above +Inf (kInfBits).
+inline uint32_t abs_max_bits(const float* x, int64_t k) {
   uint32_t amax_bits = 0;
   for (int64_t i = 0; i < k; ++i) {
     uint32_t bits;
@@ -72,10 +77,16 @@ inline float token_scale(const float* x, int64_t k) {
     bits &= 0x7fffffffu;
     amax_bits = bits > amax_bits ? bits : amax_bits;
   }
+  return amax_bits;
+}
+
+// a_m = max_k |x[k]| / 127 for the row's abs_max_bits, or 1 when that is below
+// kMinTokenScale (an all-zero row, or one so small that 1 / a_m overflows); NaN or Inf stay.
+inline float token_scale(uint32_t amax_bits) {
   float amax;
   __builtin_memcpy(&amax, &amax_bits, sizeof amax);
   const float scale = amax / kInt8Max;
-  return scale == 0.0f ? 1.0f : scale;
+  return scale < kMinTokenScale ? 1.0f : scale;
 }
 
 // q[i] = clip(rint(x[i] * inv), -127, 127) for i < count; returns sum_i q[i].
@@ -100,7 +111,8 @@ inline int32_t quantize_span(const float* x, int64_t count, float inv, int8_t* q
 void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end) {
   for (int64_t m = row_begin; m < row_end; ++m) {
     const float* x = a.x + m * a.k;
-    const float scale = a.act_mode == kActPerTokenDynamic ? token_scale(x, a.k) : a.act_scale;
+    const uint32_t amax_bits = abs_max_bits(x, a.k);
+    const float scale = a.act_mode == kActPerTokenDynamic ? token_scale(amax_bits) : a.act_scale;
     const float inv = 1.0f / scale;
     int8_t* q = a.q + m * a.q_stride;
     for (int64_t g = 0; g < a.groups; ++g) {
@@ -108,7 +120,11 @@ void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end) {
       a.q_group_sums[m * a.groups + g] = quantize_span(x + g * a.group_size, a.group_size, inv, q_group);
       for (int64_t p = a.group_size; p < a.group_padded; ++p) q_group[p] = 0;
     }
-    a.row_scales[m] = scale;
+    // docs/ops.md "NaN and Inf", as in the function body: a NaN in the row (either mode) or an
+    // infinite a_m (dynamic mode, an Inf in the row) makes the whole Y row NaN; the NaN row
+    // scale multiplies every output channel of the row. (Static mode saturates an Inf to +-127.)
+    const bool poisoned = amax_bits > kInfBits || !(scale <= __FLT_MAX__);
+    a.row_scales[m] = poisoned ? __builtin_nanf("") : scale;
   }
 }
 
