@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Builds the W4A8 CUDA kernels (custom_ops/w4a8_cuda.cu, + w4a8_cuda_sm90.cu for sm_90a) into a standalone shared library for
-# benchmarks/gpu_gemm.py (ctypes; no ONNX Runtime), for sm_80 and sm_90 plus compute_90 PTX,
-# and checks the machine code: IMMA instructions present, no register spills.
+# Builds the W4A8 CUDA kernels (custom_ops/w4a8_cuda.cu for sm_80 / sm_90 + compute_90 PTX;
+# w4a8_cuda_sm90.cu and w4a8_cuda_sm90_tma.cu for sm_90a) into a standalone shared library for
+# benchmarks/gpu_gemm.py (ctypes; no ONNX Runtime), and checks the machine code: IMMA / IGMMA /
+# bulk-copy / mbarrier instructions present, no register spills, no local memory.
 #
 #   benchmarks/build_cuda_standalone.sh [OUT_DIR]     (default: build/cuda_standalone)
 #
-# Writes OUT_DIR/libfptq_cuda_standalone.so, OUT_DIR/ptxas.log (-Xptxas -v) and
-# OUT_DIR/sass.txt (cuobjdump -sass). Needs nvcc and cuobjdump on PATH (or in
-# /usr/local/cuda/bin). Exits non-zero on a build error, a spill, or missing IMMA.
+# Writes OUT_DIR/libfptq_cuda_standalone.so, OUT_DIR/ptxas.log (-Xptxas -v),
+# OUT_DIR/sass.txt (cuobjdump -sass) and OUT_DIR/check_sass.txt (benchmarks/check_sass.py).
+# Needs nvcc and cuobjdump on PATH (or in /usr/local/cuda/bin). Exits non-zero on a build
+# error, a spill, or a failed SASS check.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -37,19 +39,25 @@ common=(-O3 -std=c++17 -Xcompiler -fPIC --threads 0
     echo "ERROR: nvcc failed on w4a8_cuda.cu" >&2
     exit 1
   }
-# 2. The Hopper wgmma kernel, sm_90a only. A failure here is reported and the library is
-#    built without it (the wgmma variants then return cudaErrorNotSupported).
+# 2. The Hopper wgmma kernels, sm_90a only: w4a8_cuda_sm90.cu (variants 3-8, 12-13) and
+#    w4a8_cuda_sm90_tma.cu (variants 16-18). A failure here is reported and the library is
+#    built without that object (its variants then return cudaErrorNotSupported).
 objs=("$tmp/w4a8_cuda.o")
-sm90_status="built"
-if [[ "${FPTQ_NO_SM90A:-0}" == "1" ]]; then
-  sm90_status="skipped (FPTQ_NO_SM90A=1)"
-elif "$nvcc_bin" "${common[@]}" -gencode arch=compute_90a,code=sm_90a \
-     -c -o "$tmp/w4a8_cuda_sm90.o" "$repo/custom_ops/w4a8_cuda_sm90.cu" > "$tmp/ptxas_sm90.log" 2>&1; then
-  objs+=("$tmp/w4a8_cuda_sm90.o")
-else
-  sm90_status="FAILED (see ptxas_sm90.log); library built without the wgmma kernel"
-  grep -v '^ptxas info\|^    0 bytes stack' "$tmp/ptxas_sm90.log" | tail -40 >&2
-fi
+sm90_status=""
+: > "$tmp/ptxas_sm90.log"
+for src in w4a8_cuda_sm90 w4a8_cuda_sm90_tma; do
+  if [[ "${FPTQ_NO_SM90A:-0}" == "1" ]]; then
+    sm90_status="skipped (FPTQ_NO_SM90A=1)"
+    break
+  elif "$nvcc_bin" "${common[@]}" -gencode arch=compute_90a,code=sm_90a \
+       -c -o "$tmp/$src.o" "$repo/custom_ops/$src.cu" >> "$tmp/ptxas_sm90.log" 2>&1; then
+    objs+=("$tmp/$src.o")
+    sm90_status+="$src.cu built; "
+  else
+    sm90_status+="$src.cu FAILED (see ptxas.log), library built without it; "
+    grep -v '^ptxas info\|^    0 bytes stack' "$tmp/ptxas_sm90.log" | tail -40 >&2
+  fi
+done
 cat "$tmp/ptxas_sm90.log" >> "$tmp/ptxas.log" 2>/dev/null || true
 "$nvcc_bin" -shared -cudart static -o "$tmp/lib.so" "${objs[@]}" >> "$tmp/ptxas.log" 2>&1 || {
   tail -20 "$tmp/ptxas.log" >&2
@@ -61,7 +69,7 @@ grep -v '^ptxas info\|^    [0-9]* bytes stack' "$tmp/ptxas.log" || true
 mkdir -p "$out"
 mv -f "$tmp/lib.so" "$lib"
 mv -f "$tmp/ptxas.log" "$out/ptxas.log"
-echo "sm_90a wgmma kernel: $sm90_status"
+echo "sm_90a wgmma kernels: $sm90_status"
 
 # cuobjdump: PATH, the CUDA install, or the nvidia-cuda-cuobjdump wheel of a Python here.
 cuobjdump_bin="$(command -v cuobjdump || true)"
@@ -113,5 +121,13 @@ fi
 if [[ -n "$stack" ]]; then
   echo "note: kernels with a stack frame:"
   echo "$stack"
+fi
+# Per-kernel instruction checks (IMMA / IGMMA / UBLKCP / SYNCS / USETMAXREG, no local memory,
+# no wgmma serialization notes): benchmarks/check_sass.py, also run by tests/test_build_cuda.py.
+if [[ -n "$cuobjdump_bin" ]] && command -v python3 >/dev/null; then
+  PATH="$PATH:$(dirname "$cuobjdump_bin")" python3 "$here/check_sass.py" "$lib" --ptxas-log "$out/ptxas.log" \
+    > "$out/check_sass.txt" 2>&1 || status=1
+  tail -1 "$out/check_sass.txt"
+  grep '^FAIL' "$out/check_sass.txt" >&2 || true
 fi
 exit $status

@@ -40,6 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import emu_tma  # noqa: E402  (the TMA kernel's emulation, beside this file)
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_LIB = REPO / "build" / "cuda_standalone" / "libfptq_cuda_standalone.so"
 BUILD_SCRIPT = REPO / "benchmarks" / "build_cuda_standalone.sh"
@@ -487,6 +490,9 @@ VARIANTS = {
     13: ("wg128p_ilv", "wgmma", 128, 1),
     14: ("mma16_pdl_fr", "mma", 16, None),
     15: ("mma32_pdl_fr", "mma", 32, None),
+    16: ("tma128", "tma", 128, None),  # w4a8_cuda_sm90_tma.cu: tokens per block (BT)
+    17: ("tma64", "tma", 64, None),
+    18: ("tma16", "tma", 16, None),
 }
 AUTO = -1
 WG_BN = 128
@@ -823,6 +829,55 @@ def wgmma_emulation_checks(rng, quick: bool) -> int:
     return failures
 
 
+def compare_to_reference(name: str, y, ref, t0: float) -> bool:
+    """Logs and returns whether an emulated output is finite and within 1e-5 of max |ref|."""
+    err = float(np.max(np.abs(y - ref))) if y.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    ok = bool(np.all(np.isfinite(y))) and err <= 1e-5 * max(scale, 1e-30)
+    log(f"{'ok  ' if ok else 'FAIL'} {name}: max|err|={err:.3g} max|ref|={scale:.3g} ({time.time() - t0:.1f}s)")
+    return ok
+
+
+def tma_emulation_checks(rng, quick: bool) -> int:
+    """benchmarks/emu_tma.py: the TMA kernel's mbarrier protocol and index math vs float64."""
+    failures = 0
+    for stages, n_kt, overlap in [(6, 1, True), (6, 2, True), (10, 23, True), (8, 9, True), (6, 7, False), (6, 1, False)]:
+        ok = True
+        for _ in range(3 if quick else 10):
+            try:
+                emu_tma.emu_tma_pipeline(stages, n_kt, overlap, rng)
+            except AssertionError as e:
+                ok = False
+                log(f"FAIL emulate TMA pipeline stages={stages} k-tiles={n_kt} overlap={overlap}: {e}")
+        failures += not ok
+    log(f"{'ok  ' if not failures else 'FAIL'} emulate TMA kernel mbarrier protocol (random schedules)")
+    cases = [  # (variant, M, N, K, gs, split, act_mode, sym)
+        (18, 1, 130, 256, 128, 2, 1, False),   # decode: one token, split-K, N tail
+        (18, 17, 37, 384, 128, 3, 0, True),    # two token tiles, static scale
+        (17, 70, 200, 256, 256, 1, 1, False),  # group of 256 (two k-tiles per group)
+        (16, 5, 256, 128, 128, 1, 1, False),
+        (16, 130, 40, 256, 128, 2, 1, False),  # two token tiles of 128
+    ]
+    if quick:
+        cases = cases[:3]
+    for v, M, N, K, gs, split, act_mode, sym in cases:
+        bt = VARIANTS[v][2]
+        name = f"emulate TMA kernel {VARIANTS[v][0]} M={M} N={N} K={K} gs={gs} split={split} mode={act_mode} sym={sym}"
+        try:
+            t0 = time.time()
+            x, B, scales, zp, act_scale = random_problem(rng, M, N, K, gs, sym, act_mode)
+            packed = emu_repack(B, scales, zp, N, K, gs)
+            xq, act, _ = emu_quantize(x, act_mode, act_scale, TILE_K, ceil_div(M, 4) * 4)
+            y = emu_tma.emu_gemm_tma(bt, split, xq, act, packed, packed_layout(N, K, gs), M, N, K, gs)
+            ok = compare_to_reference(name, y, quant.w4a8_matmul_reference(x, B, scales, zp, act_scale, act_mode), t0)
+            failures += not ok
+        except Exception:  # noqa: BLE001
+            failures += 1
+            log(f"FAIL {name}: exception")
+            traceback.print_exc()
+    return failures
+
+
 def emulation_checks(quick: bool, lib=None) -> int:
     """Runs the emulation for each tile config x sub-group size on small shapes with tails."""
     rng = np.random.default_rng(1234)
@@ -851,6 +906,7 @@ def emulation_checks(quick: bool, lib=None) -> int:
         failures += not ok
         log(f"{'ok  ' if ok else 'FAIL'} {name}")
     failures += wgmma_emulation_checks(rng, quick)
+    failures += tma_emulation_checks(rng, quick)
     for cfg_id, M, N, K, gs, split, act_mode, sym in cases:
         name = f"emulate cfg={cfg_id} M={M} N={N} K={K} gs={gs} split={split} mode={act_mode} sym={sym}"
         try:
@@ -865,12 +921,8 @@ def emulation_checks(quick: bool, lib=None) -> int:
             if not (np.array_equal(xq, xq2) and np.array_equal(act, act2) and np.array_equal(rowsum, rowsum2)):
                 raise AssertionError("quantize_rows_kernel emulation differs from the reference quantization")
             y = emu_gemm(cfg, split, xq, act, rowsum, packed, M, N, K, gs, Mp)
-            ref = quant.w4a8_matmul_reference(x, B, scales, zp, act_scale, act_mode)
-            err = float(np.max(np.abs(y - ref))) if y.size else 0.0
-            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-            ok = bool(np.all(np.isfinite(y))) and err <= 1e-5 * max(scale, 1e-30)
+            ok = compare_to_reference(name, y, quant.w4a8_matmul_reference(x, B, scales, zp, act_scale, act_mode), t0)
             failures += not ok
-            log(f"{'ok  ' if ok else 'FAIL'} {name}: max|err|={err:.3g} max|ref|={scale:.3g} ({time.time() - t0:.1f}s)")
         except Exception:  # noqa: BLE001 - report and go on with the next case
             failures += 1
             log(f"FAIL {name}: exception")
@@ -980,6 +1032,18 @@ def library_host_checks(lib) -> int:
               f"wgmma variant {v} rejects group_size 64")
         check(lib.fptq_w4a8_variant_info(v, 90, 128) == linked and lib.fptq_w4a8_variant_info(v, 89, 128) == 0,
               f"variant_info({v})")
+    tma_linked = lib.fptq_w4a8_variant_info(16, 90, 128) == 1
+    log(f"note host: sm_90a TMA kernel linked: {tma_linked}")
+    for v in (16, 17, 18):
+        bt = VARIANTS[v][2]
+        p = plan_info(lib, 300, 4096, 4096, 128, 132, 233472, v)
+        check(p["cfg"] == 5 and p["m_tiles"] == ceil_div(300, bt) and p["n_tiles"] == 32 and p["occupancy"] == 1
+              and (not tma_linked or p["smem"] == emu_tma.cfg(bt)["SMEM_BYTES"])
+              and p["workspace"] >= p["m_tiles"] * bt * 4096, f"TMA plan variant {v}: {p}")
+        check(lib.fptq_w4a8_plan_info_variant(300, 4096, 4096, 64, 132, 233472, v, (ctypes.c_int64 * 8)(), None) == -1,
+              f"TMA variant {v} rejects group_size 64")
+        check(lib.fptq_w4a8_variant_info(v, 90, 128) == tma_linked and lib.fptq_w4a8_variant_info(v, 89, 128) == 0
+              and lib.fptq_w4a8_variant_info(v, 90, 64) == 0, f"variant_info({v})")
     for v, cfg_id in ((9, 0), (10, 1), (11, 2)):
         p = plan_info(lib, 40, 4096, 4096, 64, 132, 233472, v)
         check(p["cfg"] == cfg_id and lib.fptq_w4a8_variant_info(v, 90, 64) == 1 and lib.fptq_w4a8_variant_info(v, 80, 64) == 0,
@@ -1068,7 +1132,7 @@ class FakeGpuLib:
     def _variant(self, M, gs, variant):
         if variant == AUTO:
             return 0 if M <= 16 else (1 if M <= 64 else 2)
-        if VARIANTS[variant][1] == "wgmma" and gs % TILE_K:
+        if VARIANTS[variant][1] in ("wgmma", "tma") and gs % TILE_K:
             return None
         return variant
 
@@ -1110,7 +1174,10 @@ class FakeGpuLib:
         sg = sub_group_size(gs)
         Mp = ceil_div(M, 4) * 4
         xq, act, rowsum = emu_quantize(x.astype(np.float32), act_mode, act_scale, sg, Mp)
-        if VARIANTS[v][1] == "wgmma":
+        if VARIANTS[v][1] == "tma":
+            y = emu_tma.emu_gemm_tma(VARIANTS[v][2], p["split"], xq, act, pk, lay, M, N, K, gs,
+                                     out_half=dtype == DTYPE_FLOAT16)
+        elif VARIANTS[v][1] == "wgmma":
             y = emu_gemm_wgmma(VARIANTS[v][2], VARIANTS[v][3], p["split"], xq, act, pk, M, N, K, gs,
                                out_half=dtype == DTYPE_FLOAT16,
                                ilv_model="lbo_is_mn" if VARIANTS[v][3] == 2 else "lbo_is_k")
@@ -1589,7 +1656,7 @@ def main() -> int:
             return 1
         be = Backend(torch, fake=True)
         fake = FakeGpuLib(lib)
-        sv = [v for v in variants if v in (AUTO, 0, 2, 3, 4, 8, 10, 12, 14)]
+        sv = [v for v in variants if v in (AUTO, 0, 2, 3, 4, 8, 10, 12, 14, 16, 18)]
         n = gpu_correctness(fake, be, SELF_TEST_CASES, sv)
         res: list = []
         n += gpu_bench(fake, be, [(256, 64)], [1, 3], res, "CPU (emulated)", fake.SMS,

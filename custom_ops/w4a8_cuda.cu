@@ -22,6 +22,7 @@
 #include <stdlib.h>
 
 #include "w4a8_cuda.h"
+#include "w4a8_cuda_device.cuh"
 #include "w4a8_cuda_sm90.h"
 
 // The Hopper wgmma GEMM lives in w4a8_cuda_sm90.cu (built for sm_90a only). Weak: a build
@@ -29,6 +30,10 @@
 extern "C" cudaError_t fptq_w4a8_sm90_gemm(const FptqSm90GemmArgs* args, cudaStream_t stream)
     __attribute__((weak));
 extern "C" int fptq_w4a8_sm90_smem_bytes(int bm) __attribute__((weak));
+// The TMA (bulk copy) wgmma GEMM, w4a8_cuda_sm90_tma.cu (same build and weak-link rules).
+extern "C" cudaError_t fptq_w4a8_sm90_tma_gemm(const FptqSm90TmaArgs* args, cudaStream_t stream)
+    __attribute__((weak));
+extern "C" int fptq_w4a8_sm90_tma_smem_bytes(int bt) __attribute__((weak));
 
 namespace fptq {
 namespace w4a8cuda {
@@ -57,43 +62,6 @@ inline bool valid_shape(int N, int K, int group_size) {
     return false;
   }
   return K % group_size == 0;
-}
-
-// Shared-memory address of a generic pointer, for the PTX below.
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global->shared copy that bypasses L1 (each byte is used once per block). When
-// `valid` is false it reads nothing and zero-fills the 16 bytes (src-size 0): out-of-range
-// rows, k-steps and sub-groups then contribute exact zeros, with no branch in the math.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-               "l"(gmem), "r"(src_size)
-               : "memory");
-}
-
-// Programmatic dependent launch (sm_90+; no-ops before, and when not launched as a dependent).
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void grid_dependents_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-// Waits until at most N of this thread's cp.async groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Four 8x8 b16 matrices = one 16x32 int8 A fragment of mma.m16n8k32 (rows g / g+8,
@@ -153,36 +121,6 @@ __device__ __forceinline__ float4 load4(const __half* x, bool vec) {
   }
   return make_float4(__half2float(x[0]), __half2float(x[1]), __half2float(x[2]),
                      __half2float(x[3]));
-}
-
-// Stores Y[row, n] = v0 and Y[row, n + 1] = v1 where they exist (n is even; N may be odd).
-// vec: row + n is 8-byte (float) / 4-byte (half) aligned whenever n + 1 < N.
-__device__ __forceinline__ void store_pair(float* row, int n, int N, float v0, float v1,
-                                           bool vec) {
-  if (n + 1 < N) {
-    if (vec) {
-      *reinterpret_cast<float2*>(row + n) = make_float2(v0, v1);
-    } else {
-      row[n] = v0;
-      row[n + 1] = v1;
-    }
-  } else if (n < N) {
-    row[n] = v0;
-  }
-}
-
-__device__ __forceinline__ void store_pair(__half* row, int n, int N, float v0, float v1,
-                                           bool vec) {
-  if (n + 1 < N) {
-    if (vec) {
-      *reinterpret_cast<__half2*>(row + n) = __floats2half2_rn(v0, v1);
-    } else {
-      row[n] = __float2half_rn(v0);
-      row[n + 1] = __float2half_rn(v1);
-    }
-  } else if (n < N) {
-    row[n] = __float2half_rn(v0);
-  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -315,6 +253,7 @@ struct Plan {
   int64_t m_tiles = 0, Mp = 0;
   size_t off_xq = 0, off_act = 0, off_rowsum = 0, off_partial = 0, total = 0;
   size_t off_counters = 0;  // fused split-K reduction: int32 [m_tiles * n_tiles] tile counters
+  int xq_tile_rows = 0;     // TMA kernel: Xq in the tiled layout with tiles of this many rows
   int64_t n_counters = 0;
 };
 
@@ -350,12 +289,25 @@ inline int mma_cfg_of(int v) {
   return is_pdl_variant(v) ? v - FPTQ_W4A8_VARIANT_MMA16_PDL : v;
 }
 
+// 16-18: the sm_90a TMA kernel (w4a8_cuda_sm90_tma.cu) with 128 / 64 / 16 tokens per block;
+// 128 runs one accumulator set, 64 and 16 two (the fold overlaps the next k-tile's wgmmas).
+inline bool is_tma_variant(int v) {
+  return v >= FPTQ_W4A8_VARIANT_TMA128 && v <= FPTQ_W4A8_VARIANT_TMA16;
+}
+inline int tma_bt(int v) {
+  return v == FPTQ_W4A8_VARIANT_TMA128 ? 128 : (v == FPTQ_W4A8_VARIANT_TMA64 ? 64 : 16);
+}
+inline int tma_overlap(int v) { return v == FPTQ_W4A8_VARIANT_TMA128 ? 0 : 1; }
+
 // Whether `variant` can run this shape on a device of compute capability `cc` (major * 10 +
 // minor): the wgmma kernel needs sm_90, group sizes that are multiples of 128, and the sm_90a
 // object linked in.
 inline bool variant_supported(int variant, int group_size, int cc) {
   if (variant >= 0 && variant <= 2) return true;
   if (is_pdl_variant(variant)) return cc >= 90;
+  if (is_tma_variant(variant)) {
+    return cc == 90 && group_size % kTileK == 0 && fptq_w4a8_sm90_tma_gemm != nullptr;
+  }
   if (!is_wgmma_variant(variant)) return false;
   return cc == 90 && group_size % kTileK == 0 && fptq_w4a8_sm90_gemm != nullptr;
 }
@@ -400,6 +352,12 @@ bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_p
     p->cfg = bm == 128 ? 3 : 4;
     p->smem = fptq_w4a8_sm90_smem_bytes != nullptr ? fptq_w4a8_sm90_smem_bytes(bm) : 0;
     p->occupancy = 1;
+  } else if (is_tma_variant(variant)) {
+    if (group_size % kTileK != 0) return false;
+    bm = tma_bt(variant);
+    p->cfg = 5;
+    p->smem = fptq_w4a8_sm90_tma_smem_bytes != nullptr ? fptq_w4a8_sm90_tma_smem_bytes(bm) : 0;
+    p->occupancy = 1;
   } else {
     p->cfg = mma_cfg_of(variant);
     bm = kConfigBM[p->cfg];
@@ -432,8 +390,12 @@ bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_p
   }
 
   const size_t Mz = static_cast<size_t>(M);
+  // The TMA kernel reads Xq in whole tiles of bm rows (xq_tiled, w4a8_cuda_sm90.h): the
+  // quantize kernel writes m_tiles * bm rows, zeros past M.
+  p->xq_tile_rows = is_tma_variant(variant) ? bm : 0;
+  const size_t xq_rows = p->xq_tile_rows ? static_cast<size_t>(p->m_tiles) * bm : Mz;
   p->off_xq = 0;
-  p->off_act = align_up(Mz * K, kBufferAlign);
+  p->off_act = align_up(xq_rows * K, kBufferAlign);
   p->off_rowsum = align_up(p->off_act + static_cast<size_t>(p->Mp) * sizeof(float), kBufferAlign);
   p->off_partial = align_up(
       p->off_rowsum + static_cast<size_t>(K / p->sg) * p->Mp * sizeof(int32_t), kBufferAlign);
@@ -538,7 +500,21 @@ struct QuantArgs {
   int32_t* rowsum;           // [K/sg, Mp] out: sum of xq over each sub-group, 0 for m >= M
   int32_t* counters;         // [n_counters] out: zeroed (fused split-K reduction of the GEMM)
   int64_t n_counters;
+  int tile_rows;             // 0: xq row-major [M, K]; else the TMA kernel's tiled layout with
+                             // tiles of tile_rows rows (xq_offset), rows M .. grid-1 zeroed
 };
+
+// Byte offset of Xq[m, k] (k % 4 == 0: a 4-byte group stays in one 16-byte chunk). Tiled
+// (tile_rows = T > 0): [m / T][k / 128][m % T][128] with 16-byte chunk c of row r stored at
+// chunk c ^ (r & 7), the 128B swizzle the TMA kernel's wgmma descriptor reads, so that one
+// bulk copy of T * 128 contiguous bytes lands in shared memory ready to use.
+__device__ __forceinline__ int64_t xq_offset(int64_t m, int k, int K, int tile_rows) {
+  if (tile_rows == 0) return m * K + k;
+  const int64_t mt = m / tile_rows;
+  const int r = static_cast<int>(m - mt * tile_rows);
+  const int kt = k / kTileK, c = (k / 16) & 7;
+  return ((mt * (K / kTileK) + kt) * tile_rows + r) * kTileK + ((c ^ (r & 7)) << 4) + (k & 15);
+}
 
 // grid (Mp), block kQuantThreads. Thread tid handles the 4-element chunks
 // k = 4 * (tid + step * kQuantThreads); a warp's 32 chunks are 128 aligned elements, so a
@@ -554,7 +530,14 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const Quan
     p.counters[i] = 0;  // the GEMM's tile counters of this call (it waits for this grid)
   }
   if (m >= p.M) {  // padding rows: the GEMM copies rowsums 4 rows at a time
-    for (int j = tid; j < n_sub; j += kQuantThreads) p.rowsum[static_cast<int64_t>(j) * p.Mp + m] = 0;
+    if (m < p.Mp) {
+      for (int j = tid; j < n_sub; j += kQuantThreads) p.rowsum[static_cast<int64_t>(j) * p.Mp + m] = 0;
+    }
+    if (p.tile_rows) {  // the TMA kernel multiplies whole tiles: rows past M must be zero
+      for (int k = 16 * tid; k < p.K; k += 16 * kQuantThreads) {
+        *reinterpret_cast<uint4*>(p.xq + xq_offset(m, k, p.K, p.tile_rows)) = make_uint4(0, 0, 0, 0);
+      }
+    }
     return;
   }
   const T* xr = p.x + m * p.K;
@@ -608,7 +591,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const Quan
                               ((static_cast<uint32_t>(q1) & 0xFFu) << 8) |
                               ((static_cast<uint32_t>(q2) & 0xFFu) << 16) |
                               ((static_cast<uint32_t>(q3) & 0xFFu) << 24);
-      *reinterpret_cast<uint32_t*>(p.xq + m * p.K + k) = packed;
+      *reinterpret_cast<uint32_t*>(p.xq + xq_offset(m, k, p.K, p.tile_rows)) = packed;
     }
     for (int off = 1; off < lanes_per_sub; off <<= 1) qsum += __shfl_xor_sync(0xffffffffu, qsum, off);
     if (k < p.K && (lane & (lanes_per_sub - 1)) == 0) {
@@ -1029,6 +1012,29 @@ cudaError_t launch_gemm_any(const Plan& plan, const GemmArgs& args, cudaStream_t
   }
 }
 
+// The fields the two sm_90a launch structs (FptqSm90GemmArgs, FptqSm90TmaArgs) share, from the
+// mma.sync kernel's arguments and the plan.
+template <class H>
+void fill_sm90_args(const GemmArgs& a, const Plan& plan, H* h) {
+  h->act = a.act;
+  h->bp = a.bp;
+  h->sp = a.sp;
+  h->zp = a.zp;
+  h->y = a.y;
+  h->partial = a.partial;
+  h->M = a.M;
+  h->N = a.N;
+  h->Npad = a.Npad;
+  h->K = a.K;
+  h->sub_per_group = a.sub_per_group;
+  h->k_tiles = plan.k_tiles;
+  h->tiles_per_split = plan.tiles_per_split;
+  h->split = plan.split;
+  h->m_tiles = static_cast<int>(plan.m_tiles);
+  h->n_tiles = plan.n_tiles;
+  h->out_half = a.out_half;
+}
+
 template <typename T>
 cudaError_t launch_quantize(const Plan& plan, const T* x, int64_t M, int K, int act_mode,
                             const float* act_scale, uint8_t* ws, cudaStream_t stream) {
@@ -1046,7 +1052,10 @@ cudaError_t launch_quantize(const Plan& plan, const T* x, int64_t M, int K, int 
   q.rowsum = reinterpret_cast<int32_t*>(ws + plan.off_rowsum);
   q.counters = reinterpret_cast<int32_t*>(ws + plan.off_counters);
   q.n_counters = plan.n_counters;
-  quantize_rows_kernel<T><<<static_cast<unsigned>(plan.Mp), kQuantThreads, 0, stream>>>(q);
+  q.tile_rows = plan.xq_tile_rows;
+  const int64_t rows = plan.xq_tile_rows ? plan.m_tiles * plan.xq_tile_rows : plan.Mp;
+  const int64_t grid = rows > plan.Mp ? rows : plan.Mp;
+  quantize_rows_kernel<T><<<static_cast<unsigned>(grid), kQuantThreads, 0, stream>>>(q);
   return cudaGetLastError();
 }
 
@@ -1172,28 +1181,20 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, i
   a.tiles_per_split = plan.tiles_per_split;
   a.out_half = dtype == FPTQ_DTYPE_FLOAT16;
   a.vec_out = (N % 2 == 0) && reinterpret_cast<uintptr_t>(Y) % (2 * elem) == 0;
-  a.pdl = is_pdl_variant(plan.variant) ? 1 : 0;
+  a.pdl = (is_pdl_variant(plan.variant) || is_tma_variant(plan.variant)) ? 1 : 0;
   a.counters = plan.n_counters > 0 ? reinterpret_cast<int32_t*>(ws + plan.off_counters) : nullptr;
-  if (is_wgmma_variant(plan.variant)) {
+  if (is_tma_variant(plan.variant)) {
+    FptqSm90TmaArgs h;
+    fill_sm90_args(a, plan, &h);
+    h.xq_tiled = a.xq;
+    h.pdl = 1;  // the quantize kernel calls launch_dependents first thing
+    h.bt = tma_bt(plan.variant);
+    h.overlap = tma_overlap(plan.variant);
+    e = fptq_w4a8_sm90_tma_gemm(&h, stream);
+  } else if (is_wgmma_variant(plan.variant)) {
     FptqSm90GemmArgs h;
+    fill_sm90_args(a, plan, &h);
     h.xq = a.xq;
-    h.act = a.act;
-    h.bp = a.bp;
-    h.sp = a.sp;
-    h.zp = a.zp;
-    h.y = a.y;
-    h.partial = a.partial;
-    h.M = M;
-    h.N = N;
-    h.Npad = l.Npad;
-    h.K = K;
-    h.sub_per_group = a.sub_per_group;
-    h.k_tiles = plan.k_tiles;
-    h.tiles_per_split = plan.tiles_per_split;
-    h.split = plan.split;
-    h.m_tiles = static_cast<int>(plan.m_tiles);
-    h.n_tiles = plan.n_tiles;
-    h.out_half = a.out_half;
     h.vec_out = a.vec_out;
     h.bm = wgmma_bm(plan.variant);
     h.layout = wgmma_layout(plan.variant);

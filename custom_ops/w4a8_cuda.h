@@ -37,6 +37,8 @@
 //   12-13 variants 3 / 4 as a persistent kernel (one block per SM walks the tiles)
 //   14-15 variants 9 / 10 with the split-K reduction fused into the GEMM (the last block of
 //        each tile sums the partials): one launch less (sm_90+)
+//   16-18 sm_90a bulk-copy (TMA) + register-A wgmma kernel (w4a8_cuda_sm90_tma.cu), 128 weight
+//        rows x 128 / 64 / 16 tokens per block (group_size % 128 == 0, sm_90 only)
 #define FPTQ_W4A8_VARIANT_AUTO (-1)
 #define FPTQ_W4A8_VARIANT_MMA16 0
 #define FPTQ_W4A8_VARIANT_MMA32 1
@@ -54,7 +56,10 @@
 #define FPTQ_W4A8_VARIANT_WGMMA128P_ILV 13
 #define FPTQ_W4A8_VARIANT_MMA16_PDL_FR 14
 #define FPTQ_W4A8_VARIANT_MMA32_PDL_FR 15
-#define FPTQ_W4A8_NUM_VARIANTS 16
+#define FPTQ_W4A8_VARIANT_TMA128 16
+#define FPTQ_W4A8_VARIANT_TMA64 17
+#define FPTQ_W4A8_VARIANT_TMA16 18
+#define FPTQ_W4A8_NUM_VARIANTS 19
 
 #ifdef __cplusplus
 // Constants of the CUDA kernel shared by host and device code (and mirrored by the numpy
@@ -157,7 +162,8 @@ cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, int64_t M, i
                                           size_t workspace_bytes, void* Y, int variant,
                                           cudaStream_t stream);
 // fptq_w4a8_plan_info for a given variant (AUTO: the sm_80 default). out[0] is 0-2 for the
-// mma.sync configs, 3 / 4 for the wgmma kernel with 128 / 64-row tiles.
+// mma.sync configs, 3 / 4 for the wgmma kernel with 128 / 64-row tiles, 5 for the TMA kernel
+// (out[4] m-tiles of 128 / 64 / 16 tokens, out[5] n-tiles of 128 weight rows).
 int fptq_w4a8_plan_info_variant(int64_t M, int N, int K, int group_size, int sm_count,
                                 int smem_per_sm, int variant, int64_t* out,
                                 size_t* workspace_bytes);

@@ -31,6 +31,7 @@
 #include <stdint.h>
 
 #include "w4a8_cuda.h"
+#include "w4a8_cuda_device.cuh"
 #include "w4a8_cuda_sm90.h"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -67,98 +68,10 @@ struct Cfg {
   static_assert(A_BYTES % 1024 == 0 && OFF_B % 1024 == 0, "operand tiles must be 1024-aligned");
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 #ifdef FPTQ_SM90A_DEVICE
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile(
-      "{\n.reg .b64 st;\nmbarrier.arrive.release.cta.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ uint32_t mbar_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done;
-}
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-// Waits for the phase of parity `parity` to complete. Watchdog: a wait of more than ~4 s can
-// only be a pipeline bug; the kernel traps (a launch error) instead of hanging the device.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  if (mbar_try_wait(bar, parity)) return;
-  const uint64_t t0 = global_ns();
-  while (!mbar_try_wait(bar, parity)) {
-    if (global_ns() - t0 > 4000000000ull) __trap();
-  }
-}
-// Explicit shared-memory accesses (the 1024-aligned base is computed through an integer, so
-// plain pointers would compile to generic loads/stores).
-__device__ __forceinline__ uint4 lds128(uint32_t a) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(a));
-  return v;
-}
-__device__ __forceinline__ uint32_t lds_u8(uint32_t a) {
-  uint32_t v;
-  asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ float2 lds_f2(uint32_t a) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
-  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 __device__ __forceinline__ void producer_bar() {  // named barrier 1: the producer warpgroup
   asm volatile("bar.sync 1, 128;\n" ::: "memory");
 }
-
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_wait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
-// Keeps the compiler from moving accumulator accesses across the wgmma fences.
-__device__ __forceinline__ void reg_fence(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
 // D[64 x 128] += A[64 x 32] * B[32 x 128], both from shared memory through descriptors.
 __device__ __forceinline__ void wgmma_n128(int32_t (&d)[64], uint64_t da, uint64_t db) {
@@ -234,37 +147,6 @@ struct KernelArgs {
   uint32_t lbo, sbo, mode, kstep_bytes;  // descriptor fields of the layout
 };
 
-template <typename T>
-__device__ __forceinline__ void store_pair(T* row, int n, int N, float v0, float v1, bool vec);
-template <>
-__device__ __forceinline__ void store_pair<float>(float* row, int n, int N, float v0, float v1,
-                                                  bool vec) {
-  if (n + 1 < N) {
-    if (vec) {
-      *reinterpret_cast<float2*>(row + n) = make_float2(v0, v1);
-    } else {
-      row[n] = v0;
-      row[n + 1] = v1;
-    }
-  } else if (n < N) {
-    row[n] = v0;
-  }
-}
-template <>
-__device__ __forceinline__ void store_pair<__half>(__half* row, int n, int N, float v0, float v1,
-                                                   bool vec) {
-  if (n + 1 < N) {
-    if (vec) {
-      *reinterpret_cast<__half2*>(row + n) = __floats2half2_rn(v0, v1);
-    } else {
-      row[n] = __float2half_rn(v0);
-      row[n + 1] = __float2half_rn(v1);
-    }
-  } else if (n < N) {
-    row[n] = __float2half_rn(v0);
-  }
-}
-
 // grid (m_tiles, n_tiles, split) -- or, PERSIST, min(tiles, SMs) blocks that walk the tiles
 // (m fastest, then n, then split) with one pipeline running across tile boundaries, so that
 // one tile's epilogue overlaps the next tile's loads. Block kThreads, dynamic shared memory
@@ -315,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
       mbar_init(bar_full + 8 * s, 128);   // every producer thread arrives
       mbar_init(bar_empty + 8 * s, 256);  // every consumer thread arrives
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    mbar_fence_init();
   }
   __syncthreads();
 
@@ -425,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
           wgmma_k32<C::NACC>(acc, da, db);
         }
         wgmma_commit();
-        wgmma_wait0();
+        wgmma_wait<0>();
 #pragma unroll
         for (int r = 0; r < C::NACC; ++r) reg_fence(acc[r]);
         // Fold: register 4 * q + 2 * h + e is row 16 * warp + g + 8 * h, column 8 * q + 2 * t + e.
@@ -457,11 +339,11 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
           const float v0 = facc[4 * q + 2 * h] * am, v1 = facc[4 * q + 2 * h + 1] * am;
           if (split) {
             float* row = p.partial + (static_cast<int64_t>(ti.bz) * p.M + m) * p.N;
-            store_pair<float>(row, n, p.N, v0, v1, (p.N & 1) == 0);
+            store_pair(row, n, p.N, v0, v1, (p.N & 1) == 0);
           } else if (p.out_half) {
-            store_pair<__half>(static_cast<__half*>(p.y) + m * p.N, n, p.N, v0, v1, vec);
+            store_pair(static_cast<__half*>(p.y) + m * p.N, n, p.N, v0, v1, vec);
           } else {
-            store_pair<float>(static_cast<float*>(p.y) + m * p.N, n, p.N, v0, v1, vec);
+            store_pair(static_cast<float*>(p.y) + m * p.N, n, p.N, v0, v1, vec);
           }
         }
       }
@@ -509,14 +391,8 @@ extern "C" cudaError_t fptq_w4a8_sm90_gemm(const FptqSm90GemmArgs* args, cudaStr
       args->layout > 2 || args->K % kTileK != 0 || args->sub_per_group < 1) {
     return cudaErrorInvalidValue;
   }
-  int dev = 0, major = 0, minor = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  cudaError_t e = require_sm90_device();  // sm_90a code runs on sm_90 only
   if (e != cudaSuccess) return e;
-  e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (e != cudaSuccess) return e;
-  e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  if (e != cudaSuccess) return e;
-  if (major != 9 || minor != 0) return cudaErrorNotSupported;  // sm_90a code runs on sm_90 only
   sm90::KernelArgs ka;
   ka.a = *args;
   if (args->layout == 0) {

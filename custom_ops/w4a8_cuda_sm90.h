@@ -43,6 +43,36 @@ cudaError_t fptq_w4a8_sm90_gemm(const FptqSm90GemmArgs* args, cudaStream_t strea
 // Dynamic shared memory the kernel for `bm` asks for (0 for an unsupported bm).
 int fptq_w4a8_sm90_smem_bytes(int bm);
 
+// ---- The TMA (bulk copy) + register-A wgmma GEMM, w4a8_cuda_sm90_tma.cu (variants 16-19) ----
+// Computes Y^T = W * Xq^T: the weights are wgmma's A operand (widened from nibbles to int8 in
+// registers), the activations its B operand (bulk-copied into shared memory). Xq is read in the
+// tiled layout the quantize kernel writes for it (xq_tiled below); group sizes % 128 == 0.
+typedef struct FptqSm90TmaArgs {
+  const int8_t* xq_tiled;  // [m_tiles][k_tiles][bt][128] int8, 16-byte chunks pre-swizzled
+                           // (chunk c of row r at c ^ (r & 7)); rows >= M are zero
+  const float* act;        // [>= M] float32 a_m
+  const uint8_t* bp;       // [Npad/32][K/32][512] weight atoms (w4a8_cuda.h)
+  const float* sp;         // [G, Npad] scales
+  const uint8_t* zp;       // [G, Npad] zero points
+  void* y;                 // [M, N] float32/float16 (split == 1)
+  float* partial;          // [split, M, N] float32 (split > 1)
+  int64_t M;
+  int N, Npad, K;
+  int sub_per_group;       // group_size / 128
+  int k_tiles, tiles_per_split, split;
+  int m_tiles, n_tiles;
+  int out_half, pdl;       // pdl: launched as a programmatic dependent of the quantize kernel
+  int bt;                  // tokens per block: 16, 64 or 128
+  int overlap;             // 1: two accumulator sets, the fold of k-tile i overlaps the wgmmas of i+1
+} FptqSm90TmaArgs;
+
+// Launches the TMA GEMM (grid m_tiles x n_tiles x split). cudaErrorNotSupported when the current
+// device is not sm_90 or (bt, overlap) names no compiled kernel.
+cudaError_t fptq_w4a8_sm90_tma_gemm(const FptqSm90TmaArgs* args, cudaStream_t stream);
+
+// Dynamic shared memory of the TMA kernel for `bt` tokens per block (0 for an unsupported bt).
+int fptq_w4a8_sm90_tma_smem_bytes(int bt);
+
 #ifdef __cplusplus
 }
 #endif

@@ -190,6 +190,49 @@ def test_sass_uses_int8_tensor_cores(cuda_library):
     assert per_arch.get("sm_80", 0) > 0 and per_arch.get("sm_90", 0) > 0, per_arch
 
 
+def load_benchmark_module(name: str):
+    """A module of benchmarks/ (not a package) by file name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sass_of_every_kernel_passes_check_sass(cuda_library):
+    """benchmarks/check_sass.py on the installed library: IMMA int8 in the sm_80 / sm_90 GEMM;
+    in the sm_90a code int8 IGMMA, and in the TMA kernel bulk copies (UBLKCP), mbarrier waits
+    and transaction arrives (SYNCS), setmaxnreg (USETMAXREG), A from registers and two
+    accumulator sets where it overlaps; no local memory anywhere."""
+    if find_cuobjdump() is None:
+        pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    check_sass = load_benchmark_module("check_sass")
+    failures, rows = check_sass.check(cuda_library)
+    assert not failures, failures
+    tma = {r["kernel"] for r in rows if r["arch"] == "sm_90a" and r["kernel"].startswith("w4a8_tma_kernel")}
+    assert tma == {"w4a8_tma_kernel<128,0>", "w4a8_tma_kernel<64,1>", "w4a8_tma_kernel<16,1>"}, tma
+
+
+def test_tma_kernel_ptxas_report_is_clean(tmp_path):
+    """The sm_90a TMA kernel alone through ptxas -v: no spills and no note that wgmma was
+    serialized or setmaxnreg ignored (C7508 / C7510 / C7512 / C7517 / C7518)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+    result = subprocess.run([nvcc, "-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a", "-cubin",
+                             "-Xptxas", "-v", "-I", str(REPO / "custom_ops"), "-o", str(tmp_path / "tma.cubin"),
+                             str(REPO / "custom_ops" / "w4a8_cuda_sm90_tma.cu")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert log.count("Compiling entry function") == 3, log
+    spills = [line for line in log.splitlines() if "spill" in line and not line.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")]
+    assert not spills, spills
+    notes = [line for line in log.splitlines() if any(code in line for code in ("C7508", "C7510", "C7512", "C7517", "C7518"))]
+    assert not notes, notes
+
+
 def test_cuda_runtime_is_static_and_hidden(cuda_library):
     """No libcudart/libcuda dependency (the library must load where no driver is installed, and
     beside any framework's own libcudart), and no CUDA or launcher symbol exported."""

@@ -1,0 +1,321 @@
+"""numpy emulation of the sm_90a TMA kernel (custom_ops/w4a8_cuda_sm90_tma.cu, variants 16-18).
+
+Checks on the CPU the index math that no compiler checks and no CPU can run:
+
+* the quantize kernel's tiled, pre-swizzled Xq layout (`xq_offset` of w4a8_cuda.cu);
+* the producer's bulk copies of one k-tile into a byte image of a shared-memory stage;
+* each consumer thread's 8-byte LDS of its weight words, the widening to int8 (u - z) and the
+  wgmma A-operand register fragments (PTX ISA: wgmma .m64nNk32 .s8 A in registers, the same
+  per-warp layout as mma.m16n8k32's A: a0 row g / k 4t.., a1 row g + 8, a2 k + 16, a3 both);
+* the B operand (Xq) read back through the 128B-swizzle descriptor as this repository reads
+  the PTX ISA (benchmarks/gpu_gemm.py wg_read_operand, the layout the H200 run proved);
+* the accumulator fragment ownership of m64nBT (register 4q + 2h + e is weight row
+  16w + g + 8h, token 8q + 2t + e), the magic-number fold with the two per-thread scales,
+  the epilogue's (token, weight row) -> Y[m, n] transpose and split-K;
+* the mbarrier protocol (full: one arrive.expect_tx + transaction bytes; empty: 8 warp
+  arrivals; the OVERLAP consumers' issue-ahead order) under random schedules.
+
+Used by benchmarks/gpu_gemm.py (--emulate-only, --self-test) and tests/test_tma_emulation.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TILE_K = 128
+K_STEPS = 4
+ATOM_N = 32
+ATOM_K = 32
+ATOM_BYTES = 512
+MAGIC_I = 0x4B400000
+MAGIC_F = np.float32(12582912.0)
+BN = 128  # weight rows per block
+TMA_VARIANTS = {16: (128, False), 17: (64, True), 18: (16, True)}  # id -> (tokens per block, OVERLAP)
+
+
+def cfg(bt: int) -> dict:
+    """tma::Cfg<BT> of w4a8_cuda_sm90_tma.cu."""
+    c = dict(STAGES=6 if bt >= 128 else (8 if bt >= 64 else 10), X_BYTES=bt * TILE_K, W_BYTES=BN * TILE_K // 2,
+             S_BYTES=BN * 4, Z_BYTES=BN)
+    c["OFF_W"] = c["X_BYTES"]
+    c["OFF_S"] = c["OFF_W"] + c["W_BYTES"]
+    c["OFF_Z"] = c["OFF_S"] + c["S_BYTES"]
+    c["TX_BYTES"] = c["X_BYTES"] + c["W_BYTES"] + c["S_BYTES"] + c["Z_BYTES"]
+    c["STAGE_BYTES"] = (c["OFF_Z"] + c["Z_BYTES"] + 1023) // 1024 * 1024
+    c["BAR_OFF"] = c["STAGES"] * c["STAGE_BYTES"]
+    c["SMEM_BYTES"] = 1024 + c["BAR_OFF"] + 2 * c["STAGES"] * 8
+    c["NACC"] = bt // 2
+    assert c["X_BYTES"] % 1024 == 0 and c["SMEM_BYTES"] <= 227 * 1024
+    return c
+
+
+def xq_offset(m, k, K: int, tile_rows: int):
+    """xq_offset of w4a8_cuda.cu: byte offset of Xq[m, k] (k % 4 == 0) in the tiled layout."""
+    m = np.asarray(m, np.int64)
+    k = np.asarray(k, np.int64)
+    if tile_rows == 0:
+        return m * K + k
+    mt, r = m // tile_rows, m % tile_rows
+    kt, c = k // TILE_K, (k // 16) & 7
+    return ((mt * (K // TILE_K) + kt) * tile_rows + r) * TILE_K + ((c ^ (r & 7)) << 4) + (k & 15)
+
+
+def tiled_xq(xq: np.ndarray, bt: int, K: int) -> np.ndarray:
+    """The workspace image the quantize kernel writes for the TMA kernel: m_tiles * bt rows,
+    4-byte groups at xq_offset, rows >= M zero."""
+    M = xq.shape[0]
+    m_tiles = -(-M // bt)
+    out = np.full(m_tiles * bt * K, 0x5A, np.uint8)  # garbage first: every byte must be written
+    src = np.ascontiguousarray(xq).view(np.uint8).reshape(M, K)
+    m = np.arange(m_tiles * bt)[:, None]
+    k4 = np.arange(0, K, 4)[None, :]
+    off = xq_offset(m, k4, K, bt)
+    for i in range(4):
+        vals = np.zeros((m_tiles * bt, K // 4), np.uint8)
+        vals[:M] = src[:, i::4]
+        out[off + i] = vals
+    return out
+
+
+def widen_lo(w: np.ndarray, z4: np.ndarray) -> np.ndarray:
+    w = w.astype(np.int64)
+    return ((((w & 0x0F0F0F0F) | 0x80808080) - z4) ^ 0x80808080) & 0xFFFFFFFF
+
+
+def widen_hi(w: np.ndarray, z4: np.ndarray) -> np.ndarray:
+    w = w.astype(np.int64)
+    return (((((w >> 4) & 0x0F0F0F0F) | 0x80808080) - z4) ^ 0x80808080) & 0xFFFFFFFF
+
+
+def s8_bytes(words: np.ndarray) -> np.ndarray:
+    """uint32 [..., 4 regs] -> int8 [..., 16] (register i byte j at 4i + j)."""
+    return np.ascontiguousarray(words.astype("<u4")).view(np.int8)
+
+
+def a_fragment_matrix(regs: np.ndarray) -> np.ndarray:
+    """The m64 x k32 int8 A operand that wgmma reads from the warpgroup's registers.
+    regs uint32 [4 warps, 32 lanes, 4]. a_i of (warp w, lane g*4+t): row 16w + g (+8 for
+    i = 1, 3), k 4t + byte (+16 for i = 2, 3)."""
+    A = np.zeros((64, 32), np.int64)
+    b = s8_bytes(regs)  # [4, 32, 16]
+    for w in range(4):
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            for i in range(4):
+                row = 16 * w + g + 8 * (i & 1)
+                col = 4 * t + 16 * (i >> 1)
+                A[row, col:col + 4] = b[w, lane, 4 * i:4 * i + 4]
+    return A
+
+
+def read_b_operand(smem: np.ndarray, saddr: int, rows: int) -> np.ndarray:
+    """[rows x 32] int8 of a K-major 128B-swizzled operand at saddr (SBO 1024), as
+    wg_read_operand of gpu_gemm.py reads mode 1."""
+    i = np.arange(rows, dtype=np.int64)[:, None]
+    j = np.arange(32, dtype=np.int64)[None, :]
+    addr = saddr + (i // 8) * 1024 + (i % 8) * 128 + j
+    addr = addr ^ (((addr >> 7) & 7) << 4)
+    assert addr.min() >= 0 and addr.max() < smem.size
+    return smem[addr].view(np.int8).astype(np.int64)
+
+
+def acc_coords(nacc: int):
+    """(rows [4, 32, nacc], cols [4, 32, nacc]) of the m64nN accumulator fragments; asserts
+    that they tile the 64 x N block exactly once."""
+    w = np.arange(4)[:, None, None]
+    lane = np.arange(32)[None, :, None]
+    r = np.arange(nacc)[None, None, :]
+    g, t = lane >> 2, lane & 3
+    rows = np.broadcast_to(16 * w + g + 8 * ((r >> 1) & 1), (4, 32, nacc))
+    cols = np.broadcast_to(8 * (r >> 2) + 2 * t + (r & 1), (4, 32, nacc))
+    cover = np.zeros((64, 2 * nacc), np.int64)
+    np.add.at(cover, (rows.ravel(), cols.ravel()), 1)
+    assert np.all(cover == 1), "accumulator fragments do not tile the block"
+    return rows, cols
+
+
+def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: np.ndarray, lay: dict,
+                 M: int, N: int, K: int, gs: int, out_half: bool = False) -> np.ndarray:
+    """w4a8_tma_kernel<bt, *> (+ splitk_reduce_kernel) block by block, thread by thread for
+    every address; `lay` is gpu_gemm.packed_layout(N, K, gs)."""
+    c = cfg(bt)
+    nacc = c["NACC"]
+    Npad, KB = lay["Npad"], K // ATOM_K
+    assert K % TILE_K == 0 and gs % TILE_K == 0
+    k_tiles = K // TILE_K
+    tps = -(-k_tiles // split)
+    assert -(-k_tiles // tps) == split
+    sub_per_group = gs // TILE_K
+    xt = tiled_xq(xq, bt, K)
+    act = act.astype(np.float32)
+    m_tiles, n_tiles = -(-M // bt), -(-N // BN)
+    partial = np.full((split, M, N), np.nan, np.float32)
+    rows_of, cols_of = acc_coords(nacc)
+    lane = np.arange(32)
+    g, t = lane >> 2, lane & 3
+    for bz in range(split):
+        kt_begin = bz * tps
+        kt_end = min(kt_begin + tps, k_tiles)
+        for bx in range(m_tiles):
+            for by in range(n_tiles):
+                n0 = by * BN
+                bp = lay["off_b"] + (n0 // ATOM_N) * KB * ATOM_BYTES
+                facc = np.zeros((2, 4, 32, nacc), np.float32)
+                for kt in range(kt_begin, kt_end):
+                    # producer: the bulk copies of k-tile kt into one stage image
+                    st = np.full(c["STAGE_BYTES"], 0xCD, np.uint8)
+                    src = (bx * k_tiles + kt) * c["X_BYTES"]
+                    st[0:c["X_BYTES"]] = xt[src:src + c["X_BYTES"]]
+                    for nb in range(BN // ATOM_N):
+                        s0 = bp + (nb * KB + kt * K_STEPS) * ATOM_BYTES
+                        d0 = c["OFF_W"] + nb * K_STEPS * ATOM_BYTES
+                        st[d0:d0 + K_STEPS * ATOM_BYTES] = packed[s0:s0 + K_STEPS * ATOM_BYTES]
+                    grp = kt // sub_per_group
+                    s0 = lay["off_s"] + (grp * Npad + n0) * 4
+                    st[c["OFF_S"]:c["OFF_S"] + c["S_BYTES"]] = packed[s0:s0 + c["S_BYTES"]]
+                    s0 = lay["off_z"] + grp * Npad + n0
+                    st[c["OFF_Z"]:c["OFF_Z"] + c["Z_BYTES"]] = packed[s0:s0 + c["Z_BYTES"]]
+                    sS = st[c["OFF_S"]:c["OFF_S"] + c["S_BYTES"]].view("<f4")
+                    # consumers
+                    for wgc in range(2):
+                        acc = np.full((64, bt), MAGIC_I, np.int64)
+                        scl = np.zeros((4, 32, 2), np.float32)
+                        for kk in range(K_STEPS):
+                            regs = np.zeros((4, 32, 4), np.int64)
+                            for w in range(4):
+                                row = 64 * wgc + 16 * w + g  # [32]
+                                w_off = (c["OFF_W"] + ((2 * wgc + (w >> 1)) * K_STEPS) * ATOM_BYTES + lane * 16
+                                         + 8 * (w & 1))
+                                addr = w_off + kk * ATOM_BYTES
+                                words = np.stack([st[a:a + 8].view("<u4") for a in addr]).astype(np.int64)  # LDS.64
+                                z40 = st[c["OFF_Z"] + row].astype(np.int64) * 0x01010101
+                                z41 = st[c["OFF_Z"] + row + 8].astype(np.int64) * 0x01010101
+                                scl[w, :, 0] = sS[row]
+                                scl[w, :, 1] = sS[row + 8]
+                                regs[w, :, 0] = widen_lo(words[:, 0], z40)
+                                regs[w, :, 1] = widen_lo(words[:, 1], z41)
+                                regs[w, :, 2] = widen_hi(words[:, 0], z40)
+                                regs[w, :, 3] = widen_hi(words[:, 1], z41)
+                            A = a_fragment_matrix(regs)
+                            B = read_b_operand(st, kk * 32, bt)  # x_desc(st + kk * 32)
+                            acc += A @ B.T
+                        a_ = acc[rows_of, cols_of]  # [4, 32, nacc]
+                        assert np.all(np.abs(a_ - MAGIC_I) < 2 ** 22)
+                        d = a_.astype("<u4").view("<f4") - MAGIC_F
+                        s = scl[:, :, (np.arange(nacc) >> 1) & 1]
+                        facc[wgc] = (d.astype(np.float64) * s + facc[wgc]).astype(np.float32)
+                # epilogue: register r of (wgc, w, lane) -> token m0 + col, weight row n0 + 64 wgc + row
+                for wgc in range(2):
+                    m = bx * bt + cols_of
+                    n = n0 + 64 * wgc + rows_of
+                    ok = (m < M) & (n < N)
+                    am = np.where(m < M, act[np.minimum(m, M - 1)], 0).astype(np.float32)
+                    partial[bz, m[ok], n[ok]] = (facc[wgc] * am)[ok]
+    y = partial[0].copy()
+    for z in range(1, split):
+        y = (y + partial[z]).astype(np.float32)
+    return y.astype(np.float16) if out_half else y
+
+
+def emu_tma_pipeline(stages: int, n_kt: int, overlap: bool, rng) -> None:
+    """The mbarrier protocol of w4a8_tma_kernel under a random schedule of the producer thread,
+    the bulk copies (which land in any order, any time after their issue) and the 8 consumer
+    warps. full[s]: count 1 + transaction bytes (arrive.expect_tx adds them first); empty[s]:
+    count 8. Asserts no deadlock, that consumers read only landed data of the right k-tile,
+    and that a stage is never refilled while a consumer still reads it (OVERLAP consumers hold
+    k-tile i until after they issued i + 1)."""
+    class Bar:
+        def __init__(self, count):
+            self.count, self.pending, self.tx, self.phase = count, count, 0, 0
+
+        def arrive(self, tx=0):
+            self.tx += tx
+            self.pending -= 1
+            self._maybe_complete()
+
+        def complete_tx(self, nbytes):
+            self.tx -= nbytes
+            assert self.tx >= 0, "more bytes than expected"
+            self._maybe_complete()
+
+        def _maybe_complete(self):
+            if self.pending == 0 and self.tx == 0:
+                self.phase += 1
+                self.pending = self.count
+
+        def done(self, parity):  # try_wait.parity: the phase with this parity has completed
+            return (self.phase & 1) != parity
+
+    full = [Bar(1) for _ in range(stages)]
+    empty = [Bar(8) for _ in range(stages)]
+    content = [None] * stages   # k-tile whose bytes have all landed in the stage
+    readers = [0] * stages      # consumer warps currently holding the stage
+    copies: list = []           # (stage, k-tile, bytes) issued, not landed
+    parts = [3, 5, 7, 11]       # bytes of a k-tile's copies (any split works)
+
+    def producer():
+        for i in range(n_kt):
+            s = i % stages
+            if i >= stages:
+                while not empty[s].done(((i // stages) & 1) ^ 1):
+                    yield
+            assert readers[s] == 0, "producer refills a stage still being read"
+            full[s].arrive(tx=sum(parts))
+            content[s] = None
+            for b in parts:
+                copies.append((s, i, b))
+            yield
+
+    def consumer():
+        def wait_and_hold(i):
+            s = i % stages
+            while not full[s].done((i // stages) & 1):
+                yield
+            assert content[s] == i, f"stage {s} holds k-tile {content[s]}, expected {i}"
+            readers[s] += 1
+
+        def release(i):
+            readers[i % stages] -= 1
+            empty[i % stages].arrive()
+
+        if overlap:  # start(0); per i: start(i + 1) if any, wait for i's wgmmas, release(i)
+            yield from wait_and_hold(0)
+            for i in range(n_kt):
+                if i + 1 < n_kt:
+                    yield from wait_and_hold(i + 1)
+                yield
+                release(i)
+        else:
+            for i in range(n_kt):
+                yield from wait_and_hold(i)
+                yield
+                release(i)
+
+    landed_bytes: dict = {}
+
+    def land_one():
+        if not copies:
+            return False
+        s, i, b = copies.pop(int(rng.integers(len(copies))))
+        landed_bytes[(s, i)] = landed_bytes.get((s, i), 0) + b
+        if landed_bytes[(s, i)] == sum(parts):
+            content[s] = i
+        full[s].complete_tx(b)
+        return True
+
+    actors = [producer()] + [consumer() for _ in range(8)]
+    alive = list(range(len(actors)))
+    steps = 0
+    while alive or copies:
+        steps += 1
+        assert steps < 200000, "deadlock"
+        if copies and rng.random() < 0.3:
+            land_one()
+            continue
+        if not alive:
+            land_one()
+            continue
+        k = alive[int(rng.integers(len(alive)))]
+        try:
+            next(actors[k])
+        except StopIteration:
+            alive.remove(k)

@@ -1,0 +1,207 @@
+// Device helpers shared by the W4A8 CUDA kernels (w4a8_cuda.cu: sm_80+ mma.sync;
+// w4a8_cuda_sm90.cu and w4a8_cuda_sm90_tma.cu: sm_90a wgmma). Small PTX wrappers only; each
+// says why it exists. Include from .cu files only (nvcc), after <cuda_fp16.h>.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace fptq {
+namespace w4a8cuda {
+
+// Shared-memory (.shared window) address of a generic pointer, for PTX operands that take a
+// 32-bit shared address (cp.async, ldmatrix, mbarrier, bulk copies).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy that bypasses L1 (each byte is used once per block). When
+// `valid` is false it reads nothing and zero-fills the 16 bytes (src-size 0): out-of-range
+// rows, k-steps and sub-groups then contribute exact zeros, with no branch in the math.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  cp_async16(smem_u32(smem), gmem, valid);
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most N of this thread's cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Programmatic dependent launch (sm_90+; no-ops before, and when not launched as a dependent).
+// wait: blocks until the preceding grid has completed and its writes are visible.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// launch_dependents: lets the next (programmatic-dependent) grid start launching now.
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Stores Y[row, n] = v0 and Y[row, n + 1] = v1 where they exist (n is even; N may be odd).
+// vec: row + n is 8-byte (float) / 4-byte (half) aligned whenever n + 1 < N.
+__device__ __forceinline__ void store_pair(float* row, int n, int N, float v0, float v1,
+                                           bool vec) {
+  if (n + 1 < N) {
+    if (vec) {
+      *reinterpret_cast<float2*>(row + n) = make_float2(v0, v1);
+    } else {
+      row[n] = v0;
+      row[n + 1] = v1;
+    }
+  } else if (n < N) {
+    row[n] = v0;
+  }
+}
+
+__device__ __forceinline__ void store_pair(__half* row, int n, int N, float v0, float v1,
+                                           bool vec) {
+  if (n + 1 < N) {
+    if (vec) {
+      *reinterpret_cast<__half2*>(row + n) = __floats2half2_rn(v0, v1);
+    } else {
+      row[n] = __float2half_rn(v0);
+      row[n + 1] = __float2half_rn(v1);
+    }
+  } else if (n < N) {
+    row[n] = __float2half_rn(v0);
+  }
+}
+
+// One output element, float32 or float16 (rounded to nearest even).
+__device__ __forceinline__ void store_one(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_one(__half* p, float v) { *p = __float2half_rn(v); }
+
+// ---- mbarriers (sm_90): the pipelines' stage handshakes ----------------------------------
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the initialized barriers visible to the async proxy (bulk copies complete on them).
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile(
+      "{\n.reg .b64 st;\nmbarrier.arrive.release.cta.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+      : "memory");
+}
+// Arrives and announces `bytes` of bulk-copy data that will complete on this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile(
+      "{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.release.cta.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+      "r"(bytes)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done;
+}
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// Waits for the phase of parity `parity` to complete. Watchdog: a wait of more than ~4 s can
+// only be a pipeline bug; the kernel traps (a launch error) instead of hanging the device.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  if (mbar_try_wait(bar, parity)) return;
+  const uint64_t t0 = global_ns();
+  while (!mbar_try_wait(bar, parity)) {
+    if (global_ns() - t0 > 4000000000ull) __trap();
+  }
+}
+
+// ---- explicit shared-memory accesses (addresses computed as integers, so plain pointers
+// would compile to generic loads/stores) ------------------------------------------------------
+__device__ __forceinline__ uint4 lds128(uint32_t a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(a));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t a) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds_u8(uint32_t a) {
+  uint32_t v;
+  asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ float lds_f32(uint32_t a) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ float2 lds_f2(uint32_t a) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
+}
+
+// ---- wgmma ordering (sm_90a) ------------------------------------------------------------
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Orders this thread's register / shared-memory writes before the following wgmmas read them.
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most N committed wgmma groups of this warpgroup are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Shared memory written by ordinary stores that the async proxy (wgmma, bulk copies) reads next.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+#endif
+
+// Keeps the compiler from moving accumulator accesses across the wgmma fences.
+__device__ __forceinline__ void reg_fence(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void reg_fence(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// Host: cudaSuccess if the current device is sm_90 (the only one that runs sm_90a code),
+// cudaErrorNotSupported if it is another GPU, or the CUDA error of asking.
+inline cudaError_t require_sm90_device() {
+  int dev = 0, major = 0, minor = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  if (e != cudaSuccess) return e;
+  return major == 9 && minor == 0 ? cudaSuccess : cudaErrorNotSupported;
+}
+
+}  // namespace w4a8cuda
+}  // namespace fptq
