@@ -410,6 +410,10 @@ class _session_exposing:
         options.log_severity_level = 3
         try:
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented,
+                ort.capi.onnxruntime_pybind11_state.RuntimeException) as error:
+            raise UserError(f"ONNX Runtime cannot load {self.model_path}: {ort_error_reason(error)}") from None
         finally:
             # The session holds the weights now. Drop the hard link at once: while it exists,
             # onnx.load refuses the user's model ("multiple hard links").
@@ -417,6 +421,17 @@ class _session_exposing:
 
     def __exit__(self, *exc) -> None:
         self.tmp.cleanup()
+
+
+def ort_error_reason(error: Exception) -> str:
+    """The first line of an ONNX Runtime error without its ``[ONNXRuntimeError] : 1 : FAIL :``
+    prefix, the temporary path it loaded, or the C++ source location it names."""
+    import re
+
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    line = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", line)
+    line = re.sub(r"^Load model from \S+ failed:", "", line)
+    return re.sub(r"^/\S+:\d+ [^(]*\([^)]*\)( const)? ", "", line).strip()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

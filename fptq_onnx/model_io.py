@@ -24,6 +24,8 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 def load_model(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
     """``onnx.load`` with one-line errors for a missing, corrupt or incomplete model."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"model {path} is a folder: give the .onnx file in it")
     if not path.is_file():
         raise UserError(f"model {path} does not exist")
     try:
@@ -41,8 +43,14 @@ def load_model(path: str | Path, load_external_data: bool = True) -> onnx.ModelP
 
 
 def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset; a :class:`UserError` when it has none, or one newer than
+    the installed onnx knows (ONNX Runtime refuses those too, with a page of C++ context)."""
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
+            newest = onnx.defs.onnx_opset_version()
+            if opset.version > newest:
+                raise UserError(f"the model uses ONNX opset {opset.version}, newer than this onnx "
+                                f"{onnx.__version__} knows ({newest}): re-export it at opset {newest} or older")
             return opset.version
     raise UserError("the model imports no default ONNX opset")
 
@@ -52,10 +60,15 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
     if output_path.resolve() == input_path.resolve():
         raise UserError(f"output {output_path} is the input model: choose another path")
     folder = output_path.resolve().parent
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output folder {folder} is a file, not a folder")
     if not folder.is_dir():
         raise UserError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {folder} is not writable")
+    try:  # a real write, not os.access: that says yes to root on a read-only mount
+        with tempfile.TemporaryFile(prefix=f".{output_path.name}.", dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"output folder {folder} is not writable ({error.strerror})") from None
     if output_path.suffix != ".onnx":
         raise UserError(f"output {output_path} should end in .onnx")
 
@@ -66,6 +79,13 @@ def save_model_atomic(model: onnx.ModelProto, output_path: str | Path, external_
     ``external_data=None`` picks external data when the initializers exceed 1 GiB.
     """
     output_path = Path(output_path)
+    try:
+        _save_staged(model, output_path, external_data)
+    except OSError as error:  # disk full, folder gone or made read-only since the start
+        raise UserError(f"could not write {output_path}: {error.strerror or error}") from None
+
+
+def _save_staged(model: onnx.ModelProto, output_path: Path, external_data: bool | None) -> None:
     if external_data is None:
         external_data = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_name = output_path.name + ".data"

@@ -98,13 +98,17 @@ def test_bad_option_values_are_user_errors(workdir, capsys):
     assert not (workdir / "out.onnx").exists()
 
 
+def cli_command() -> list[str]:
+    """The installed ``fptq-onnx`` entry point, as a user runs it (run it from a folder outside the
+    repository: from the repository root the source tree would shadow the install)."""
+    script = Path(sys.executable).with_name("fptq-onnx")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "fptq_onnx.cli"]
+
+
 def test_console_script_exit_code(workdir):
     """The installed entry point, as a user runs it."""
-    script = Path(sys.executable).with_name("fptq-onnx")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "fptq_onnx.cli"]
-    # run from the test folder: from the repository root the source tree would shadow the install
-    result = subprocess.run(command + ["convert", str(workdir / "model.onnx"), "--calib", str(workdir / "calib.npz"),
-                                       "-o", str(workdir / "model.onnx")], capture_output=True, text=True, cwd=workdir)
+    result = subprocess.run(cli_command() + ["convert", str(workdir / "model.onnx"), "--calib", str(workdir / "calib.npz"),
+                                             "-o", str(workdir / "model.onnx")], capture_output=True, text=True, cwd=workdir)
     assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.strip().endswith("is the input model: choose another path")
 
