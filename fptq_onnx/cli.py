@@ -174,8 +174,18 @@ def conversion_summary(result) -> str:
     from .passes.find_linears import NOT_A_LINEAR_LAYER
 
     counts = Counter((layer.band, layer.act_mode, layer.lae) for layer in result.layers)
-    lines = [f"wrote {result.output}: {len(result.layers)} layers to W4A8, "
-             f"initializers {result.bytes_before / 2**20:.1f} MiB -> {result.bytes_after / 2**20:.1f} MiB"]
+    w8 = sum(layer.weight_bits == 8 for layer in result.layers)
+    lines = [f"wrote {result.output}: {len(result.layers) - w8} layers to W4A8"
+             + (f", {w8} kept at 8-bit weights (W8A8)" if w8 else "")
+             + f", initializers {result.bytes_before / 2**20:.1f} MiB -> {result.bytes_after / 2**20:.1f} MiB"]
+    config = result.config
+    if config is not None:
+        rounding = "GPTQ" if config.gptq else "round-to-nearest"
+        clip = ", ranges clipped by output error" if config.weight_clip == "output" else ""
+        lines.append(f"  weights: 4-bit {'symmetric' if config.symmetric else 'asymmetric'} g{config.group_size}, "
+                     f"{rounding}{clip}")
+    if result.thresholds is not None:
+        lines.append(f"  thresholds chosen for this model: v0 = {result.thresholds[0]:.4g}, v1 = {result.thresholds[1]:.4g}")
     for (band, mode, lae), count in sorted(counts.items()):
         lines.append(f"  {count:4d} x band {band:4s} {mode}{' + LAE' if lae else ''}")
     skipped = [r for r in result.rejections if r.pass_name == "find_linears"]
@@ -200,7 +210,7 @@ def output_error_summary(layers, top: int = 10) -> list[str]:
     lines = ["output error per layer on calibration rows, ||XW - Y_w4a8|| / ||XW||, worst first:"]
     width = max(len(layer.name) for layer in measured[:top])
     for layer in measured[:top]:
-        scheme = layer.act_mode + (" + LAE" if layer.lae else "")
+        scheme = layer.act_mode + (" + LAE" if layer.lae else "") + (" (8-bit weights)" if layer.weight_bits == 8 else "")
         lines.append(f"  {layer.output_error:8.4f}  {layer.name:{width}s}  v={layer.v:<8.4g} {layer.band:4s} {scheme}"
                      if layer.v is not None else f"  {layer.output_error:8.4f}  {layer.name:{width}s}  {scheme}")
     rest = measured[top:]

@@ -140,7 +140,8 @@ def _logits(session, ids: np.ndarray) -> np.ndarray:
 def evaluate(model_path: str | os.PathLike, text: str, tokenizer_dir: str | os.PathLike | None = None,
              reference_path: str | os.PathLike | None = None, max_tokens: int | None = None,
              window: int = 512, session_factory: Callable | None = None, progress: bool = True,
-             reference_session_factory: Callable | None = None) -> dict:
+             reference_session_factory: Callable | None = None,
+             reference_cache: str | os.PathLike | None = None) -> dict:
     """Perplexity of ``model_path`` on ``text``; with ``reference_path`` also agreement with it.
 
     Args:
@@ -155,6 +156,9 @@ def evaluate(model_path: str | os.PathLike, text: str, tokenizer_dir: str | os.P
         progress: show a progress bar.
         reference_session_factory: the same for the reference (default: ``session_factory``);
             e.g. stock ONNX Runtime for the reference and our library for the model.
+        reference_cache: a ``.npy`` file holding the reference's float32 logits of these windows
+            (written on first use, memory-mapped after): benchmarks comparing many models against
+            one reference run it once. The caller keys it by reference, text, tokens and window.
 
     Returns:
         ``{"perplexity", "tokens"}`` (tokens = scored predictions), plus ``"reference_perplexity",
@@ -170,14 +174,44 @@ def evaluate(model_path: str | os.PathLike, text: str, tokenizer_dir: str | os.P
     factory = session_factory or default_session
     session = factory(model_path)
     reference_factory = reference_session_factory or factory
-    reference = reference_factory(reference_path) if reference_path is not None else None
+    cached = _reference_logits_cache(reference_cache, len(windows), window) if reference_path is not None else None
+    writing = reference_path is not None and reference_cache is not None and cached is None
+    reference = reference_factory(reference_path) if reference_path is not None and cached is None else None
     totals = _Totals()
-    for x in progress_bar([np.asarray(w, dtype=np.int64) for w in windows], desc="evaluating", unit="window",
-                          enabled=progress):
+    for index, x in enumerate(progress_bar([np.asarray(w, dtype=np.int64) for w in windows], desc="evaluating",
+                                           unit="window", enabled=progress)):
         # logits at position t predict x[t + 1]; the last position predicts nothing here.
-        ref_logits = _logits(reference, x)[:-1] if reference is not None else None
+        ref_logits = cached[index] if cached is not None else None
+        if reference is not None:
+            ref_logits = _logits(reference, x)[:-1]
+            if writing:
+                cached = _store_reference(cached, index, ref_logits, reference_cache, len(windows))
         totals.add(_logits(session, x)[:-1], x[1:], ref_logits)
-    return totals.result(reference is not None)
+    if writing:
+        cached.flush()
+        os.replace(cached.filename, reference_cache)  # complete: later runs read it
+    return totals.result(reference_path is not None)
+
+
+def _reference_logits_cache(path, count: int, window: int):
+    """The cached reference logits ``[count, window - 1, V]`` (mode ``"r"``), or None to start one."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.exists():
+        cached = np.load(path, mmap_mode="r")
+        if cached.shape[:2] == (count, window - 1):
+            return cached
+    return None
+
+
+def _store_reference(cached, index: int, logits: np.ndarray, path, count: int):
+    """Write one window's reference logits into a temporary ``.npy`` beside ``path``."""
+    if cached is None:
+        tmp = Path(path).with_name(Path(path).name + f".{os.getpid()}.tmp.npy")
+        cached = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count,) + logits.shape)
+    cached[index] = logits
+    return cached
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from fptq_onnx.passes.strategy import LayerStrategyPass
 
 from .calibration import CalibrationConfig, collect_calibration_stats
 from .errors import UserError
+from .external_data import export_streaming, initializer_bytes, map_external_data, uses_external_data
 from .layer_error import LayerOutputErrorPass
 from .tokenizer import copy_tokenizer
 from .model_io import check_output_path, default_opset, load_model, save_model_atomic
@@ -119,6 +120,7 @@ class ConversionResult:
     config: ConvertConfig | None = None
     dumps: list[Path] = dataclasses.field(default_factory=list)  # --dump-passes files, in order
     report: Path | None = None
+    thresholds: tuple[float, float] | None = None  # v0, v1 chosen by --auto-thresholds
 
 
 def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, config: ConvertConfig,
@@ -138,13 +140,14 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
     dumper = PassDumper(Path(dump_passes)) if dump_passes is not None else None
     seconds = {}
     start = time.perf_counter()
-    model = load_model(model_path)
+    model = load_model(model_path, load_external_data=False)  # weights: memory maps, see below
     if default_opset(model) < MIN_OPSET:
         raise UserError(f"{model_path} uses ONNX opset {default_opset(model)}; fptq-onnx needs >= {MIN_OPSET}: "
                         "re-export the model (fptq-onnx export uses 18)")
     module_names = module_paths(model)  # read before graphsurgeon drops node metadata
     ctx = ConversionContext(graph=gs.import_onnx(model))
-    bytes_before = sum(t.ByteSize() for t in model.graph.initializer)
+    map_external_data(ctx.graph, model_path.parent)  # read lazily, pages released per layer
+    bytes_before, external_in = initializer_bytes(model), uses_external_data(model)
     seconds["load"] = time.perf_counter() - start
     if dumper is not None:
         dumper.write("input", ctx)
@@ -200,12 +203,12 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
     start = time.perf_counter()
     converted = export_model_proto(ctx)
     bytes_after = sum(t.ByteSize() for t in converted.graph.initializer)
-    save_model_atomic(converted, output_path)
+    save_model_atomic(converted, output_path, external_data=True if external_in else None)  # layout kept
     copy_tokenizer(model_path, output_path)  # so eval and later conversions find it beside the model
     seconds["save"] = time.perf_counter() - start
     result = ConversionResult(output_path, ctx.layers, ctx.rejections, seconds, bytes_before, bytes_after,
                               model=model_path, groups=ctx.groups, config=config,
-                              dumps=dumper.written if dumper is not None else [])
+                              dumps=dumper.written if dumper is not None else [], thresholds=ctx.thresholds)
     if report is not None:
         from .report import write_report
 
@@ -321,10 +324,7 @@ class PassDumper:
         start = time.perf_counter()
         self.folder.mkdir(exist_ok=True)
         path = self.folder / f"{len(self.written):02d}_{label}.onnx"
-        data = path.with_name(path.name + ".data")
-        data.unlink(missing_ok=True)  # onnx appends to an existing external data file
-        onnx.save_model(export_model_proto(ctx), str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        export_streaming(ctx.graph, path, lambda: export_model_proto(ctx))  # one tensor in memory at a time
         self.written.append(path)
         self.seconds += time.perf_counter() - start
         return path

@@ -212,3 +212,20 @@ def test_piqa_accuracy_matches_torch(bigram):
     assert result == {"piqa_acc": correct / len(items), "piqa_acc_norm": correct_norm / len(items), "piqa_items": 11}
     record = {"question": "g ", "options": "A. first \nB. second", "answer": "A. first "}
     assert parse_piqa_record(record) == PiqaItem("g", ("first", "second"), 0)
+
+
+def test_reference_logits_cache(bigram, tmp_path):
+    """The second evaluation reads the reference's logits from the cache (no reference session)."""
+    path, table, _ = bigram
+    other = tmp_path / "other.onnx"
+    _bigram_model(other, _table(3))
+    cache = tmp_path / "ref.npy"
+    first = evaluate(other, TEXT, reference_path=path, window=8, progress=False, reference_cache=cache)
+    assert cache.exists() and not list(tmp_path.glob("*.tmp.npy"))
+
+    def refuse(_):
+        raise AssertionError("the reference must come from the cache")
+
+    second = evaluate(other, TEXT, reference_path=path, window=8, progress=False, reference_cache=cache,
+                      reference_session_factory=refuse)
+    assert second == first and first["top1_agreement"] < 1.0
