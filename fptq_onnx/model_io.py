@@ -37,7 +37,7 @@ def load_model(path: str | Path, load_external_data: bool = True) -> onnx.ModelP
     if load_external_data:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
-        except (FileNotFoundError, OSError, ValueError) as error:
+        except (OSError, ValueError, onnx.checker.ValidationError) as error:  # the checker: a missing file
             raise UserError(f"external data of {path} could not be read: {error}") from None
     return model
 

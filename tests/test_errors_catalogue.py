@@ -103,15 +103,14 @@ def external_model(scratch, tiny_block):
     return scratch / "model.onnx"
 
 
-@pytest.mark.parametrize("spoil, message", [
-    pytest.param(lambda data: data.unlink(), "is missing", id="missing"),
-    pytest.param(lambda data: data.write_bytes(data.read_bytes()[:1000]), "is truncated", id="truncated"),
+@pytest.mark.parametrize("spoil", [
+    pytest.param(lambda data: data.unlink(), id="missing"),
+    pytest.param(lambda data: data.write_bytes(data.read_bytes()[:1000]), id="truncated"),
 ])
-def test_missing_or_truncated_external_data(scratch, capsys, external_model, spoil, message):
+def test_missing_or_truncated_external_data(scratch, capsys, external_model, spoil):
     spoil(scratch / "model.onnx.data")
-    line = convert_fails(capsys, scratch, message, external_model, "--calib", scratch / "calib.npz",
-                         "-o", scratch / "out.onnx")
-    assert "external data file" in line and "model.onnx.data" in line
+    convert_fails(capsys, scratch, "error: external data", external_model, "--calib", scratch / "calib.npz",
+                  "-o", scratch / "out.onnx")
 
 
 def _set_opset(version):
