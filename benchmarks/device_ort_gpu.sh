@@ -39,7 +39,9 @@
 #
 #      python3 benchmarks/gpu_e2e.py --lib .dev/libfptq_ops.so --json $OUT/gpu_e2e.json [ARGS]
 #
-#    (extra arguments of `run` go to gpu_e2e.py, e.g. --skip-e2e or --no-timing). The log is
+#    (extra arguments of `run` go to gpu_e2e.py, e.g. --skip-e2e or --no-timing). After `run`,
+#    `bash benchmarks/device_ort_gpu.sh env CMD ARGS` runs CMD in the same environment (used by
+#    benchmarks/device_issue5.sh mnb for ORT's MatMulNBits timing). The log is
 #    also written to $OUT/gpu_e2e.log. Exit status: gpu_e2e.py's (0 passed, 1 correctness
 #    failure, 2 no usable CUDA provider, 3 setup), 4 parts missing, 5 install failed.
 #    Expected device time: machine start 1-2 min, ~20 s per part call, `run` 2-3 min.
@@ -236,6 +238,19 @@ run_e2e() {
     log "onnxruntime-gpu already installed in $site_dir"
   fi
   [[ -f "$dev_dir/libfptq_ops.so" ]] || die 3 ".dev/libfptq_ops.so not here: carry .dev"
+  ort_env
+  local out="${OUT:-/tmp}"
+  set +e
+  python3 "$repo/benchmarks/gpu_e2e.py" --lib "$dev_dir/libfptq_ops.so" --json "$out/gpu_e2e.json" "$@" 2>&1 \
+    | tee "$out/gpu_e2e.log"
+  local status=${PIPESTATUS[0]}
+  set -e
+  log "gpu_e2e.py exit status $status"
+  return "$status"
+}
+
+# The environment in which the installed onnxruntime-gpu (in $site_dir) finds its CUDA libraries.
+ort_env() {
   export PYTHONPATH="$site_dir${PYTHONPATH:+:$PYTHONPATH}"
   # The CUDA provider links libcublas/libcudart/libcurand/libcufft (CUDA 13): take them from the
   # nvidia-* pip packages that torch uses (gpu_e2e.py also preloads them).
@@ -252,14 +267,6 @@ EOF
   export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export PYTHONUNBUFFERED=1
   nvidia-smi -L || true
-  local out="${OUT:-/tmp}"
-  set +e
-  python3 "$repo/benchmarks/gpu_e2e.py" --lib "$dev_dir/libfptq_ops.so" --json "$out/gpu_e2e.json" "$@" 2>&1 \
-    | tee "$out/gpu_e2e.log"
-  local status=${PIPESTATUS[0]}
-  set -e
-  log "gpu_e2e.py exit status $status"
-  return "$status"
 }
 
 cmd="${1:-}"
@@ -269,5 +276,8 @@ case "$cmd" in
   lib) parse_lib_arg "$@"; ensure_ignored; prepare_lib; print_calls ;;
   part) [[ $# -eq 1 ]] || die 2 "usage: $0 part I"; part "$1" ;;
   run) run_e2e "$@" ;;
+  env) [[ -f "$site_dir/onnxruntime/capi/libonnxruntime_providers_cuda.so" ]] \
+         || die 4 "onnxruntime-gpu is not installed in $site_dir (run 'run' first, on the same warm machine)"
+       ort_env; "$@" ;;
   *) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 2 ;;
 esac

@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import emu_tma  # noqa: E402  (the TMA kernel's emulation, beside this file)
+import gpu_baselines  # noqa: E402  (roofline, ORT MatMulNBits on CUDA)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_LIB = REPO / "build" / "cuda_standalone" / "libfptq_cuda_standalone.so"
@@ -1454,8 +1455,11 @@ def gpu_bench(lib, be: Backend, shapes, ms, results: list, gpu_name: str, sms: i
     failures = 0
     log(f"\n== timing on {gpu_name} ({sms} SMs): group_size={gs}, per-token activations, float32 X/Y; "
         f"fp16 = torch.matmul float16 (cuBLAS); median of {iters}; weights rotated over >= 3x L2")
+    use_mnb = not be.fake and gpu_baselines.ort_cuda_available()
+    log(f"roof% = the roofline floor (gpu_baselines.roofline_us: max(bytes / bandwidth, ops / int8 peak)) / our "
+        f"time; mnb = ONNX Runtime MatMulNBits W4A16 on the CUDA EP: {'timed' if use_mnb else 'not available'}")
     log(f"{'M':>5} {'K':>6} {'N':>6} {'variant':>12} {'ours us':>9} {'fp16 us':>9} {'speedup':>8} {'our TOPS':>9} "
-        f"{'our wGB/s':>10}  plan (cfg m-tiles x n-tiles x split)")
+        f"{'our wGB/s':>10} {'roof%':>6} {'mnb us':>8}  plan (cfg m-tiles x n-tiles x split)")
     for K, N in shapes:
         G = K // gs
         try:
@@ -1475,6 +1479,12 @@ def gpu_bench(lib, be: Backend, shapes, ms, results: list, gpu_name: str, sms: i
                 packs.append(packed)
             del d_B, d_s, d_z
             w16 = [torch.randn(K, N, device=be.dev, dtype=torch.float16) * 0.05 for _ in range(n_fp16)]
+            mnb = None
+            if use_mnb:
+                try:
+                    mnb = gpu_baselines.MatMulNBitsTimer(K, N, gs, np.random.default_rng(K + N))
+                except Exception as e:  # noqa: BLE001 - a baseline only
+                    log(f"note: MatMulNBits session K={K} N={N} failed: {str(e)[:200]}")
         except Exception:  # noqa: BLE001
             failures += 1
             log(f"FAIL setup K={K} N={N}")
@@ -1492,6 +1502,7 @@ def gpu_bench(lib, be: Backend, shapes, ms, results: list, gpu_name: str, sms: i
                     torch.matmul(x16, w16[i % n_fp16], out=y16)
 
                 t_fp16 = be.time_us(fp16, iters)
+                t_mnb = mnb.time_us(torch, x16, iters) if mnb is not None else None
             except Exception:  # noqa: BLE001
                 failures += 1
                 log(f"FAIL timing fp16 M={M} K={K} N={N}")
@@ -1525,10 +1536,15 @@ def gpu_bench(lib, be: Backend, shapes, ms, results: list, gpu_name: str, sms: i
                         pv = lib.fptq_w4a8_resolve_variant(M, gs, cc) if not be.fake else (0 if M <= 16 else (1 if M <= 64 else 2))
                     p = plan_info(lib, M, N, K, gs, sms, smem_per_sm, pv)
                     plan = f"{vname(pv)} cfg{p['cfg']} {p['m_tiles']}x{p['n_tiles']}x{p['split']}"
+                    roof = gpu_baselines.roofline_us(M, N, K, gs, gpu_name)
+                    roof_pct = f"{100 * roof[0] / t_ours:>5.0f}%" if roof else f"{'-':>6}"
+                    mnb_s = f"{t_mnb:>8.1f}" if t_mnb is not None else f"{'-':>8}"
                     log(f"{M:>5} {K:>6} {N:>6} {vname(v):>12} {t_ours:>9.1f} {t_fp16:>9.1f} {t_fp16 / t_ours:>8.2f} "
-                        f"{tops:>9.1f} {gbs:>10.0f}  {plan}")
+                        f"{tops:>9.1f} {gbs:>10.0f} {roof_pct} {mnb_s}  {plan}")
                     results.append(dict(M=M, K=K, N=N, variant=v, ours_us=t_ours, fp16_us=t_fp16,
-                                        speedup=t_fp16 / t_ours, tops=tops, weight_gbs=gbs, plan=p))
+                                        speedup=t_fp16 / t_ours, tops=tops, weight_gbs=gbs, plan=p,
+                                        roof_us=roof[0] if roof else None, roof_bound=roof[1] if roof else None,
+                                        mnb_us=t_mnb))
                 except Exception:  # noqa: BLE001
                     failures += 1
                     log(f"FAIL timing {vname(v)} M={M} K={K} N={N}")
@@ -1567,9 +1583,14 @@ def summarize(results: list, variants, usable: set, shapes, ms) -> None:
                     mark = "*" if v == best else ("x" if v not in usable and v != AUTO else " ")
                     cells.append(f"{r['speedup']:>5.2f}{mark}")
             bt = by[(M, K, N, best)] if best is not None else None
+            extra = ""
+            if bt and bt.get("roof_us"):
+                extra += f" roof {100 * bt['roof_us'] / bt['ours_us']:.0f}% ({bt['roof_bound']})"
+            if bt and bt.get("mnb_us"):
+                extra += f" vs MatMulNBits {bt['mnb_us'] / bt['ours_us']:.2f}x"
             log(f"{K:>5} {N:>5} {M:>5} {fp16:>7.1f} " + " ".join(cells) +
                 (f"  {vname(best)} {bt['ours_us']:.1f}us {bt['speedup']:.2f}x {bt['tops']:.0f}TOPS {bt['weight_gbs']:.0f}GB/s"
-                 if bt else ""))
+                 + extra if bt else ""))
             bucket = 0 if M <= 16 else (1 if M <= 64 else (2 if M <= 256 else 3))
             for v in cols:  # geometric-mean speedup per bucket and variant
                 r = by.get((M, K, N, v))
