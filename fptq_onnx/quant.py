@@ -41,11 +41,13 @@ def per_token_scales(x: np.ndarray) -> np.ndarray:
     """Per-token (per-row) dynamic activation scale ``a_m = max_k |x[m, k]| / 127`` (float32).
 
     A row of zeros gets ``a_m = 1`` so that its quantized row is zero and no division by zero
-    happens. Shapes: ``x[..., K]`` -> ``a[..., 1]``.
+    happens; so does a row whose ``a_m`` is below 2^-126 (the smallest normal float32,
+    ``max|x| < 1.5e-36``), where ``1 / a_m`` would lose precision or overflow to inf (and
+    ``0 * inf`` is NaN). Shapes: ``x[..., K]`` -> ``a[..., 1]``.
     """
     amax = np.max(np.abs(np.asarray(x, np.float32)), axis=-1, keepdims=True)
     scale = amax / np.float32(INT8_MAX)
-    return np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+    return np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale).astype(np.float32)
 
 
 def quantize_activation_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

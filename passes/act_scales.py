@@ -15,7 +15,8 @@ from .strategy import PER_TENSOR_STATIC
 
 
 def static_activation_scale(channel_max_abs: np.ndarray, lae_scales: np.ndarray | None = None) -> float:
-    """``max_j(channel_max_abs[j] / lae_scales[j]) / 127``; 1.0 for an all-zero input.
+    """``max_j(channel_max_abs[j] / lae_scales[j]) / 127``; 1.0 for an all-zero input, or one so
+    small that the scale would be below 2^-126 (docs/ops.md: kernels refuse a subnormal scale).
 
     >>> static_activation_scale(np.array([127.0, 254.0]), np.array([1.0, 4.0]))
     1.0
@@ -24,7 +25,8 @@ def static_activation_scale(channel_max_abs: np.ndarray, lae_scales: np.ndarray 
     if lae_scales is not None:
         seen = seen / np.asarray(lae_scales, np.float64)
     amax = float(seen.max(initial=0.0))
-    return amax / INT8_MAX if amax > 0 else 1.0
+    scale = amax / INT8_MAX
+    return scale if scale >= np.finfo(np.float32).tiny else 1.0
 
 
 class StaticActivationScalesPass(Pass):

@@ -8,7 +8,8 @@ and the kernels are tested against it. The body follows ``docs/ops.md`` step by 
   ``W[k, n] = (u[n, k] - z[n, g]) * scale[n, g]``;
 * activations, computed in float32: ``q = clip(round_half_even(x * (1 / a)), -127, 127)`` with
   ``a = act_scale`` (``act_mode = 0``, per-tensor static) or ``a_m = max_k |x[m, k]| / 127``
-  (``act_mode = 1``, per-token dynamic, ``a_m = 1`` for an all-zero row);
+  (``act_mode = 1``, per-token dynamic, ``a_m = 1`` for an all-zero row, or any row whose
+  ``a_m`` is below 2^-126, where ``1 / a_m`` would overflow);
 * ``Y = (q * a) @ W``, cast back to the type of X.
 
 Layers kept at 8-bit weights (mixed precision, ``W8A8MatMul``) share the activation part and
@@ -36,7 +37,7 @@ _ACTIVATION_TEXT = """
     int8_max = Constant <value = float {{127.0}}> ()
     int8_min = Constant <value = float {{-127.0}}> ()
     one = Constant <value = float {{1.0}}> ()
-    zero = Constant <value = float {{0.0}}> ()
+    min_normal = Constant <value = float {{1.17549435e-38}}> ()
 
     static_scale = Cast <to = 1> (act_scale)
     static_inv = Reciprocal (static_scale)
@@ -47,8 +48,8 @@ _ACTIVATION_TEXT = """
     x_abs = Abs (x)
     {token_amax}
     token_scale_raw = Div (token_amax, int8_max)
-    token_is_zero = Equal (token_scale_raw, zero)
-    token_scale = Where (token_is_zero, one, token_scale_raw)
+    token_is_tiny = Less (token_scale_raw, min_normal)
+    token_scale = Where (token_is_tiny, one, token_scale_raw)
     token_inv = Reciprocal (token_scale)
     token_scaled = Mul (x, token_inv)
     token_rounded = Round (token_scaled)

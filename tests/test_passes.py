@@ -235,6 +235,12 @@ def test_static_scale_of_zero_input_is_one():
     assert static_activation_scale(np.zeros(4)) == 1.0
 
 
+def test_static_scale_below_2_to_the_minus_126_is_one():
+    """The kernels refuse a subnormal act_scale (1 / a would overflow): such an input counts as zero."""
+    assert static_activation_scale(np.array([1e-37, 0.0])) == 1.0
+    assert static_activation_scale(np.array([1e-35])) == pytest.approx(1e-35 / 127)
+
+
 # ------------------------------------------------------------------ weights and replacement
 
 
