@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source", help="HF model folder, .gguf file, or recipe name (smollm2-135m, gemma3-270m)")
     export.add_argument("-o", "--output", required=True, type=Path)
     export.add_argument("--opset", type=int, default=18)
+    export.add_argument("--with-past", action="store_true",
+                        help="KV-cache layout: past_key_values.N.key/value in, present.N.key/value out (optimum's)")
 
     convert = commands.add_parser("convert", help="calibrate and rewrite a model to W4A8 FPTQ")
     convert.add_argument("model", type=Path)
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_export(args) -> None:
     from .export import export_model
 
-    export_model(args.source, args.output, opset=args.opset, progress=not args.quiet)
+    export_model(args.source, args.output, opset=args.opset, progress=not args.quiet, with_past=args.with_past)
     print(f"wrote {args.output}")
 
 
@@ -191,7 +193,7 @@ def conversion_summary(result) -> str:
     skipped = [r for r in result.rejections if r.pass_name == "find_linears"]
     products = [r for r in skipped if r.reason == NOT_A_LINEAR_LAYER]
     if products:
-        lines.append(f"  {len(products)} MatMul of two activations (attention) left as they are")
+        lines.append(f"  {len(products)} MatMul without a constant weight (attention products, weights fed at run time) left as they are")
     kept = [r for r in skipped if r.reason != NOT_A_LINEAR_LAYER]
     if kept:
         lines.append(f"  {len(kept)} linear layer(s) left in float: " +

@@ -152,7 +152,7 @@ def test_weights_not_constant_are_left_in_float(scratch, capsys, rng):
              fed_weight=rng.standard_normal((2, 128, 32)).astype(np.float32))
     out = convert_ok(capsys, scratch / "model.onnx", "--calib", scratch / "calib.npz", "-o", scratch / "out.onnx",
                   "--include-lm-head")
-    assert "1 layers to W4A8" in out and "1 MatMul of two activations (attention) left as they are" in out
+    assert "1 layers to W4A8" in out and "1 MatMul without a constant weight (attention products, weights fed at run time) left as they are" in out
     converted = onnx.load(str(scratch / "out.onnx"))
     kept = [n for n in converted.graph.node if n.op_type == "MatMul"]
     assert [list(n.input) for n in kept] == [["x", "fed_weight"]]
