@@ -159,7 +159,8 @@ def check(lib: str, ptxas_log: str | None = None) -> tuple[list[str], list[dict]
                 failures.append(f"{where}: {len(gmma) - len(reg_a)} of {len(gmma)} IGMMA do not take A from registers")
             bases = {re.search(r"IGMMA\S*\s+(R\d+),", i).group(1) for i in gmma}
             row["acc_sets"] = len(bases)
-            overlap = name.endswith(",1>")
+            targs = re.findall(r"\d+", name.split("<", 1)[1]) if "<" in name else []
+            overlap = len(targs) >= 2 and targs[1] == "1"  # w4a8_tma_kernel<BT, OVERLAP, FUSEQ>
             if overlap and len(bases) < 2:
                 failures.append(f"{where}: OVERLAP instance with {len(bases)} accumulator set(s)")
     for arch in ("sm_80", "sm_90"):

@@ -26,7 +26,7 @@
 #      data, bit-identical rerun), then the timing table for K x N = 4096x4096, 4096x11008,
 #      11008x4096, 8192x8192 and M = 1, 16, 64, 256, 1024, 4096 vs torch fp16 (cuBLAS) with
 #      the roofline ratio; then compute-sanitizer memcheck and racecheck on --sanitize cases of
-#      the default path and the TMA variants (16-18). Writes $OUT/gpu_gemm.log, gpu_gemm.json,
+#      the default path and the TMA variants (16-19). Writes $OUT/gpu_gemm.log, gpu_gemm.json,
 #      memcheck.log, racecheck.log, summary.txt. The last lines of the output are the summary.
 #   2. ORT (about 4-5 minutes; the machine must stay warm, so within 30 s of each other): the
 #      other onnxruntime-gpu parts, then the synthetic end-to-end check and MatMulNBits timings:
@@ -102,7 +102,7 @@ kernels() {
   for tool in memcheck racecheck; do
     local t1=$SECONDS
     timeout 150 compute-sanitizer --tool "$tool" python3 -u "$here/gpu_gemm.py" --sanitize --no-emulate \
-      --lib "$lib" --variants auto,16,17,18 > "$out/$tool.log" 2>&1
+      --lib "$lib" --variants auto,16,17,18,19 > "$out/$tool.log" 2>&1
     local rc=$?
     san+=("$tool: exit $rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$tool.log" | tail -1 | tr -s ' ') ($((SECONDS - t1)) s)")
   done
@@ -126,7 +126,7 @@ ort() {
   log "device_ort_gpu.sh run: exit $status after $((SECONDS - t0)) s"
   ensure_lib || return 3
   timeout 240 bash "$here/device_ort_gpu.sh" env python3 -u "$here/gpu_gemm.py" --no-emulate --lib "$lib" \
-    --variants auto,16,17,18 --json "$out/gpu_gemm_mnb.json" > "$out/gpu_gemm_mnb.log" 2>&1
+    --variants auto,16,17,18,19 --json "$out/gpu_gemm_mnb.json" > "$out/gpu_gemm_mnb.log" 2>&1
   log "gpu_gemm.py with MatMulNBits: exit $? after $((SECONDS - t0)) s (log: gpu_gemm_mnb.log)"
   sed -n '/== speedup vs torch fp16/,/RECOMMENDED/p' "$out/gpu_gemm_mnb.log"
   return "$status"

@@ -1,4 +1,4 @@
-"""numpy emulation of the sm_90a TMA kernel (custom_ops/w4a8_cuda_sm90_tma.cu, variants 16-18).
+"""numpy emulation of the sm_90a TMA kernel (custom_ops/w4a8_cuda_sm90_tma.cu, variants 16-19).
 
 Checks on the CPU the index math that no compiler checks and no CPU can run:
 
@@ -29,7 +29,7 @@ ATOM_BYTES = 512
 MAGIC_I = 0x4B400000
 MAGIC_F = np.float32(12582912.0)
 BN = 128  # weight rows per block
-TMA_VARIANTS = {16: (128, False), 17: (64, True), 18: (16, True)}  # id -> (tokens per block, OVERLAP)
+TMA_VARIANTS = {16: (128, False), 17: (64, True), 18: (16, True), 19: (16, True)}  # id -> (BT, OVERLAP); 19 FUSEQ
 
 
 def cfg(bt: int) -> dict:
@@ -42,7 +42,8 @@ def cfg(bt: int) -> dict:
     c["TX_BYTES"] = c["X_BYTES"] + c["W_BYTES"] + c["S_BYTES"] + c["Z_BYTES"]
     c["STAGE_BYTES"] = (c["OFF_Z"] + c["Z_BYTES"] + 1023) // 1024 * 1024
     c["BAR_OFF"] = c["STAGES"] * c["STAGE_BYTES"]
-    c["SMEM_BYTES"] = 1024 + c["BAR_OFF"] + 2 * c["STAGES"] * 8
+    c["AM_OFF"] = c["BAR_OFF"] + 2 * c["STAGES"] * 8
+    c["SMEM_BYTES"] = 1024 + c["AM_OFF"] + 2 * bt * 4
     c["NACC"] = bt // 2
     assert c["X_BYTES"] % 1024 == 0 and c["SMEM_BYTES"] <= 227 * 1024
     return c
@@ -133,10 +134,44 @@ def acc_coords(nacc: int):
     return rows, cols
 
 
+def fused_quant_rows(x: np.ndarray, m0: int, bt: int, act_mode: int, act_scale: float):
+    """FUSEQ producer, first phase: (a_m, 1 / a_m) float32 [bt] of rows m0 .. m0 + bt - 1
+    (rows past M: 1, unused), as quantize_rows_kernel computes them."""
+    M = x.shape[0]
+    a = np.ones(bt, np.float32)
+    for r in range(bt):
+        if m0 + r < M:
+            if act_mode == 1:
+                amax = np.float32(np.max(np.abs(x[m0 + r].astype(np.float32)))) if x.shape[1] else np.float32(0)
+                a[r] = np.float32(amax / np.float32(127.0))
+                if a[r] == 0:
+                    a[r] = 1.0
+            else:
+                a[r] = np.float32(act_scale)
+    return a, (np.float32(1.0) / a).astype(np.float32)
+
+
+def fused_quant_stage(x: np.ndarray, m0: int, bt: int, kt: int, inv: np.ndarray) -> np.ndarray:
+    """FUSEQ producer, per k-tile: the X tile image [bt * 128] bytes; producer thread tid
+    writes row tid / 8, 16-byte chunk tid % 8 at row * 128 + ((chunk ^ (row & 7)) << 4)."""
+    M = x.shape[0]
+    img = np.full(bt * TILE_K, 0xEE, np.uint8)
+    for tid in range(128):
+        r, c = tid >> 3, tid & 7
+        q = np.zeros(16, np.int8)
+        if m0 + r < M:
+            v = x[m0 + r, kt * TILE_K + 16 * c: kt * TILE_K + 16 * c + 16].astype(np.float32) * inv[r]
+            q = np.clip(np.rint(v), -127, 127).astype(np.int8)  # rint: half to even, like __float2int_rn
+        off = r * TILE_K + ((c ^ (r & 7)) << 4)
+        img[off:off + 16] = q.view(np.uint8)
+    return img
+
+
 def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: np.ndarray, lay: dict,
-                 M: int, N: int, K: int, gs: int, out_half: bool = False) -> np.ndarray:
+                 M: int, N: int, K: int, gs: int, out_half: bool = False, fused=None) -> np.ndarray:
     """w4a8_tma_kernel<bt, *> (+ splitk_reduce_kernel) block by block, thread by thread for
-    every address; `lay` is gpu_gemm.packed_layout(N, K, gs)."""
+    every address; `lay` is gpu_gemm.packed_layout(N, K, gs). fused = (x, act_mode, act_scale):
+    the FUSEQ kernel, which quantizes X itself (xq and act are then not used)."""
     c = cfg(bt)
     nacc = c["NACC"]
     Npad, KB = lay["Npad"], K // ATOM_K
@@ -145,7 +180,7 @@ def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: n
     tps = -(-k_tiles // split)
     assert -(-k_tiles // tps) == split
     sub_per_group = gs // TILE_K
-    xt = tiled_xq(xq, bt, K)
+    xt = tiled_xq(xq, bt, K) if fused is None else None
     act = act.astype(np.float32)
     m_tiles, n_tiles = -(-M // bt), -(-N // BN)
     partial = np.full((split, M, N), np.nan, np.float32)
@@ -160,11 +195,16 @@ def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: n
                 n0 = by * BN
                 bp = lay["off_b"] + (n0 // ATOM_N) * KB * ATOM_BYTES
                 facc = np.zeros((2, 4, 32, nacc), np.float32)
+                if fused is not None:
+                    a_blk, inv_blk = fused_quant_rows(fused[0], bx * bt, bt, fused[1], fused[2])
                 for kt in range(kt_begin, kt_end):
                     # producer: the bulk copies of k-tile kt into one stage image
                     st = np.full(c["STAGE_BYTES"], 0xCD, np.uint8)
-                    src = (bx * k_tiles + kt) * c["X_BYTES"]
-                    st[0:c["X_BYTES"]] = xt[src:src + c["X_BYTES"]]
+                    if fused is not None:
+                        st[0:c["X_BYTES"]] = fused_quant_stage(fused[0], bx * bt, bt, kt, inv_blk)
+                    else:
+                        src = (bx * k_tiles + kt) * c["X_BYTES"]
+                        st[0:c["X_BYTES"]] = xt[src:src + c["X_BYTES"]]
                     for nb in range(BN // ATOM_N):
                         s0 = bp + (nb * KB + kt * K_STEPS) * ATOM_BYTES
                         d0 = c["OFF_W"] + nb * K_STEPS * ATOM_BYTES
@@ -208,7 +248,10 @@ def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: n
                     m = bx * bt + cols_of
                     n = n0 + 64 * wgc + rows_of
                     ok = (m < M) & (n < N)
-                    am = np.where(m < M, act[np.minimum(m, M - 1)], 0).astype(np.float32)
+                    if fused is not None:
+                        am = a_blk[cols_of]
+                    else:
+                        am = np.where(m < M, act[np.minimum(m, M - 1)], 0).astype(np.float32)
                     partial[bz, m[ok], n[ok]] = (facc[wgc] * am)[ok]
     y = partial[0].copy()
     for z in range(1, split):

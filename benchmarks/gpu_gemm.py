@@ -494,6 +494,7 @@ VARIANTS = {
     16: ("tma128", "tma", 128, None),  # w4a8_cuda_sm90_tma.cu: tokens per block (BT)
     17: ("tma64", "tma", 64, None),
     18: ("tma16", "tma", 16, None),
+    19: ("tma16f", "tma", 16, None),  # 18 with the activation quantization fused
 }
 AUTO = -1
 WG_BN = 128
@@ -858,6 +859,8 @@ def tma_emulation_checks(rng, quick: bool) -> int:
         (17, 70, 200, 256, 256, 1, 1, False),  # group of 256 (two k-tiles per group)
         (16, 5, 256, 128, 128, 1, 1, False),
         (16, 130, 40, 256, 128, 2, 1, False),  # two token tiles of 128
+        (19, 1, 130, 256, 128, 2, 1, False),   # fused quantization: decode, split-K
+        (19, 17, 37, 512, 256, 1, 0, True),    # fused, static scale, rows past M, group of 256
     ]
     if quick:
         cases = cases[:3]
@@ -869,7 +872,8 @@ def tma_emulation_checks(rng, quick: bool) -> int:
             x, B, scales, zp, act_scale = random_problem(rng, M, N, K, gs, sym, act_mode)
             packed = emu_repack(B, scales, zp, N, K, gs)
             xq, act, _ = emu_quantize(x, act_mode, act_scale, TILE_K, ceil_div(M, 4) * 4)
-            y = emu_tma.emu_gemm_tma(bt, split, xq, act, packed, packed_layout(N, K, gs), M, N, K, gs)
+            y = emu_tma.emu_gemm_tma(bt, split, xq, act, packed, packed_layout(N, K, gs), M, N, K, gs,
+                                     fused=(x, act_mode, act_scale) if v == 19 else None)
             ok = compare_to_reference(name, y, quant.w4a8_matmul_reference(x, B, scales, zp, act_scale, act_mode), t0)
             failures += not ok
         except Exception:  # noqa: BLE001
@@ -1035,16 +1039,20 @@ def library_host_checks(lib) -> int:
               f"variant_info({v})")
     tma_linked = lib.fptq_w4a8_variant_info(16, 90, 128) == 1
     log(f"note host: sm_90a TMA kernel linked: {tma_linked}")
-    for v in (16, 17, 18):
+    for v in (16, 17, 18, 19):
         bt = VARIANTS[v][2]
         p = plan_info(lib, 300, 4096, 4096, 128, 132, 233472, v)
+        xq_bytes = 0 if v == 19 else p["m_tiles"] * bt * 4096  # the fused variant keeps no Xq
         check(p["cfg"] == 5 and p["m_tiles"] == ceil_div(300, bt) and p["n_tiles"] == 32 and p["occupancy"] == 1
               and (not tma_linked or p["smem"] == emu_tma.cfg(bt)["SMEM_BYTES"])
-              and p["workspace"] >= p["m_tiles"] * bt * 4096, f"TMA plan variant {v}: {p}")
+              and p["workspace"] >= xq_bytes, f"TMA plan variant {v}: {p}")
         check(lib.fptq_w4a8_plan_info_variant(300, 4096, 4096, 64, 132, 233472, v, (ctypes.c_int64 * 8)(), None) == -1,
               f"TMA variant {v} rejects group_size 64")
         check(lib.fptq_w4a8_variant_info(v, 90, 128) == tma_linked and lib.fptq_w4a8_variant_info(v, 89, 128) == 0
               and lib.fptq_w4a8_variant_info(v, 90, 64) == 0, f"variant_info({v})")
+    p18, p19 = (plan_info(lib, 16, 4096, 4096, 128, 132, 233472, v) for v in (18, 19))
+    check(p19["split"] == p18["split"] and p19["workspace"] + 16 * 4096 <= p18["workspace"],
+          f"fused variant 19: the plan of 18 without Xq in the workspace ({p18['workspace']} -> {p19['workspace']})")
     for v, cfg_id in ((9, 0), (10, 1), (11, 2)):
         p = plan_info(lib, 40, 4096, 4096, 64, 132, 233472, v)
         check(p["cfg"] == cfg_id and lib.fptq_w4a8_variant_info(v, 90, 64) == 1 and lib.fptq_w4a8_variant_info(v, 80, 64) == 0,
@@ -1177,7 +1185,8 @@ class FakeGpuLib:
         xq, act, rowsum = emu_quantize(x.astype(np.float32), act_mode, act_scale, sg, Mp)
         if VARIANTS[v][1] == "tma":
             y = emu_tma.emu_gemm_tma(VARIANTS[v][2], p["split"], xq, act, pk, lay, M, N, K, gs,
-                                     out_half=dtype == DTYPE_FLOAT16)
+                                     out_half=dtype == DTYPE_FLOAT16,
+                                     fused=(x.astype(np.float32), act_mode, act_scale) if v == 19 else None)
         elif VARIANTS[v][1] == "wgmma":
             y = emu_gemm_wgmma(VARIANTS[v][2], VARIANTS[v][3], p["split"], xq, act, pk, M, N, K, gs,
                                out_half=dtype == DTYPE_FLOAT16,
@@ -1677,7 +1686,7 @@ def main() -> int:
             return 1
         be = Backend(torch, fake=True)
         fake = FakeGpuLib(lib)
-        sv = [v for v in variants if v in (AUTO, 0, 2, 3, 4, 8, 10, 12, 14, 16, 18)]
+        sv = [v for v in variants if v in (AUTO, 0, 2, 3, 4, 8, 10, 12, 14, 16, 18, 19)]
         n = gpu_correctness(fake, be, SELF_TEST_CASES, sv)
         res: list = []
         n += gpu_bench(fake, be, [(256, 64)], [1, 3], res, "CPU (emulated)", fake.SMS,

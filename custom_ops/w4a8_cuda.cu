@@ -99,30 +99,6 @@ __device__ __forceinline__ void fold(int32_t& acc, int32_t rowsum, int z, float 
   acc = kMagicI;
 }
 
-// q = clip(rint(x * inv), -127, 127); __float2int_rn rounds half to even and saturates.
-__device__ __forceinline__ int quantize_one(float x, float inv) {
-  const int q = __float2int_rn(x * inv);
-  return max(-127, min(127, q));
-}
-
-// Four consecutive elements as floats. vec: the address is 16-byte (float) / 8-byte (half)
-// aligned, so one vector load does.
-__device__ __forceinline__ float4 load4(const float* x, bool vec) {
-  if (vec) return __ldg(reinterpret_cast<const float4*>(x));
-  return make_float4(__ldg(x), __ldg(x + 1), __ldg(x + 2), __ldg(x + 3));
-}
-
-__device__ __forceinline__ float4 load4(const __half* x, bool vec) {
-  if (vec) {
-    const uint2 u = __ldg(reinterpret_cast<const uint2*>(x));
-    const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
-    const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
-    return make_float4(lo.x, lo.y, hi.x, hi.y);
-  }
-  return make_float4(__half2float(x[0]), __half2float(x[1]), __half2float(x[2]),
-                     __half2float(x[3]));
-}
-
 // ------------------------------------------------------------------------------------------
 // Buffers
 // ------------------------------------------------------------------------------------------
@@ -291,9 +267,11 @@ inline int mma_cfg_of(int v) {
 
 // 16-18: the sm_90a TMA kernel (w4a8_cuda_sm90_tma.cu) with 128 / 64 / 16 tokens per block;
 // 128 runs one accumulator set, 64 and 16 two (the fold overlaps the next k-tile's wgmmas).
+// 19: 18 quantizing X itself (no quantize kernel, no Xq in the workspace).
 inline bool is_tma_variant(int v) {
-  return v >= FPTQ_W4A8_VARIANT_TMA128 && v <= FPTQ_W4A8_VARIANT_TMA16;
+  return v >= FPTQ_W4A8_VARIANT_TMA128 && v <= FPTQ_W4A8_VARIANT_TMA16_FUSED;
 }
+inline bool is_fused_quant_variant(int v) { return v == FPTQ_W4A8_VARIANT_TMA16_FUSED; }
 inline int tma_bt(int v) {
   return v == FPTQ_W4A8_VARIANT_TMA128 ? 128 : (v == FPTQ_W4A8_VARIANT_TMA64 ? 64 : 16);
 }
@@ -393,7 +371,7 @@ bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_p
   // The TMA kernel reads Xq in whole tiles of bm rows (xq_tiled, w4a8_cuda_sm90.h): the
   // quantize kernel writes m_tiles * bm rows, zeros past M.
   p->xq_tile_rows = is_tma_variant(variant) ? bm : 0;
-  const size_t xq_rows = p->xq_tile_rows ? static_cast<size_t>(p->m_tiles) * bm : Mz;
+  const size_t xq_rows = is_fused_quant_variant(variant) ? 0 : (p->xq_tile_rows ? static_cast<size_t>(p->m_tiles) * bm : Mz);
   p->off_xq = 0;
   p->off_act = align_up(xq_rows * K, kBufferAlign);
   p->off_rowsum = align_up(p->off_act + static_cast<size_t>(p->Mp) * sizeof(float), kBufferAlign);
@@ -1152,11 +1130,13 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, i
   }
   uint8_t* ws = static_cast<uint8_t*>(workspace);
 
-  // Stage 1: quantize X.
-  e = dtype == FPTQ_DTYPE_FLOAT16
-          ? launch_quantize(plan, static_cast<const __half*>(X), M, K, act_mode, act_scale, ws, stream)
-          : launch_quantize(plan, static_cast<const float*>(X), M, K, act_mode, act_scale, ws, stream);
-  if (e != cudaSuccess) return e;
+  // Stage 1: quantize X (the fused variant does it inside the GEMM).
+  if (!is_fused_quant_variant(plan.variant)) {
+    e = dtype == FPTQ_DTYPE_FLOAT16
+            ? launch_quantize(plan, static_cast<const __half*>(X), M, K, act_mode, act_scale, ws, stream)
+            : launch_quantize(plan, static_cast<const float*>(X), M, K, act_mode, act_scale, ws, stream);
+    if (e != cudaSuccess) return e;
+  }
 
   // Stage 2: GEMM.
   const PackedLayout l = packed_layout(N, K, group_size);
@@ -1187,9 +1167,18 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, i
     FptqSm90TmaArgs h;
     fill_sm90_args(a, plan, &h);
     h.xq_tiled = a.xq;
-    h.pdl = 1;  // the quantize kernel calls launch_dependents first thing
+    const bool fused = is_fused_quant_variant(plan.variant);
+    // PDL behind the quantize kernel (it calls launch_dependents first thing). The fused variant
+    // follows whatever the stream ran last, possibly the repack of these very weights, which
+    // the producer requests before griddepcontrol.wait: launched plainly.
+    h.pdl = fused ? 0 : 1;
     h.bt = tma_bt(plan.variant);
     h.overlap = tma_overlap(plan.variant);
+    h.x = fused ? X : nullptr;
+    h.x_half = dtype == FPTQ_DTYPE_FLOAT16;
+    h.x_vec = reinterpret_cast<uintptr_t>(X) % (4 * elem) == 0;  // rows keep it: K % 128 == 0
+    h.act_mode = act_mode;
+    h.act_scale = act_scale;
     e = fptq_w4a8_sm90_tma_gemm(&h, stream);
   } else if (is_wgmma_variant(plan.variant)) {
     FptqSm90GemmArgs h;

@@ -39,6 +39,8 @@
 //        each tile sums the partials): one launch less (sm_90+)
 //   16-18 sm_90a bulk-copy (TMA) + register-A wgmma kernel (w4a8_cuda_sm90_tma.cu), 128 weight
 //        rows x 128 / 64 / 16 tokens per block (group_size % 128 == 0, sm_90 only)
+//   19   variant 18 with the activation quantization fused into the GEMM: no quantize kernel
+//        (one launch per call unless K is split)
 #define FPTQ_W4A8_VARIANT_AUTO (-1)
 #define FPTQ_W4A8_VARIANT_MMA16 0
 #define FPTQ_W4A8_VARIANT_MMA32 1
@@ -59,7 +61,8 @@
 #define FPTQ_W4A8_VARIANT_TMA128 16
 #define FPTQ_W4A8_VARIANT_TMA64 17
 #define FPTQ_W4A8_VARIANT_TMA16 18
-#define FPTQ_W4A8_NUM_VARIANTS 19
+#define FPTQ_W4A8_VARIANT_TMA16_FUSED 19
+#define FPTQ_W4A8_NUM_VARIANTS 20
 
 #ifdef __cplusplus
 // Constants of the CUDA kernel shared by host and device code (and mirrored by the numpy

@@ -82,6 +82,30 @@ __device__ __forceinline__ void store_pair(__half* row, int n, int N, float v0, 
   }
 }
 
+// q = clip(rint(x * inv), -127, 127); __float2int_rn rounds half to even and saturates.
+__device__ __forceinline__ int quantize_one(float x, float inv) {
+  const int q = __float2int_rn(x * inv);
+  return max(-127, min(127, q));
+}
+
+// Four consecutive elements as floats. vec: the address is 16-byte (float) / 8-byte (half)
+// aligned, so one vector load does.
+__device__ __forceinline__ float4 load4(const float* x, bool vec) {
+  if (vec) return __ldg(reinterpret_cast<const float4*>(x));
+  return make_float4(__ldg(x), __ldg(x + 1), __ldg(x + 2), __ldg(x + 3));
+}
+
+__device__ __forceinline__ float4 load4(const __half* x, bool vec) {
+  if (vec) {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(x));
+    const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+    const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+  }
+  return make_float4(__half2float(x[0]), __half2float(x[1]), __half2float(x[2]),
+                     __half2float(x[3]));
+}
+
 // One output element, float32 or float16 (rounded to nearest even).
 __device__ __forceinline__ void store_one(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_one(__half* p, float v) { *p = __float2half_rn(v); }
@@ -164,6 +188,13 @@ __device__ __forceinline__ float2 lds_f2(uint32_t a) {
 }
 __device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
+}
+__device__ __forceinline__ void sts_f32(uint32_t a, float v) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(a), "f"(v) : "memory");
+}
+__device__ __forceinline__ void sts128(uint32_t a, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
 }
 
 // ---- wgmma ordering (sm_90a) ------------------------------------------------------------

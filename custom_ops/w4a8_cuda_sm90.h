@@ -64,6 +64,12 @@ typedef struct FptqSm90TmaArgs {
   int out_half, pdl;       // pdl: launched as a programmatic dependent of the quantize kernel
   int bt;                  // tokens per block: 16, 64 or 128
   int overlap;             // 1: two accumulator sets, the fold of k-tile i overlaps the wgmmas of i+1
+  // Fused activation quantization (bt == 16 only; variant 19): when x is not null the kernel
+  // quantizes X itself (xq_tiled and act are not read) and no quantize kernel runs before it.
+  const void* x;           // [M, K] float32 or float16
+  int x_half, x_vec;       // X is float16; X allows 16-byte (float) / 8-byte (half) vector loads
+  int act_mode;            // 0: a_m = *act_scale, 1: per-token max|x| / 127
+  const float* act_scale;  // [1] float32 device (act_mode 0)
 } FptqSm90TmaArgs;
 
 // Launches the TMA GEMM (grid m_tiles x n_tiles x split). cudaErrorNotSupported when the current

@@ -14,7 +14,10 @@
 //   * the weights never go back to shared memory as int8: each consumer thread loads its A
 //     fragment's nibbles (8 bytes per k-step) and widens them in registers to int8 (u - z);
 //   * with OVERLAP, each consumer warpgroup keeps two int32 accumulator sets: the wgmmas of
-//     k-tile i + 1 run on the tensor cores while the same warps fold k-tile i into float.
+//     k-tile i + 1 run on the tensor cores while the same warps fold k-tile i into float;
+//   * with FUSEQ (decode, 16 tokens) the producer warpgroup quantizes the activations itself
+//     (a_m of its rows from the whole row, then each k-tile's 16 x 128 int8 straight into the
+//     stage), so a call is one launch when K is not split (two with the split-K reduction).
 //
 // Block: 384 threads = 3 warpgroups, tile 128 weight rows (n) x BT tokens (m), BT = 16 / 64 (both OVERLAP) or 128 (serial).
 //   WG0 (producer): one thread issues the bulk copies of each k-tile (Xq tile, 4 weight atom
@@ -70,9 +73,11 @@ struct Cfg {
   static constexpr int OFF_Z = OFF_S + S_BYTES;
   static constexpr int TX_BYTES = X_BYTES + W_BYTES + S_BYTES + Z_BYTES;  // per full phase
   static constexpr int STAGE_BYTES = (OFF_Z + Z_BYTES + 1023) / 1024 * 1024;
+  static constexpr int TXW_BYTES = W_BYTES + S_BYTES + Z_BYTES;  // FUSEQ: X is not bulk-copied
   static constexpr int BAR_OFF = STAGES * STAGE_BYTES;
+  static constexpr int AM_OFF = BAR_OFF + 2 * STAGES * 8;  // FUSEQ: float a_m[BT], 1 / a_m[BT]
   // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
-  static constexpr int SMEM_BYTES = 1024 + BAR_OFF + 2 * STAGES * 8;
+  static constexpr int SMEM_BYTES = 1024 + AM_OFF + 2 * BT * 4;
   static constexpr int NACC = BT / 2;  // int32 accumulators per thread (64 x BT / 128 threads)
   static_assert(X_BYTES % 1024 == 0, "the swizzled X tile must be whole 8-row groups");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
@@ -117,6 +122,25 @@ __device__ __forceinline__ uint32_t widen_lo(uint32_t w, uint32_t z4) {
 }
 __device__ __forceinline__ uint32_t widen_hi(uint32_t w, uint32_t z4) {
   return ((((w >> 4) & 0x0F0F0F0Fu) | 0x80808080u) - z4) ^ 0x80808080u;
+}
+
+__device__ __forceinline__ void producer_bar() {  // named barrier 1: the producer warpgroup
+  asm volatile("bar.sync 1, 128;\n" ::: "memory");
+}
+
+// Four elements X[m, k..k+3] as floats (FUSEQ), float32 or float16 X.
+__device__ __forceinline__ float4 load_x4(const FptqSm90TmaArgs& p, int64_t m, int k) {
+  const int64_t i = m * p.K + k;
+  return p.x_half ? load4(static_cast<const __half*>(p.x) + i, p.x_vec != 0)
+                  : load4(static_cast<const float*>(p.x) + i, p.x_vec != 0);
+}
+
+// Four quantized values in one word (byte j = q of element j), as the quantize kernel packs them.
+__device__ __forceinline__ uint32_t pack_q4(float4 v, float inv) {
+  return (static_cast<uint32_t>(quantize_one(v.x, inv)) & 0xFFu) |
+         ((static_cast<uint32_t>(quantize_one(v.y, inv)) & 0xFFu) << 8) |
+         ((static_cast<uint32_t>(quantize_one(v.z, inv)) & 0xFFu) << 16) |
+         ((static_cast<uint32_t>(quantize_one(v.w, inv)) & 0xFFu) << 24);
 }
 
 // D[64 x 128] += A[64 x 32] (registers a[0..3]) * B[32 x 128] (shared memory, descriptor db).
@@ -190,7 +214,7 @@ __device__ __forceinline__ void wgmma_rs<8>(int32_t (&d)[8], const uint32_t (&a)
 
 // grid (m_tiles, n_tiles, split), block kThreads, dynamic shared memory Cfg<BT>::SMEM_BYTES.
 // Block (bx, by, bz): tokens m0 = bx * BT .., weight rows n0 = by * 128 .., k-tiles of split bz.
-template <int BT, bool OVERLAP>
+template <int BT, bool OVERLAP, bool FUSEQ>
 __global__ void __launch_bounds__(kThreads, 1) w4a8_tma_kernel(const __grid_constant__ FptqSm90TmaArgs p) {
 #ifdef FPTQ_SM90A_DEVICE
   using C = Cfg<BT>;
@@ -214,14 +238,91 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_tma_kernel(const __grid_cons
 
   if (tid == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, 1);   // the producer's arrive.expect_tx (+ the copies' bytes)
+      // the producer's arrive.expect_tx (+ the copies' bytes); FUSEQ: + its "X written" arrival
+      mbar_init(bar_full + 8 * s, FUSEQ ? 2 : 1);
       mbar_init(bar_empty + 8 * s, 8);  // lane 0 of each of the 8 consumer warps
     }
     mbar_fence_init();
   }
   __syncthreads();
 
-  if (wg == 0) {
+  const uint32_t s_am = sbase + C::AM_OFF;         // FUSEQ: a_m of the block's BT rows
+  const uint32_t s_inv = s_am + 4 * BT;            // and 1 / a_m
+  if (FUSEQ && wg == 0) {
+    // ------------------------------------------------------------ producer, FUSEQ
+    static_assert(!FUSEQ || BT * 8 == 128, "FUSEQ: one 16-byte chunk of the X tile per producer thread");
+    setmaxnreg_dec<kProducerRegs>();
+    const int KB = p.K / kAtomK;
+    const uint8_t* bp = p.bp + static_cast<int64_t>(n0 / kAtomN) * KB * kAtomBytes;
+    const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BT;
+    auto issue_weights = [&](int i) {  // as below, the weights' bytes only
+      const int kt = kt_begin + i;
+      const int64_t grp = kt / p.sub_per_group;
+      const uint32_t st = stage(i), bar = full(i);
+      mbar_arrive_expect_tx(bar, C::TXW_BYTES);
+#pragma unroll
+      for (int nb = 0; nb < kBN / kAtomN; ++nb) {
+        bulk_g2s(st + C::OFF_W + nb * kKSteps * kAtomBytes,
+                 bp + (static_cast<int64_t>(nb) * KB + kt * kKSteps) * kAtomBytes, kKSteps * kAtomBytes, bar);
+      }
+      bulk_g2s(st + C::OFF_S, p.sp + grp * p.Npad + n0, C::S_BYTES, bar);
+      bulk_g2s(st + C::OFF_Z, p.zp + grp * p.Npad + n0, C::Z_BYTES, bar);
+    };
+    const int pre = min(n_kt, C::STAGES);
+    if (tid == 0) {
+      for (int i = 0; i < pre; ++i) issue_weights(i);  // before the wait: inputs of the op
+    }
+    grid_dependency_wait();  // X may be the previous kernel's output
+    // a_m (docs/ops.md): warp w takes rows w, w + 4, ...; the same arithmetic as
+    // quantize_rows_kernel, so the results are bit for bit those of the unfused variants.
+    const int warp = tid >> 5;
+    for (int r = warp; r < BT; r += 4) {
+      const int64_t m = m0 + r;
+      float a = 1.0f;
+      if (m < p.M) {
+        if (p.act_mode == 1) {
+          float amax = 0.0f;
+          for (int k = 4 * lane; k < p.K; k += 128) {
+            const float4 v = load_x4(p, m, k);
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+          }
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+          a = amax / 127.0f;
+          if (a == 0.0f) a = 1.0f;
+        } else {
+          a = __ldg(p.act_scale);
+        }
+      }
+      if (lane == 0) {
+        sts_f32(s_am + 4 * r, a);
+        sts_f32(s_inv + 4 * r, 1.0f / a);
+      }
+    }
+    producer_bar();
+    // Each k-tile: thread tid writes row r = tid / 8, 16-byte chunk c = tid % 8 of the X tile
+    // (swizzled as the descriptor reads it), all threads fence the async proxy, then one
+    // arrives: with the copies' bytes, the stage's full phase completes.
+    const int r = tid >> 3, c = tid & 7;
+    const float inv = lds_f32(s_inv + 4 * r);
+    for (int i = 0; i < n_kt; ++i) {
+      if (i >= C::STAGES) mbar_wait(empty(i), parity(i) ^ 1u);
+      if (tid == 0 && i >= pre) issue_weights(i);
+      uint4 q = make_uint4(0, 0, 0, 0);
+      if (m0 + r < p.M) {
+        const int k = (kt_begin + i) * kTileK + 16 * c;
+        q.x = pack_q4(load_x4(p, m0 + r, k), inv);
+        q.y = pack_q4(load_x4(p, m0 + r, k + 4), inv);
+        q.z = pack_q4(load_x4(p, m0 + r, k + 8), inv);
+        q.w = pack_q4(load_x4(p, m0 + r, k + 12), inv);
+      }
+      sts128(stage(i) + r * kTileK + ((c ^ (r & 7)) << 4), q);
+      fence_proxy_async();
+      producer_bar();
+      if (tid == 0) mbar_arrive(full(i));
+    }
+    return;
+  } else if (wg == 0) {
     // ------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<kProducerRegs>();
     if (tid == 0) {
@@ -383,7 +484,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_tma_kernel(const __grid_cons
       }
     }
 
-    // Epilogue: y[m, n] = a_m * facc (a_m is the quantize kernel's: wait for that grid).
+    // Epilogue: y[m, n] = a_m * facc (a_m is the quantize kernel's: wait for that grid; or,
+    // FUSEQ, the producer's, written before its first "X written" arrival).
     grid_dependency_wait();
     const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BT;
     const bool split = p.split > 1;
@@ -393,7 +495,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_tma_kernel(const __grid_cons
       for (int e = 0; e < 2; ++e) {
         const int64_t m = m0 + 8 * q + 2 * t + e;
         if (m >= p.M) continue;
-        const float am = p.act[m];
+        const float am = FUSEQ ? lds_f32(s_am + 4 * (8 * q + 2 * t + e)) : p.act[m];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int n = n0 + row + 8 * h;
@@ -416,10 +518,10 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_tma_kernel(const __grid_cons
 #endif  // FPTQ_SM90A_DEVICE
 }
 
-template <int BT, bool OVERLAP>
+template <int BT, bool OVERLAP, bool FUSEQ = false>
 cudaError_t launch(const FptqSm90TmaArgs& a, cudaStream_t stream) {
   using C = Cfg<BT>;
-  cudaError_t e = cudaFuncSetAttribute(w4a8_tma_kernel<BT, OVERLAP>,
+  cudaError_t e = cudaFuncSetAttribute(w4a8_tma_kernel<BT, OVERLAP, FUSEQ>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
@@ -433,7 +535,7 @@ cudaError_t launch(const FptqSm90TmaArgs& a, cudaStream_t stream) {
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = a.pdl ? 1 : 0;
-  e = cudaLaunchKernelEx(&cfg, w4a8_tma_kernel<BT, OVERLAP>, a);
+  e = cudaLaunchKernelEx(&cfg, w4a8_tma_kernel<BT, OVERLAP, FUSEQ>, a);
   if (e != cudaSuccess) return e;
   return cudaGetLastError();
 }
@@ -462,6 +564,9 @@ extern "C" cudaError_t fptq_w4a8_sm90_tma_gemm(const FptqSm90TmaArgs* args, cuda
   if (e != cudaSuccess) return e;
   // The compiled (bt, overlap) pairs. With two accumulator sets, 96 / 112 / 128 tokens spill
   // (ptxas, CUDA 13.0, even at 232 registers per consumer thread: C7512), so 128 runs serial.
+  if (args->x != nullptr) {  // FUSEQ: 16 tokens, two accumulator sets only
+    return args->bt == 16 && args->overlap ? tma::launch<16, true, true>(*args, stream) : cudaErrorNotSupported;
+  }
   if (args->bt == 128 && !args->overlap) return tma::launch<128, false>(*args, stream);
   if (args->bt == 64 && args->overlap) return tma::launch<64, true>(*args, stream);
   if (args->bt == 16 && args->overlap) return tma::launch<16, true>(*args, stream);

@@ -33,18 +33,21 @@ emu_tma = load("emu_tma")
 gpu_gemm = load("gpu_gemm")
 
 
-@pytest.mark.parametrize("name,bt,M,N,K,gs,split,act_mode,sym", [
-    ("decode one token, split-K, N tail", 16, 1, 130, 256, 128, 2, 1, False),
-    ("two token tiles, static scale, symmetric", 16, 17, 37, 384, 128, 3, 0, True),
-    ("group of 256", 64, 70, 200, 256, 256, 1, 1, False),
-    ("128-token tiles, partial second tile", 128, 130, 40, 256, 128, 2, 1, False),
+@pytest.mark.parametrize("name,bt,M,N,K,gs,split,act_mode,sym,fused", [
+    ("decode one token, split-K, N tail", 16, 1, 130, 256, 128, 2, 1, False, False),
+    ("two token tiles, static scale, symmetric", 16, 17, 37, 384, 128, 3, 0, True, False),
+    ("group of 256", 64, 70, 200, 256, 256, 1, 1, False, False),
+    ("128-token tiles, partial second tile", 128, 130, 40, 256, 128, 2, 1, False, False),
+    ("fused quantization, decode, split-K", 16, 1, 130, 256, 128, 2, 1, False, True),
+    ("fused quantization, static scale, rows past M", 16, 17, 37, 512, 256, 1, 0, True, True),
 ])
-def test_tma_kernel_emulation_matches_the_reference(name, bt, M, N, K, gs, split, act_mode, sym):
+def test_tma_kernel_emulation_matches_the_reference(name, bt, M, N, K, gs, split, act_mode, sym, fused):
     rng = np.random.default_rng(7)
     x, B, scales, zp, act_scale = gpu_gemm.random_problem(rng, M, N, K, gs, sym, act_mode)
     packed = gpu_gemm.emu_repack(B, scales, zp, N, K, gs)
     xq, act, _ = gpu_gemm.emu_quantize(x, act_mode, act_scale, 128, -(-M // 4) * 4)
-    y = emu_tma.emu_gemm_tma(bt, split, xq, act, packed, gpu_gemm.packed_layout(N, K, gs), M, N, K, gs)
+    y = emu_tma.emu_gemm_tma(bt, split, xq, act, packed, gpu_gemm.packed_layout(N, K, gs), M, N, K, gs,
+                             fused=(x, act_mode, act_scale) if fused else None)
     ref = quant.w4a8_matmul_reference(x, B, scales, zp, act_scale, act_mode)
     assert np.all(np.isfinite(y))
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
@@ -84,3 +87,16 @@ def test_smem_sizes_fit_and_match_the_planner_mirror():
     for bt in (16, 64, 128):
         c = emu_tma.cfg(bt)
         assert c["SMEM_BYTES"] <= 227 * 1024 and c["STAGE_BYTES"] % 1024 == 0
+
+
+def test_fused_quantization_matches_the_quantize_kernel():
+    """The FUSEQ producer's a_m and int8 tile bytes are those of quantize_rows_kernel's tiled Xq."""
+    rng = np.random.default_rng(5)
+    M, K, bt = 11, 384, 16
+    x, *_ = gpu_gemm.random_problem(rng, M, 64, K, 128, False, 1)
+    xq, act, _ = gpu_gemm.emu_quantize(x, 1, 0.0, 128, 12)
+    tiled = emu_tma.tiled_xq(xq, bt, K)
+    a, inv = emu_tma.fused_quant_rows(x, 0, bt, 1, 0.0)
+    assert np.array_equal(a[:M], act)
+    for kt in range(K // 128):
+        assert np.array_equal(emu_tma.fused_quant_stage(x, 0, bt, kt, inv), tiled[kt * bt * 128:(kt + 1) * bt * 128])
