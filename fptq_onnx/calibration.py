@@ -8,12 +8,13 @@ Data sources (``--calib``):
 * an ``.npz`` file whose arrays are named after the model inputs (first axis: samples);
 * a folder of ONNX ``test_data_set_*/input_*.pb`` protobufs.
 
-Inputs the model needs that the data lacks (``attention_mask``, ``position_ids``) are
-synthesized. The model runs in ONNX Runtime with every tensor of interest exposed as an extra
-output; each is reduced at once into :class:`ChannelMaxAbs` (per-input-channel max |x|), so
-memory stays flat however many samples stream through. For the per-layer output error a
-:class:`RowReservoir` keeps a uniform sample of at most ``error_rows`` rows (tokens) of each
-tensor, also independent of the number of samples.
+Inputs the model needs that the data lacks (``attention_mask``, ``position_ids``, and the
+``past_key_values.*`` of a KV-cache model, as an empty past of length 0) are synthesized. The
+model runs in ONNX Runtime with every tensor of interest exposed as an extra output; each is
+reduced at once into :class:`ChannelMaxAbs` (per-input-channel max |x|), so memory stays flat
+however many samples stream through. For the per-layer output error a :class:`RowReservoir`
+keeps a uniform sample of at most ``error_rows`` rows (tokens) of each tensor, also independent
+of the number of samples.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .errors import UserError
+from .generate import PAST_PREFIX  # KV-cache inputs (export --with-past): synthesized empty
 from .progress import progress_bar
 from .tokenizer import find_tokenizer, load_tokenizer
 
@@ -124,6 +126,7 @@ class ModelInput:
     name: str
     dtype: np.dtype
     rank: int
+    shape: tuple[int | None, ...] = ()  # fixed sizes, None for symbolic ones
 
 
 def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
@@ -135,7 +138,8 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
             continue
         tensor_type = value.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        result.append(ModelInput(value.name, np.dtype(dtype), len(tensor_type.shape.dim)))
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        result.append(ModelInput(value.name, np.dtype(dtype), len(shape), shape))
     return result
 
 
@@ -269,7 +273,8 @@ def calibration_feeds(source: Path, model_path: Path, inputs: list[ModelInput],
 
 
 def complete_feed(feed: Feed, inputs: list[ModelInput], source: Path) -> Feed:
-    """Check ``feed`` against the model inputs, cast dtypes, and synthesize mask and positions."""
+    """Check ``feed`` against the model inputs, cast dtypes, and synthesize mask, positions and
+    an empty past."""
     wanted = {i.name: i for i in inputs}
     unknown = sorted(set(feed) - set(wanted))
     if unknown:
@@ -286,11 +291,15 @@ def complete_feed(feed: Feed, inputs: list[ModelInput], source: Path) -> Feed:
     for item in inputs:
         if item.name in result:
             continue
-        if item.name not in SYNTHESIZED_INPUTS or reference is None or reference.ndim < 2:
-            raise UserError(f"calibration data {source} lacks model input {item.name!r} "
-                            f"(it has {sorted(feed)}; only {list(SYNTHESIZED_INPUTS)} are synthesized)")
+        synthesized = item.name in SYNTHESIZED_INPUTS or item.name.startswith(PAST_PREFIX)
+        if not synthesized or reference is None or reference.ndim < 2:
+            raise UserError(f"calibration data {source} lacks model input {item.name!r} (it has {sorted(feed)}; "
+                            f"only {list(SYNTHESIZED_INPUTS)} and {PAST_PREFIX}* are synthesized)")
         batch, length = reference.shape[:2]
-        if item.name == "attention_mask":
+        if item.name.startswith(PAST_PREFIX):  # an empty cache [batch, heads, 0, head_dim]: no earlier tokens
+            result[item.name] = np.zeros([batch if axis == 0 else size or 0 for axis, size in enumerate(item.shape)],
+                                         item.dtype)
+        elif item.name == "attention_mask":
             result[item.name] = np.ones((batch, length), item.dtype)
         else:
             result[item.name] = np.broadcast_to(np.arange(length, dtype=item.dtype), (batch, length)).copy()

@@ -4,6 +4,13 @@ What the exported file looks like (the passes rely on it):
 
 * inputs ``input_ids`` and ``attention_mask``, int64 ``[batch, sequence]`` (both dynamic);
   one output ``logits``, float32 ``[batch, sequence, vocab]``; no KV cache (``use_cache=False``);
+* or, with ``with_past=True``, optimum's ``text-generation-with-past`` layout: inputs
+  ``input_ids [batch, sequence]``, ``attention_mask [batch, past + sequence]``,
+  ``position_ids [batch, sequence]`` and ``past_key_values.N.key`` / ``.value``
+  ``[batch, kv_heads, past, head_dim]`` per layer N; outputs ``logits`` and ``present.N.key`` /
+  ``.value`` ``[batch, kv_heads, past + sequence, head_dim]``. The first step passes an empty past
+  (``past = 0``); each later step passes the previous step's ``present`` as ``past``
+  (``fptq_onnx.generate.greedy_generate`` does);
 * every linear layer is a plain ``MatMul`` whose second input is a constant 2-D ``[K, N]``
   initializer (the exporter's ``Transpose`` of the torch ``[N, K]`` weight is folded here, see
   :func:`fold_weight_transposes`); a tied embedding therefore appears twice, as the ``Gather``
@@ -30,6 +37,7 @@ import numpy as np
 
 from .data import note
 from .errors import UserError
+from .generate import PAST_PREFIX, PRESENT_PREFIX
 from .tokenizer import TOKENIZER_FILES, copy_tokenizer, find_tokenizer  # noqa: F401 (one definition)
 
 logger = logging.getLogger(__name__)
@@ -38,6 +46,12 @@ DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024  # bytes of initializers; protobuf alone caps at 2 GB
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
+POSITION_IDS = "position_ids"
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    """``[prefix0.key, prefix0.value, prefix1.key, ...]`` for ``layers`` decoder layers."""
+    return [f"{prefix}{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,24 +195,85 @@ def _logits_module(model):
     return LogitsOnly(model).eval()
 
 
-def _torch_export(model, opset: int, progress: bool):
+def _with_past_module(model):
+    import torch
+    from transformers import DynamicCache
+
+    class WithPast(torch.nn.Module):
+        """The graph's interface with a KV cache: past key/value tensors in, present ones out."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=True)
+            return (out.logits, *[t for layer in out.cache.layers for t in (layer.keys, layer.values)])
+
+    return WithPast(model).eval()
+
+
+def _cache_shape(config, batch: int, length: int) -> tuple[int, int, int, int]:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return batch, heads, length, head_dim
+
+
+def _torch_export(model, opset: int, progress: bool, with_past: bool = False):
     import torch
 
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    # Batch 2 and sequence 8: sizes 0/1 would be specialized by torch.export.
+    # Batch 2, sequence 8, past 5: sizes 0/1 (and equal sizes) would be specialized by torch.export.
     example = torch.randint(0, model.config.vocab_size, (2, 8), dtype=torch.int64)
+    if not with_past:
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        module, args, inputs, outputs = _logits_module(model), (example, torch.ones_like(example)), list(INPUT_NAMES), [OUTPUT_NAME]
+        dynamic_shapes = {name: {0: batch, 1: sequence} for name in INPUT_NAMES}
+    else:
+        layers, past_length = model.config.num_hidden_layers, 5
+        past = [torch.randn(_cache_shape(model.config, 2, past_length)) for _ in range(2 * layers)]
+        positions = torch.arange(past_length, past_length + 8).expand(2, 8)
+        args = (example, torch.ones(2, past_length + 8, dtype=torch.int64), positions, *past)
+        module, inputs = _with_past_module(model), [*INPUT_NAMES, POSITION_IDS, *cache_names(PAST_PREFIX, layers)]
+        outputs = [OUTPUT_NAME, *cache_names(PRESENT_PREFIX, layers)]
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        past_sequence, total = torch.export.Dim("past_sequence"), torch.export.Dim.DYNAMIC  # total = past + sequence
+        dynamic_shapes = ({0: batch, 1: sequence}, {0: batch, 1: total}, {0: batch, 1: sequence},
+                          tuple({0: batch, 2: past_sequence} for _ in past))
     program = torch.onnx.export(
-        _logits_module(model),
-        (example, torch.ones_like(example)),
+        module,
+        args,
         dynamo=True,
         opset_version=opset,
-        input_names=list(INPUT_NAMES),
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUT_NAMES},
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_shapes=dynamic_shapes,
         optimize=True,
         verbose=progress,
     )
+    if with_past:
+        _name_cache_dims(program.model)
     return program.model
+
+
+def _name_cache_dims(model) -> None:
+    """Readable names for the symbolic dims torch.export invented (``s0``, ...): ``batch``,
+    ``sequence``, ``past_sequence``, ``total_sequence``, as optimum names them."""
+    import onnx_ir as ir
+
+    inputs = {value.name: value for value in model.graph.inputs}
+    names = {}
+    for name, axis, label in (("input_ids", 0, "batch"), ("input_ids", 1, "sequence"),
+                              ("attention_mask", 1, "total_sequence"), (PAST_PREFIX + "0.key", 2, "past_sequence")):
+        dim = inputs[name].shape[axis]
+        if isinstance(dim, ir.SymbolicDim) and dim.value:
+            names.setdefault(dim.value, label)
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.shape is None:
+            continue
+        value.shape = ir.Shape([ir.SymbolicDim(names.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
+                                for d in value.shape])
 
 
 def _save(model, path: Path, progress: bool) -> None:
@@ -211,15 +286,25 @@ def _save(model, path: Path, progress: bool) -> None:
 
 
 def _check_against_torch(torch_model, tokenizer, onnx_path: Path) -> tuple[float, float]:
-    """``(max |ORT - torch|, max |torch|)`` of the logits of a short sentence (batch 2)."""
+    """``(max |ORT - torch|, max |torch|)`` of the logits of a short sentence (batch 2).
+
+    A model with cache runs the first 5 tokens with an empty past, then the rest with their
+    ``present`` as past: both steps of the cache path against one uncached torch pass.
+    """
     import onnxruntime as ort
     import torch
+
+    from .generate import past_inputs, run_step
 
     ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="np")["input_ids"]
     ids = np.concatenate([ids, ids[:, ::-1]]).astype(np.int64)  # two different rows
     mask = np.ones_like(ids)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_logits = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+    if past_inputs(session):
+        first, present = run_step(session, ids[:, :5])
+        onnx_logits = np.concatenate([first, run_step(session, ids[:, 5:], present, 5)[0]], axis=1)
+    else:
+        onnx_logits = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
     with torch.no_grad():
         ref = torch_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), use_cache=False).logits
     ref = ref.numpy()
@@ -227,8 +312,11 @@ def _check_against_torch(torch_model, tokenizer, onnx_path: Path) -> tuple[float
 
 
 def export_model(src: str | os.PathLike, output: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, with_past: bool = False) -> Path:
     """Export ``src`` (HF folder, ``.gguf`` file or recipe name) to ``output`` (``.onnx``); returns it.
+
+    ``with_past``: the KV-cache layout (``past_key_values.N.*`` in, ``present.N.*`` out; see the
+    module docstring) instead of logits from the whole sequence.
 
     Also saves the tokenizer in ``output``'s folder and checks ONNX Runtime's logits against
     torch's on a short input (printed; a difference over 1e-3 of the logit range is an error).
@@ -239,7 +327,7 @@ def export_model(src: str | os.PathLike, output: str | os.PathLike, opset: int =
     model, tokenizer = load_source(src, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     note(f"exporting {type(model).__name__} to {output} (opset {opset})", progress)
-    onnx_model = _torch_export(model, opset, progress)
+    onnx_model = _torch_export(model, opset, progress, with_past)
     folded = fold_weight_transposes(onnx_model)
     constant, others = linear_weight_report(onnx_model)
     note(f"{constant} MatMuls with constant [K, N] weights ({folded} transposes folded here)", progress)

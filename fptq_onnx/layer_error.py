@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fptq_onnx.external_data import release_pages
 from fptq_onnx.passes.base import ConversionContext, LayerGroup, LinearLayer, Pass, PassPreconditionError
 from fptq_onnx.passes.strategy import PER_TOKEN_DYNAMIC
 from fptq_onnx.quant import ACT_PER_TENSOR_STATIC, ACT_PER_TOKEN_DYNAMIC, w4a8_matmul_reference, w8a8_matmul_reference
@@ -69,3 +70,4 @@ class LayerOutputErrorPass(Pass):
             return
         for layer in group.layers:  # lae_scales is set exactly when LAE scaled the group's weights
             layer.output_error = layer_output_error(rows, layer, group.lae_scales)
+            release_pages(layer.weight)  # memory-mapped: one layer resident at a time

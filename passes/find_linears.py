@@ -135,7 +135,8 @@ class FindLinearLayersPass(Pass):
         if self.exclude is not None and (self.exclude.search(name) or self.exclude.search(node.name or "")):
             ctx.reject(self.name, name, f"matches --nodes-to-exclude {self.exclude.pattern!r}")
             return None
-        return LinearLayer(name=name, node=node, weight=weight.astype(np.float32), bias=bias)
+        # no copy of a float32 weight: a memory-mapped one stays on disk until a pass reads it
+        return LinearLayer(name=name, node=node, weight=weight.astype(np.float32, copy=False), bias=bias)
 
     def _parse_gemm(self, ctx, node, label, weight):
         """Gemm(A, B, C) = alpha * A' @ B' + beta * C as a [K, N] weight and an optional bias."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from fptq_onnx.external_data import release_pages
 from fptq_onnx.quant import lae_scales, smoothquant_scales
 
 from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
@@ -75,7 +76,8 @@ class LaePass(Pass):
             scales = self.scales(group)
             group.lae_scales = scales
             for layer in group.layers:
-                layer.weight = layer.weight * scales[:, None]
+                original, layer.weight = layer.weight, layer.weight * scales[:, None]
+                release_pages(original)  # a memory-mapped weight: read once, not kept resident
                 layer.lae_scale_range = (float(scales.min()), float(scales.max()))
                 _write_weight(layer)
             target = (self._fold_into_producer(ctx, group, scales) if self.fold else None) or self._insert_mul(
@@ -143,7 +145,7 @@ def _write_weight(layer) -> None:
         node.attrs["alpha"] = 1.0  # find_linears folded alpha into layer.weight
     else:
         values = layer.weight
-    node.inputs[1] = gs.Constant(f"{original.name}/lae_scaled", np.ascontiguousarray(values).astype(original.dtype))
+    node.inputs[1] = gs.Constant(f"{original.name}/lae_scaled", np.ascontiguousarray(values).astype(original.dtype, copy=False))
 
 
 def _is_per_channel_constant(tensor, k: int) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fptq_onnx.external_data import release_pages
 from fptq_onnx.quant import (dequantize_weight, gptq_quantize_weight, output_error_clip_ratios, pack_int4,
                              pad_to_group_multiple, quantize_weight_groupwise)
 
@@ -79,6 +80,7 @@ class QuantizeWeightsPass(Pass):
                 layer.symmetric = self.symmetric
                 layer.rounding = "gptq" if self.gptq else "rtn"
                 layer.clipped = self.clip == "output"
+                release_pages(layer.weight)  # memory-mapped: one layer resident at a time
         return False  # the graph changes when the MatMuls are replaced
 
     def _seen_hessian(self, group: LayerGroup) -> np.ndarray:

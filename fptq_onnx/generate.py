@@ -1,0 +1,104 @@
+"""Greedy generation with ONNX Runtime, for models with or without a KV cache.
+
+A model **without** cache (``input_ids``, optional ``attention_mask`` / ``position_ids`` ->
+``logits``) recomputes the whole sequence at every step. A model **with** cache
+(``fptq-onnx export --with-past``, optimum's ``text-generation-with-past`` layout) takes
+``past_key_values.N.key`` / ``.value`` and returns ``present.N.key`` / ``.value``: the prompt is
+run once with an empty past (length 0), then one token per step with the previous ``present``
+as ``past``. Both give the same tokens up to float rounding, which is what makes the cache path
+testable: a converted model must produce the same tokens with and without its cache.
+
+>>> import onnxruntime as ort                                               # doctest: +SKIP
+>>> session = ort.InferenceSession("model.onnx")                           # doctest: +SKIP
+>>> greedy_generate(session, [1, 504, 3458], new_tokens=4)                 # doctest: +SKIP
+[28, 253, 1070, 30]
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+LOGITS = "logits"
+
+
+def past_inputs(session) -> list:
+    """The session's ``past_key_values.*`` inputs (empty for a model without cache)."""
+    return [i for i in session.get_inputs() if i.name.startswith(PAST_PREFIX)]
+
+
+def empty_past(session, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero-length past tensors for the first step: ``[batch, heads, 0, head_dim]`` per input
+    (axis 0 is the batch, every other symbolic axis the past length)."""
+    past = {}
+    for item in past_inputs(session):
+        shape = [batch if axis == 0 else (d if isinstance(d, int) else 0) for axis, d in enumerate(item.shape)]
+        past[item.name] = np.zeros(shape, _numpy_type(item.type))
+    return past
+
+
+def run_step(session, ids: np.ndarray, past: dict[str, np.ndarray] | None = None,
+             past_length: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One forward pass on token ids ``[batch, sequence]``: ``(logits, next past)``.
+
+    For a model with cache, ``past`` holds ``past_length`` earlier positions (None: empty) and
+    the next past is this step's ``present``; for one without, ``ids`` is the whole sequence and
+    the next past is empty. ``attention_mask`` (all ones) and ``position_ids`` are fed when the
+    model takes them.
+    """
+    names = {i.name: i for i in session.get_inputs()}
+    batch, length = ids.shape
+    feed = {"input_ids": ids.astype(_numpy_type(names["input_ids"].type))}
+    if "attention_mask" in names:
+        feed["attention_mask"] = np.ones((batch, past_length + length), _numpy_type(names["attention_mask"].type))
+    if "position_ids" in names:
+        positions = np.arange(past_length, past_length + length)
+        feed["position_ids"] = np.broadcast_to(positions, (batch, length)).astype(_numpy_type(names["position_ids"].type))
+    if past_inputs(session):
+        feed.update(past if past is not None else empty_past(session, batch))
+    outputs = [o.name for o in session.get_outputs()]
+    values = dict(zip(outputs, session.run(outputs, feed)))
+    present = {PAST_PREFIX + name[len(PRESENT_PREFIX):]: value for name, value in values.items()
+               if name.startswith(PRESENT_PREFIX)}
+    return values[LOGITS], present
+
+
+def greedy_generate(session, prompt_ids: Sequence[int], new_tokens: int, use_cache: bool = True) -> list[int]:
+    """The ``new_tokens`` token ids that greedy decoding (argmax of the last logits) appends to
+    ``prompt_ids`` (batch 1), using the KV cache when the model has one and ``use_cache``;
+    ``use_cache=False`` recomputes the whole sequence each step (with an empty past)."""
+    if new_tokens < 0 or not len(prompt_ids):
+        raise ValueError(f"need a non-empty prompt and new_tokens >= 0, got {len(prompt_ids)} and {new_tokens}")
+    sequence = [int(t) for t in prompt_ids]
+    cached = use_cache and bool(past_inputs(session))
+    past, step = None, sequence
+    for _ in range(new_tokens):
+        past_length = len(sequence) - len(step) if cached else 0
+        logits, present = run_step(session, np.asarray([step], np.int64), past, past_length)
+        token = int(np.argmax(logits[0, -1]))
+        sequence.append(token)
+        past, step = (present, [token]) if cached else (None, sequence)
+    return sequence[len(prompt_ids):]
+
+
+def teacher_forced_agreement(session, prompt_ids: Sequence[int], reference_tokens: Sequence[int]) -> int:
+    """At how many positions ``i`` the argmax of ``session`` on ``prompt + reference_tokens[:i]``
+    is ``reference_tokens[i]`` (``reference_tokens``: another model's greedy continuation).
+
+    Free-running generations of two models part at their first different token and never meet
+    again, so exact match only says where the first disagreement falls; this scores every
+    position on the same prefix, with one full forward pass.
+    """
+    ids = np.asarray([[*prompt_ids, *reference_tokens[:-1]]], np.int64)
+    picks = run_step(session, ids)[0][0, len(prompt_ids) - 1:].argmax(-1)
+    return int((picks == np.asarray(reference_tokens)).sum())
+
+
+def _numpy_type(onnx_type: str) -> np.dtype:
+    """``"tensor(int64)"`` -> ``np.int64`` (the types ORT reports for inputs)."""
+    names = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+             "tensor(float16)": np.float16, "tensor(double)": np.float64}
+    if onnx_type not in names:
+        raise ValueError(f"unsupported input type {onnx_type}")
+    return np.dtype(names[onnx_type])

@@ -1,0 +1,126 @@
+"""KV-cache models: SmolLM2 exported with past key values, converted, and generating greedily.
+
+The model is ``fptq-onnx export --with-past`` (optimum's ``text-generation-with-past`` layout),
+converted with a small calibration (4 windows of 128 SOTU tokens; the past is synthesized
+empty). What must hold exactly: with its cache, each model (FP32 and W4A8) produces the same 16
+tokens as recomputing the whole sequence at every step; that is the correctness of the cache
+path and of its conversion. FP32 against W4A8 is lossy: the tokens part at the first
+disagreement, so agreement is measured on the same prefix (teacher-forced next-token
+agreement) and held to what W4A8 SmolLM2-135M reaches (docs/large-models.md has the figures).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from fptq_onnx import data
+from fptq_onnx.calibration import CalibrationConfig
+from fptq_onnx.generate import greedy_generate, past_inputs, run_step, teacher_forced_agreement
+from fptq_onnx.pipeline import ConvertConfig, convert
+from fptq_onnx.session import InferenceSession
+from fptq_onnx.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ("The capital of France is", "Once upon a time, there was a little", "The three primary colors are",
+           "To bake bread, you first need to", "The largest planet in our solar system is")
+NEW_TOKENS = 16
+# teacher-forced next-token agreement W4A8 vs FP32 over the 5 x 16 positions: measured 0.65 with
+# this calibration (the demo's top-1 agreement on Brown is 0.63); a broken conversion gives ~0
+MIN_AGREEMENT = 0.5
+
+
+def cached_export(name: str, with_past: bool):
+    from fptq_onnx.export import export_model
+    from fptq_onnx.models import prepare
+
+    path = data.cache_dir() / "tests" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_model(prepare("smollm2-135m", progress=False), path, progress=False, with_past=with_past)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_past():
+    return cached_export("smollm2-135m-past.onnx", with_past=True)
+
+
+@pytest.fixture(scope="module")
+def fp32_full():
+    return cached_export("smollm2-135m.onnx", with_past=False)  # the one test_e2e_smollm2 uses
+
+
+@pytest.fixture(scope="module")
+def w4a8_past(fp32_past, tmp_path_factory):
+    config = ConvertConfig(calibration=CalibrationConfig(samples=4, seq_len=128))
+    output = tmp_path_factory.mktemp("kv") / "w4a8.onnx"
+    return convert(fp32_past, output, data.text_path("sotu", progress=False), config, progress=False).output
+
+
+@pytest.fixture(scope="module")
+def prompts(fp32_past):
+    tokenizer = load_tokenizer(fp32_past.parent)
+    return [[tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(p) for p in PROMPTS]
+
+
+def fp32_session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_export_has_the_cache_interface(fp32_past):
+    session = fp32_session(fp32_past)
+    layers = 30
+    assert [i.name for i in session.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert len(past_inputs(session)) == 2 * layers
+    key = session.get_inputs()[3]
+    assert (key.name, key.shape) == ("past_key_values.0.key", ["batch", 3, "past_sequence", 64])
+    outputs = [o.name for o in session.get_outputs()]
+    assert outputs[0] == "logits" and outputs[1:3] == ["present.0.key", "present.0.value"]
+    assert len(outputs) == 1 + 2 * layers
+
+
+def test_fp32_cache_matches_recompute(fp32_past, fp32_full, prompts):
+    """The cached FP32 model against the export without cache, recomputing every step."""
+    cached, full = fp32_session(fp32_past), fp32_session(fp32_full)
+    for prompt in prompts:
+        assert greedy_generate(cached, prompt, NEW_TOKENS) == greedy_generate(full, prompt, NEW_TOKENS)
+
+
+def test_conversion_keeps_the_cache_interface(fp32_past, w4a8_past):
+    original, converted = fp32_session(fp32_past), InferenceSession(str(w4a8_past))
+    assert [(i.name, i.shape) for i in converted.get_inputs()] == [(i.name, i.shape) for i in original.get_inputs()]
+    assert [o.name for o in converted.get_outputs()] == [o.name for o in original.get_outputs()]
+    model = onnx.load(str(w4a8_past), load_external_data=False)
+    assert sum(node.op_type == "W4A8MatMul" for node in model.graph.node) == 30 * 7
+
+
+def test_w4a8_cache_matches_recompute(w4a8_past, prompts):
+    """The converted model, with its cache against recomputing the whole sequence (empty past)
+    each step: token for token (per-token activation scales do not depend on other tokens)."""
+    session = InferenceSession(str(w4a8_past))
+    for prompt in prompts:
+        assert greedy_generate(session, prompt, NEW_TOKENS) == greedy_generate(session, prompt, NEW_TOKENS, use_cache=False)
+
+
+def test_cache_step_logits_match_recompute(w4a8_past, prompts):
+    """Logits of a one-token step on a cached prefix equal the last row of a full pass."""
+    session = InferenceSession(str(w4a8_past))
+    ids = np.asarray([prompts[1]], np.int64)
+    _, present = run_step(session, ids[:, :-1])
+    step, _ = run_step(session, ids[:, -1:], present, ids.shape[1] - 1)
+    full, _ = run_step(session, ids)
+    np.testing.assert_allclose(step[0, -1], full[0, -1], rtol=0, atol=1e-3 * np.abs(full).max())
+
+
+def test_w4a8_against_fp32(fp32_past, w4a8_past, prompts, capsys):
+    reference, session = fp32_session(fp32_past), InferenceSession(str(w4a8_past))
+    expected = [greedy_generate(reference, prompt, NEW_TOKENS) for prompt in prompts]
+    agreeing = sum(teacher_forced_agreement(session, p, tokens) for p, tokens in zip(prompts, expected))
+    exact = [greedy_generate(session, p, NEW_TOKENS) == tokens for p, tokens in zip(prompts, expected)]
+    with capsys.disabled():
+        print(f"\nW4A8 vs FP32 on {len(prompts)} prompts x {NEW_TOKENS} tokens: teacher-forced agreement "
+              f"{agreeing}/{len(prompts) * NEW_TOKENS}, identical generations {sum(exact)}/{len(prompts)}")
+    assert agreeing >= MIN_AGREEMENT * len(prompts) * NEW_TOKENS
