@@ -248,29 +248,35 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_tma_kernel(const __grid_cons
 
   const uint32_t s_am = sbase + C::AM_OFF;         // FUSEQ: a_m of the block's BT rows
   const uint32_t s_inv = s_am + 4 * BT;            // and 1 / a_m
+  // Producer: the bulk copies of the weights, scales and zero points of k-tile kt_begin + i
+  // (inputs of the op, ready before the call). Atom column nb's 4 k-steps are 2 KB
+  // contiguous (w4a8_cuda.h). The caller announces the bytes (arrive.expect_tx) first.
+  const int KB = p.K / kAtomK;
+  const uint8_t* bp = p.bp + static_cast<int64_t>(n0 / kAtomN) * KB * kAtomBytes;
+  auto issue_weights = [&](int i) {
+    const int kt = kt_begin + i;
+    const int64_t grp = kt / p.sub_per_group;
+    const uint32_t st = stage(i), bar = full(i);
+#pragma unroll
+    for (int nb = 0; nb < kBN / kAtomN; ++nb) {
+      bulk_g2s(st + C::OFF_W + nb * kKSteps * kAtomBytes,
+               bp + (static_cast<int64_t>(nb) * KB + kt * kKSteps) * kAtomBytes, kKSteps * kAtomBytes, bar);
+    }
+    bulk_g2s(st + C::OFF_S, p.sp + grp * p.Npad + n0, C::S_BYTES, bar);
+    bulk_g2s(st + C::OFF_Z, p.zp + grp * p.Npad + n0, C::Z_BYTES, bar);
+  };
   if (FUSEQ && wg == 0) {
     // ------------------------------------------------------------ producer, FUSEQ
     static_assert(!FUSEQ || BT * 8 == 128, "FUSEQ: one 16-byte chunk of the X tile per producer thread");
     setmaxnreg_dec<kProducerRegs>();
-    const int KB = p.K / kAtomK;
-    const uint8_t* bp = p.bp + static_cast<int64_t>(n0 / kAtomN) * KB * kAtomBytes;
     const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BT;
-    auto issue_weights = [&](int i) {  // as below, the weights' bytes only
-      const int kt = kt_begin + i;
-      const int64_t grp = kt / p.sub_per_group;
-      const uint32_t st = stage(i), bar = full(i);
-      mbar_arrive_expect_tx(bar, C::TXW_BYTES);
-#pragma unroll
-      for (int nb = 0; nb < kBN / kAtomN; ++nb) {
-        bulk_g2s(st + C::OFF_W + nb * kKSteps * kAtomBytes,
-                 bp + (static_cast<int64_t>(nb) * KB + kt * kKSteps) * kAtomBytes, kKSteps * kAtomBytes, bar);
-      }
-      bulk_g2s(st + C::OFF_S, p.sp + grp * p.Npad + n0, C::S_BYTES, bar);
-      bulk_g2s(st + C::OFF_Z, p.zp + grp * p.Npad + n0, C::Z_BYTES, bar);
+    auto issue_weights_fused = [&](int i) {  // the weights' bytes only: X is written, not copied
+      mbar_arrive_expect_tx(full(i), C::TXW_BYTES);
+      issue_weights(i);
     };
     const int pre = min(n_kt, C::STAGES);
     if (tid == 0) {
-      for (int i = 0; i < pre; ++i) issue_weights(i);  // before the wait: inputs of the op
+      for (int i = 0; i < pre; ++i) issue_weights_fused(i);  // before the wait: inputs of the op
     }
     grid_dependency_wait();  // X may be the previous kernel's output
     // a_m (docs/ops.md): warp w takes rows w, w + 4, ...; the same arithmetic as
@@ -307,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_tma_kernel(const __grid_cons
     const float inv = lds_f32(s_inv + 4 * r);
     for (int i = 0; i < n_kt; ++i) {
       if (i >= C::STAGES) mbar_wait(empty(i), parity(i) ^ 1u);
-      if (tid == 0 && i >= pre) issue_weights(i);
+      if (tid == 0 && i >= pre) issue_weights_fused(i);
       uint4 q = make_uint4(0, 0, 0, 0);
       if (m0 + r < p.M) {
         const int k = (kt_begin + i) * kTileK + 16 * c;
@@ -326,23 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_tma_kernel(const __grid_cons
     // ------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<kProducerRegs>();
     if (tid == 0) {
-      const int KB = p.K / kAtomK;
-      const uint8_t* bp = p.bp + static_cast<int64_t>(n0 / kAtomN) * KB * kAtomBytes;
       const int8_t* xq = p.xq_tiled + static_cast<int64_t>(blockIdx.x) * p.k_tiles * C::X_BYTES;
-      // Weights, scales, zero points of k-tile kt_begin + i: inputs of the op, ready before
-      // the call. Atom column nb's 4 k-steps are 2 KB contiguous (w4a8_cuda.h).
-      auto issue_weights = [&](int i) {
-        const int kt = kt_begin + i;
-        const int64_t grp = kt / p.sub_per_group;
-        const uint32_t st = stage(i), bar = full(i);
-#pragma unroll
-        for (int nb = 0; nb < kBN / kAtomN; ++nb) {
-          bulk_g2s(st + C::OFF_W + nb * kKSteps * kAtomBytes,
-                   bp + (static_cast<int64_t>(nb) * KB + kt * kKSteps) * kAtomBytes, kKSteps * kAtomBytes, bar);
-        }
-        bulk_g2s(st + C::OFF_S, p.sp + grp * p.Npad + n0, C::S_BYTES, bar);
-        bulk_g2s(st + C::OFF_Z, p.zp + grp * p.Npad + n0, C::Z_BYTES, bar);
-      };
       // The Xq tile: written by the quantize kernel, BT x 128 bytes contiguous in xq_tiled.
       auto issue_x = [&](int i) {
         bulk_g2s(stage(i), xq + static_cast<int64_t>(kt_begin + i) * C::X_BYTES, C::X_BYTES, full(i));
