@@ -147,14 +147,28 @@ def output_error_clip_ratios(w: np.ndarray, hessian: np.ndarray, group_size: int
     return best.T
 
 
-def gptq_quantize_weight(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric: bool,
-                         clip_ratio: np.ndarray | float = 1.0, damp: float = 0.01
+def gptq_factor(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """``(U, dead)`` for :func:`gptq_quantize_weight`: the upper Cholesky factor of the dampened
+    ``H^-1`` (``H^-1 = U^T U``) and the mask of channels that never fire (``H[k, k] = 0``, given
+    ``H[k, k] = 1`` so that H stays invertible). O(K^3): computed once per layer input and shared
+    by the layers reading it (q/k/v, gate/up)."""
+    h = np.array(hessian, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(len(h))] += damp * np.mean(np.diag(h))
+    return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+
+
+def gptq_quantize_weight(w: np.ndarray, hessian: np.ndarray | None, group_size: int, symmetric: bool,
+                         clip_ratio: np.ndarray | float = 1.0, damp: float = 0.01,
+                         factor: tuple[np.ndarray, np.ndarray] | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al., arXiv 2210.17323): round the weight rows one input channel at a time,
     each rounding error compensated by the rows not yet rounded.
 
     With ``H = mean x x^T`` (+ ``damp * mean(diag H)`` on the diagonal) and the upper Cholesky
-    factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), row k (input channel k; GPTQ's "column")::
+    factor ``U`` of ``H^-1`` (``H^-1 = U^T U``; :func:`gptq_factor`, or pass ``factor``), row k
+    (input channel k; GPTQ's "column")::
 
         q_k = Q(w_k)                                 (the group's scale/zero point, fixed when
                                                       the group's first row is reached)
@@ -171,13 +185,9 @@ def gptq_quantize_weight(w: np.ndarray, hessian: np.ndarray, group_size: int, sy
     k, n = w.shape
     if k % group_size:
         raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    upper, dead = factor if factor is not None else gptq_factor(hessian, damp)
     weight = np.array(w, np.float64)
-    h = np.array(hessian, np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
     weight[dead] = 0.0
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    upper = np.linalg.cholesky(np.linalg.inv(h)).T
     count = k // group_size
     ratio = np.broadcast_to(np.asarray(clip_ratio, np.float64), (n, count))
     u = np.empty((k, n), np.uint8)

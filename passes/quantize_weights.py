@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from fptq_onnx.external_data import release_pages
-from fptq_onnx.quant import (dequantize_weight, gptq_quantize_weight, output_error_clip_ratios, pack_int4,
-                             pad_to_group_multiple, quantize_weight_groupwise)
+from fptq_onnx.quant import (dequantize_weight, gptq_factor, gptq_quantize_weight, output_error_clip_ratios,
+                             pack_int4, pad_to_group_multiple, quantize_weight_groupwise)
 
 from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
 
@@ -62,13 +62,14 @@ class QuantizeWeightsPass(Pass):
     def call(self, ctx: ConversionContext) -> bool:
         for group in ctx.groups:
             hessian = self._seen_hessian(group) if self.needs_hessian else None
+            factor = gptq_factor(hessian, self.damp) if self.gptq else None  # O(K^3): once per group
             for layer in group.layers:
                 padded = pad_to_group_multiple(layer.weight, self.group_size)
                 ratio = (output_error_clip_ratios(padded, hessian, self.group_size, self.symmetric)
                          if self.clip == "output" else 1.0)
                 if self.gptq:
-                    u, scales, zero_points = gptq_quantize_weight(padded, hessian, self.group_size, self.symmetric,
-                                                                  ratio, self.damp)
+                    u, scales, zero_points = gptq_quantize_weight(padded, None, self.group_size, self.symmetric,
+                                                                  ratio, factor=factor)
                 else:
                     u, scales, zero_points = quantize_weight_groupwise(padded, self.group_size, self.symmetric, ratio)
                 restored = dequantize_weight(u, scales, zero_points)[: layer.k]
