@@ -7,6 +7,7 @@ tokens as recomputing the whole sequence at every step; that is the correctness 
 path and of its conversion. FP32 against W4A8 is lossy: the tokens part at the first
 disagreement, so agreement is measured on the same prefix (teacher-forced next-token
 agreement) and held to what W4A8 SmolLM2-135M reaches (docs/large-models.md has the figures).
+A tiny random LLaMA runs the same path through the CLI in seconds.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ import pytest
 
 from fptq_onnx import data
 from fptq_onnx.calibration import CalibrationConfig
+from fptq_onnx.cli import main
 from fptq_onnx.generate import greedy_generate, past_inputs, run_step, teacher_forced_agreement
+from fptq_onnx.models._tiny import save_tiny_llama, tiny_text
 from fptq_onnx.pipeline import ConvertConfig, convert
 from fptq_onnx.session import InferenceSession
 from fptq_onnx.tokenizer import load_tokenizer
-
-pytestmark = pytest.mark.slow
 
 PROMPTS = ("The capital of France is", "Once upon a time, there was a little", "The three primary colors are",
            "To bake bread, you first need to", "The largest planet in our solar system is")
@@ -70,6 +71,27 @@ def fp32_session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def test_tiny_model_with_past_exports_converts_and_generates(tmp_path):
+    """The CLI end to end on a tiny random LLaMA (seconds): ``export --with-past``, ``convert`` on
+    text with the past synthesized, and generation with cache equal to recomputation."""
+    from fptq_onnx.export import export_model
+
+    hf = save_tiny_llama(tmp_path / "hf")
+    past, full, w4a8 = tmp_path / "past.onnx", tmp_path / "full.onnx", tmp_path / "w4a8.onnx"
+    assert main(["-q", "export", str(hf), "-o", str(past), "--with-past"]) == 0
+    export_model(hf, full, progress=False)
+    (tmp_path / "calib.txt").write_text(tiny_text(2000))
+    assert main(["-q", "convert", str(past), "--calib", str(tmp_path / "calib.txt"), "--samples", "4",
+                 "--seq-len", "32", "-o", str(w4a8)]) == 0
+    prompt = [1, 5, 9, 4, 7]
+    fp32 = greedy_generate(fp32_session(past), prompt, 8)
+    assert fp32 == greedy_generate(fp32_session(full), prompt, 8)
+    session = InferenceSession(str(w4a8))
+    assert len(past_inputs(session)) == 2 * 2
+    assert greedy_generate(session, prompt, 8) == greedy_generate(session, prompt, 8, use_cache=False)
+
+
+@pytest.mark.slow
 def test_export_has_the_cache_interface(fp32_past):
     session = fp32_session(fp32_past)
     layers = 30
@@ -82,6 +104,7 @@ def test_export_has_the_cache_interface(fp32_past):
     assert len(outputs) == 1 + 2 * layers
 
 
+@pytest.mark.slow
 def test_fp32_cache_matches_recompute(fp32_past, fp32_full, prompts):
     """The cached FP32 model against the export without cache, recomputing every step."""
     cached, full = fp32_session(fp32_past), fp32_session(fp32_full)
@@ -89,6 +112,7 @@ def test_fp32_cache_matches_recompute(fp32_past, fp32_full, prompts):
         assert greedy_generate(cached, prompt, NEW_TOKENS) == greedy_generate(full, prompt, NEW_TOKENS)
 
 
+@pytest.mark.slow
 def test_conversion_keeps_the_cache_interface(fp32_past, w4a8_past):
     original, converted = fp32_session(fp32_past), InferenceSession(str(w4a8_past))
     assert [(i.name, i.shape) for i in converted.get_inputs()] == [(i.name, i.shape) for i in original.get_inputs()]
@@ -97,6 +121,7 @@ def test_conversion_keeps_the_cache_interface(fp32_past, w4a8_past):
     assert sum(node.op_type == "W4A8MatMul" for node in model.graph.node) == 30 * 7
 
 
+@pytest.mark.slow
 def test_w4a8_cache_matches_recompute(w4a8_past, prompts):
     """The converted model, with its cache against recomputing the whole sequence (empty past)
     each step: token for token (per-token activation scales do not depend on other tokens)."""
@@ -105,6 +130,7 @@ def test_w4a8_cache_matches_recompute(w4a8_past, prompts):
         assert greedy_generate(session, prompt, NEW_TOKENS) == greedy_generate(session, prompt, NEW_TOKENS, use_cache=False)
 
 
+@pytest.mark.slow
 def test_cache_step_logits_match_recompute(w4a8_past, prompts):
     """Logits of a one-token step on a cached prefix equal the last row of a full pass."""
     session = InferenceSession(str(w4a8_past))
@@ -115,6 +141,7 @@ def test_cache_step_logits_match_recompute(w4a8_past, prompts):
     np.testing.assert_allclose(step[0, -1], full[0, -1], rtol=0, atol=1e-3 * np.abs(full).max())
 
 
+@pytest.mark.slow
 def test_w4a8_against_fp32(fp32_past, w4a8_past, prompts, capsys):
     reference, session = fp32_session(fp32_past), InferenceSession(str(w4a8_past))
     expected = [greedy_generate(reference, prompt, NEW_TOKENS) for prompt in prompts]
