@@ -71,17 +71,24 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
     return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
+def data_file(tensor: onnx.TensorProto, folder: Path) -> Path:
+    """The external data file of ``tensor``, checked to exist inside ``folder`` (else UserError)."""
+    location = external_entry(tensor)[0]
+    if Path(location).is_absolute() or ".." in Path(location).parts:
+        raise UserError(f"external data {location!r} of {tensor.name!r} lies outside the model's folder")
+    path = folder / location
+    if not path.is_file():
+        raise UserError(f"external data file {path} of initializer {tensor.name!r} is missing")
+    return path
+
+
 def map_tensor(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
     """A read-only ``numpy.memmap`` of an external tensor's bytes (``folder``: the model's folder).
 
     Raises UserError when the data file is missing, outside ``folder``, or shorter than the tensor.
     """
-    location, offset, length = external_entry(tensor)
-    path = (folder / location).resolve()
-    if not path.is_relative_to(folder.resolve()):
-        raise UserError(f"external data {location!r} of {tensor.name!r} lies outside the model's folder")
-    if not path.is_file():
-        raise UserError(f"external data file {path} of initializer {tensor.name!r} is missing")
+    path = data_file(tensor, folder)
+    _, offset, length = external_entry(tensor)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
     shape = tuple(int(d) for d in tensor.dims)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -112,6 +119,7 @@ def map_external_data(graph: gs.Graph, folder: str | Path) -> list[np.ndarray]:
         if not isinstance(proto, onnx.TensorProto) or external_entry(proto) is None:
             continue
         if proto.data_type in _UNMAPPABLE:
+            data_file(proto, folder)
             onnx.external_data_helper.load_external_data_for_tensor(proto, str(folder))
             continue  # now an ordinary in-memory tensor; graphsurgeon loads it on demand
         tensor.values = map_tensor(proto, folder)

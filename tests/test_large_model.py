@@ -78,13 +78,19 @@ def test_weights_are_memory_mapped_not_loaded(small_model):
 @pytest.mark.parametrize("damage, message", [
     pytest.param("missing", "is missing", id="missing data file"),
     pytest.param("truncated", "is truncated", id="truncated data file"),
+    pytest.param("outside", "lies outside the model's folder", id="location outside the folder"),
 ])
 def test_damaged_external_data_is_a_user_error(small_model, tmp_path, damage, message):
     data = small_model.with_name(small_model.name + ".data")
     if damage == "missing":
         data.unlink()
-    else:
+    elif damage == "truncated":
         os.truncate(data, data.stat().st_size // 2)
+    else:
+        model = onnx.load(str(small_model), load_external_data=False)
+        entry = next(e for t in model.graph.initializer for e in t.external_data if e.key == "location")
+        entry.value = "../" + entry.value
+        onnx.save(model, str(small_model))
     calib = calibration_archive(tmp_path / "calib.npz", SMALL.vocab)
     with pytest.raises(UserError, match=message):
         convert(small_model, tmp_path / "out.onnx", calib, ConvertConfig(), progress=False)
