@@ -52,13 +52,12 @@ OURS = {
     "fptq_slac_short": ("+ SLAC: calibration lengths 32-128 (PIQA-like)",
                         dict(lae_bands=("mid",), weight_clip="none", gptq=False,
                              calibration=dict(seq_lens=(32, 64, 128)))),
-    "fptq_lae_all_clip": ("LAE on every layer + clipping by output error",
+    "fptq_lae_all_clip": ("**FPTQ, our defaults**: LAE on every layer + clipping by output error",
                           dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False)),
     "fptq_lae_all_clip_auto_v": ("LAE on every layer + clipping by output error + automatic v0/v1",
                                  dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, auto_thresholds=True)),
     "fptq_lae_all_clip_w8_10": ("LAE on every layer + clipping by output error + 10 layers at 8-bit weights",
                                 dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, w8_layers=10)),
-    "fptq": ("FPTQ, our defaults", dict()),
 }
 ORT_ROWS = {"ort_w4a16_acc1": ("ONNX Runtime MatMulNBits W4A16 RTN asym g128, accuracy_level 1", 1),
             "ort_w4a8_acc4": ("ONNX Runtime MatMulNBits accuracy_level 4 (its int8-activation path)", 4)}

@@ -55,13 +55,13 @@ class ConvertConfig:
     nodes_to_exclude: str | None = None  # regex on layer / node names
     exclude_lm_head: bool = True
     fold_lae: bool = True  # fold 1/s into the preceding norm where possible
-    # bands whose groups get equalization scales (the paper: only "mid"); the band still picks
-    # static vs dynamic activations
-    lae_bands: tuple[str, ...] = ("mid",)
+    # bands whose groups get equalization scales (the paper: only "mid"; every band measured
+    # better on SmolLM2 and Gemma-3, docs/accuracy.md); the band still picks static vs dynamic
+    lae_bands: tuple[str, ...] = ("low", "mid", "high")
     equalization: str = "lae"  # "lae" (FPTQ's log scales) or "smoothquant" (max|X|^a / max|W|^(1-a))
     sq_alpha: float = 0.5  # SmoothQuant's migration strength
-    weight_clip: str = "none"  # "none" or "output": per-group clip ratio minimizing the layer's output error
-    gptq: bool = False  # GPTQ rounding with the calibration Hessian X^T X
+    weight_clip: str = "output"  # per-group clip ratio minimizing the layer's output error ("none": full range)
+    gptq: bool = False  # GPTQ rounding with the calibration Hessian X^T X (measured worse: off)
     gptq_damp: float = 0.01  # GPTQ's dampening, a fraction of the Hessian's mean diagonal
     auto_thresholds: bool = False  # choose v0/v1 for this model by measured output error
     auto_tolerance: float = 0.02  # accept a total output error this much above the minimum for fewer dynamic layers

@@ -47,7 +47,7 @@ def models(tmp_path_factory):
               str(folder / "gemm.onnx"))
     np.savez(folder / "gemm.npz", x=rng.standard_normal((2, 4, 96)).astype(np.float32))
     gemm = convert(folder / "gemm.onnx", folder / "gemm.w4a8.onnx", folder / "gemm.npz",
-                   ConvertConfig(group_size=64, symmetric=True, exclude_lm_head=False), progress=False)
+                   ConvertConfig(group_size=64, symmetric=True, exclude_lm_head=False, lae_bands=()), progress=False)
     return {"block": block, "gemm": gemm, "folder": folder}
 
 

@@ -108,7 +108,7 @@ def test_output_error_against_direct_computation(act_mode, k):
 
 def test_summary_lists_worst_layers_first_and_counts_the_rest():
     layers = [SimpleNamespace(name=f"layers.{i}.proj", output_error=e, v=3.0, band="low",
-                              act_mode="per_tensor_static", lae=False)
+                              act_mode="per_tensor_static", lae=False, weight_bits=4)
               for i, e in enumerate([0.01, 0.5, 0.02, 0.3] + [0.001 * i for i in range(1, 10)])]
     lines = output_error_summary(layers, top=3)
     assert "worst first" in lines[0]
@@ -229,7 +229,7 @@ def test_convert_cli_prints_errors_and_report_path(tmp_path, tiny_block, rng, ca
 def test_no_error_rows_means_no_error_plot(tmp_path, tiny_block, rng):
     onnx.save(tiny_block, str(tmp_path / "model.onnx"))
     np.savez(tmp_path / "calib.npz", x=outlier_inputs(rng, (2, 1, 8, 128)))
-    config = ConvertConfig(v0=1e6, v1=1e7, calibration=CalibrationConfig(error_rows=0))
+    config = ConvertConfig(v0=1e6, v1=1e7, lae_bands=(), calibration=CalibrationConfig(error_rows=0))
     result = convert(tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz", config, progress=False,
                      report=tmp_path / "r.html")
     assert all(layer.output_error is None for layer in result.layers) and "output_error" not in result.seconds
