@@ -37,6 +37,7 @@ from .progress import progress_bar
 from .tokenizer import find_tokenizer, load_tokenizer
 
 Feed = dict[str, np.ndarray]
+HESSIAN_KINDS = ("none", "blocks", "full")  # in the order each serves the ones before it
 SYNTHESIZED_INPUTS = ("attention_mask", "position_ids")
 
 
@@ -52,7 +53,11 @@ class CalibrationConfig:
     # SLAC (sequence-length-aware calibration): window lengths cycled over the samples, e.g.
     # (64, 128, 512) to match a target task's lengths; None: every window is seq_len long
     seq_lens: tuple[int, ...] | None = None
-    hessian: bool = False  # also accumulate X^T X of every layer input (weight clipping, GPTQ)
+    # also accumulate the second moment X^T X of every layer input: "blocks" keeps its diagonal
+    # blocks of hessian_block x hessian_block (weight clipping: K * 128 floats per input), "full"
+    # all of it (GPTQ: K^2 floats per input, 970 MB for K = 11008)
+    hessian: str = "none"
+    hessian_block: int = 128
 
     def __post_init__(self):
         if self.samples < 1:
@@ -61,6 +66,8 @@ class CalibrationConfig:
             raise UserError(f"--error-rows must be >= 0, got {self.error_rows}")
         if self.seq_len < 2:
             raise UserError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.hessian not in HESSIAN_KINDS:
+            raise UserError(f"hessian must be one of {HESSIAN_KINDS}, got {self.hessian!r}")
         if self.seq_lens is not None and (not self.seq_lens or min(self.seq_lens) < 2):
             raise UserError(f"--calib-seq-lens needs lengths >= 2, got {list(self.seq_lens)}")
 
@@ -315,7 +322,8 @@ class CalibrationStats:
 
     channel_max: dict[str, np.ndarray]  # float32 [K]: per-channel max |x| over all samples
     rows: dict[str, np.ndarray]  # float32 [M, K]: M <= config.error_rows rows sampled uniformly
-    hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # float64 [K, K]: mean x x^T
+    # float64 mean x x^T: [K, K] ("full") or its diagonal blocks [ceil(K / b), b, b] ("blocks")
+    hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 class SecondMoment:
@@ -324,9 +332,14 @@ class SecondMoment:
     This is GPTQ's Hessian of the layer's squared output error (up to a factor 2):
     ``||X dW||^2 = T * trace(dW^T H dW)``. Products are formed in float32 per update (one GEMM)
     and summed in float64, so T can be large without losing the small contributions.
+
+    With ``block = b`` only the diagonal blocks are kept, ``H[g] = (1/T) sum_t x_tg x_tg^T`` for
+    the channels ``x_tg`` of block g (K zero-padded to a multiple of b): ``[G, b, b]``, all that
+    clipping group g of a weight needs, at ``b / K`` of the memory and time.
     """
 
-    def __init__(self):
+    def __init__(self, block: int | None = None):
+        self.block = block
         self.sum: np.ndarray | None = None
         self.count = 0
 
@@ -334,7 +347,15 @@ class SecondMoment:
         rows = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
         if rows.size == 0:
             return
-        product = (rows.T @ rows).astype(np.float64)
+        if self.block:
+            k = rows.shape[1]
+            padded = -(-k // self.block) * self.block
+            if padded != k:
+                rows = np.pad(rows, ((0, 0), (0, padded - k)))
+            blocks = rows.reshape(len(rows), -1, self.block).transpose(1, 0, 2)  # [G, T, b]
+            product = (blocks.transpose(0, 2, 1) @ blocks).astype(np.float64)
+        else:
+            product = (rows.T @ rows).astype(np.float64)
         self.sum = product if self.sum is None else self.sum + product
         self.count += rows.shape[0]
 
@@ -363,7 +384,8 @@ def collect_calibration_stats(model_path: Path, tensor_names: list[str], source:
     seeds = np.random.SeedSequence(config.seed).spawn(len(tensor_names))
     reservoirs = {name: RowReservoir(config.error_rows, np.random.default_rng(seed))
                   for name, seed in zip(tensor_names, seeds)} if config.error_rows else {}
-    moments = {name: SecondMoment() for name in tensor_names} if config.hessian else {}
+    block = config.hessian_block if config.hessian == "blocks" else None
+    moments = {name: SecondMoment(block) for name in tensor_names} if config.hessian != "none" else {}
     with _session_exposing(model, Path(model_path), tensor_names) as session:
         outputs = [o.name for o in session.get_outputs()]
         wanted = [outputs.index(name) for name in tensor_names]

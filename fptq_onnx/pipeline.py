@@ -102,9 +102,10 @@ class ConvertConfig:
             raise UserError(f"--auto-tolerance must be >= 0, got {self.auto_tolerance}")
 
     @property
-    def needs_hessian(self) -> bool:
-        """Whether calibration must accumulate ``X^T X`` per layer input (clipping, GPTQ)."""
-        return self.weight_clip == "output" or self.gptq
+    def hessian_kind(self) -> str:
+        """What calibration must accumulate of ``X^T X`` per layer input: GPTQ needs all of it,
+        clipping its diagonal group blocks (``calibration.SecondMoment``)."""
+        return "full" if self.gptq else "blocks" if self.weight_clip == "output" else "none"
 
 
 @dataclasses.dataclass
@@ -159,12 +160,14 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
 
     start = time.perf_counter()
     names = [group.input.name for group in ctx.groups]
-    calibration = dataclasses.replace(config.calibration, hessian=config.needs_hessian)
+    calibration = dataclasses.replace(config.calibration, hessian=config.hessian_kind,
+                                      hessian_block=config.group_size)
     cache_key = (str(Path(model_path).resolve()), str(Path(calib).resolve()), calibration)
-    # statistics with the Hessian serve a conversion that does not need it
-    with_hessian = cache_key[:2] + (dataclasses.replace(calibration, hessian=True),)
     cached = stats_cache or {}
-    stats = cached.get(cache_key) or cached.get(with_hessian)
+    stats = cached.get(cache_key)
+    if stats is None and calibration.hessian == "none":  # any cached statistics serve (extras are ignored)
+        stats = next((value for key, value in cached.items() if key[:2] == cache_key[:2] and
+                      dataclasses.replace(key[2], hessian="none") == calibration), None)
     if stats is None:
         stats = collect_calibration_stats(model_path, names, Path(calib), calibration, progress)
         if stats_cache is not None:

@@ -127,15 +127,16 @@ def output_error_clip_ratios(w: np.ndarray, hessian: np.ndarray, group_size: int
     ``e(c) = d^T H_g d``,  ``d = w_gn - Q_c(w_gn)``,  ``H_g = mean x_g x_g^T``
 
     (``H_g``: the group's diagonal block of the calibration second moment, see
-    ``calibration.SecondMoment``). Cross-group terms are ignored, so each (n, g) is chosen
-    independently, as AWQ's clip search does. Returns ``ratio[N, G]`` from ``ratios``.
+    ``calibration.SecondMoment``; ``hessian`` is the full ``[K, K]`` or its blocks ``[G, g, g]``).
+    Cross-group terms are ignored, so each (n, g) is chosen independently, as AWQ's clip search
+    does. Returns ``ratio[N, G]`` from ``ratios``.
     Minimizing the weight MSE instead (H = identity) measured worse (``docs/accuracy.md``).
     """
     k, n = w.shape
     count = k // group_size
     groups = np.asarray(w, np.float64).T.reshape(n, count, group_size).transpose(1, 0, 2)  # [G, N, g]
-    blocks = np.stack([hessian[g * group_size:(g + 1) * group_size, g * group_size:(g + 1) * group_size]
-                       for g in range(count)])  # [G, g, g]
+    blocks = hessian if hessian.ndim == 3 else np.stack(
+        [hessian[g * group_size:(g + 1) * group_size, g * group_size:(g + 1) * group_size] for g in range(count)])
     best = np.ones((count, n))
     best_error = np.full((count, n), np.inf)
     for ratio in ratios:

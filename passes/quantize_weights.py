@@ -57,7 +57,9 @@ class QuantizeWeightsPass(Pass):
             missing = [group.name for group in ctx.groups if group.hessian is None]
             if missing:
                 raise PassPreconditionError(f"{self.name}: clip/gptq need calibration Hessians, missing for "
-                                            f"{missing[:3]}; calibrate with hessian=True")
+                                            f"{missing[:3]}; calibrate with hessian='blocks' or 'full'")
+        if self.gptq and any(group.hessian.ndim != 2 for group in ctx.groups):
+            raise PassPreconditionError(f"{self.name}: GPTQ needs the full Hessian; calibrate with hessian='full'")
 
     def call(self, ctx: ConversionContext) -> bool:
         for group in ctx.groups:
@@ -85,13 +87,17 @@ class QuantizeWeightsPass(Pass):
         return False  # the graph changes when the MatMuls are replaced
 
     def _seen_hessian(self, group: LayerGroup) -> np.ndarray:
-        """``H`` of the input the layers see (``X / s`` after LAE), zero-padded to ``K'``."""
+        """``H`` of the input the layers see (``X / s`` after LAE) on ``K'`` (zero-padded): full
+        ``[K', K']``, or diagonal blocks ``[K' / g, g, g]`` as calibration kept them."""
         h = group.hessian
-        if group.lae_scales is not None:
-            s = group.lae_scales.astype(np.float64)
-            h = h / np.outer(s, s)
-        k = h.shape[0]
+        k = len(group.channel_max_abs)
         padded_k = -(-k // self.group_size) * self.group_size
+        s = np.ones(padded_k)
+        if group.lae_scales is not None:
+            s[:k] = group.lae_scales
+        if h.ndim == 3:  # blocks, already over K'
+            s = s.reshape(-1, self.group_size)
+            return h / (s[:, :, None] * s[:, None, :])
         if padded_k != k:
             h = np.pad(h, ((0, padded_k - k), (0, padded_k - k)))
-        return h
+        return h / np.outer(s, s)

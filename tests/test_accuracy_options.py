@@ -117,7 +117,23 @@ def test_second_moment_is_the_mean_outer_product(rng):
     for part in parts:
         moment.update(part)
     rows = np.concatenate([p.reshape(-1, 16) for p in parts]).astype(np.float64)
-    np.testing.assert_allclose(moment.value, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)
+    full = rows.T @ rows / len(rows)
+    np.testing.assert_allclose(moment.value, full, rtol=1e-5, atol=1e-6)
+    blocks = SecondMoment(block=6)  # K = 16 padded to 18: three 6 x 6 diagonal blocks
+    for part in parts:
+        blocks.update(part)
+    padded = np.pad(full, ((0, 2), (0, 2)))
+    expected = np.stack([padded[i:i + 6, i:i + 6] for i in (0, 6, 12)])
+    np.testing.assert_allclose(blocks.value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_ratios_from_blocks_equal_those_from_the_full_hessian(rng):
+    w = rng.standard_normal((256, 8)) * 0.05
+    x = correlated_inputs(rng, 512, 256)
+    h = x.T @ x / len(x)
+    blocks = np.stack([h[:128, :128], h[128:, 128:]])
+    np.testing.assert_array_equal(quant.output_error_clip_ratios(w, h, 128, False),
+                                  quant.output_error_clip_ratios(w, blocks, 128, False))
 
 
 def test_slac_windows_cycle_lengths_and_cover_the_text():
