@@ -49,8 +49,8 @@ OURS = {
                                              auto_thresholds=True)),
     "fptq_w8_10": ("+ mixed precision: 10 most sensitive layers at 8-bit weights",
                    dict(lae_bands=("mid",), weight_clip="none", gptq=False, w8_layers=10)),
-    "fptq_slac_short": ("+ SLAC: calibration lengths 32-128 (PIQA-like)",
-                        dict(lae_bands=("mid",), weight_clip="none", gptq=False,
+    "fptq_slac_short": ("our defaults + SLAC: calibration lengths 32, 64, 128 (PIQA-like)",
+                        dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False,
                              calibration=dict(seq_lens=(32, 64, 128)))),
     "fptq_lae_all_clip": ("**FPTQ, our defaults**: LAE on every layer + clipping by output error",
                           dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False)),
@@ -161,6 +161,16 @@ def main() -> int:
     return 0
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def save_result(path: Path, key: str, result: dict) -> None:
     """Add one result to the JSON file, re-reading it first: several runs may share the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +189,7 @@ def describe(row: str) -> str:
 
 def table(results: dict, args) -> str:
     lines = [f"{args.tokens} tokens per text in 512-token windows; PIQA 1,500 validation items (acc_norm); "
-             f"calibration {args.samples} x 512 SOTU tokens; {platform.processor() or platform.machine()}", ""]
+             f"calibration {args.samples} x 512 SOTU tokens; {cpu_name()}", ""]
     for name in args.models:
         lines += [f"**{name}**", "",
                   "| row | Brown ppl | Moby Dick ppl | Brown top-1 / KL vs FP32 | PIQA acc_norm (acc) |",
