@@ -230,3 +230,21 @@ def test_options_lower_output_error_or_run(tiny_workdir, fields):
     assert np.all(np.isfinite(got))
     if "gptq" in fields or "weight_clip" in fields:  # rounding by output error must beat RTN on its own data
         assert sum(l.output_error for l in other.layers) < sum(l.output_error for l in base.layers)
+
+
+def test_stats_cache_serves_conversions_needing_less(tiny_workdir, monkeypatch):
+    """One calibration with the clipping blocks serves a round-to-nearest conversion; GPTQ, which
+    needs the full Hessian, calibrates again."""
+    import fptq_onnx.pipeline as pipeline
+
+    calls = []
+    real = pipeline.collect_calibration_stats
+    monkeypatch.setattr(pipeline, "collect_calibration_stats",
+                        lambda *args, **kwargs: calls.append(args[3].hessian) or real(*args, **kwargs))
+    cache: dict = {}
+    for name, fields in [("clip", dict(weight_clip="output")), ("rtn", dict(weight_clip="none")),
+                         ("gptq", dict(weight_clip="none", gptq=True))]:
+        config = ConvertConfig(exclude_lm_head=False, group_size=64, **fields)
+        convert(tiny_workdir / "model.onnx", tiny_workdir / f"{name}.onnx", tiny_workdir / "calib.npz", config,
+                progress=False, stats_cache=cache)
+    assert calls == ["blocks", "full"]
