@@ -2,8 +2,9 @@
 
 Runs in CI (a few minutes; the model and text packages are fetched once into the cache).
 Thresholds are those of the compiler issue: W4A8 perplexity <= 1.6x FP32, its increase at most
-half that of naive W4A8 (per-tensor static int8 everywhere), and our CPU kernel agreeing with
-the function body (stock ONNX Runtime) on >= 99.9% of next-token predictions.
+half that of naive W4A8 (per-tensor static int8 everywhere), and our defaults below the paper
+recipe (the accuracy issue's improvements must keep paying); the CPU kernel is checked node by
+node against the function body (stock ONNX Runtime).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 EVAL_TOKENS = 4096
 CALIBRATION = CalibrationConfig(samples=32, seq_len=512)
+STATS: dict = {}  # calibration statistics shared by the conversions below (one calibration run)
 
 
 def stock_session(model_bytes: bytes) -> ort.InferenceSession:
@@ -50,10 +52,22 @@ def brown():
 def converted(fp32_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2")
     sotu = data.text_path("sotu", progress=False)
-    fptq = convert(fp32_model, folder / "fptq.onnx", sotu, ConvertConfig(calibration=CALIBRATION), progress=False)
-    naive_config = ConvertConfig(v0=1e9, v1=1e9, calibration=CALIBRATION)  # every layer per-tensor static, no LAE
-    naive = convert(fp32_model, folder / "naive.onnx", sotu, naive_config, progress=False)
+    fptq = convert(fp32_model, folder / "fptq.onnx", sotu, ConvertConfig(calibration=CALIBRATION), progress=False,
+                   stats_cache=STATS)
+    naive_config = ConvertConfig(v0=1e9, v1=1e9, lae_bands=(), weight_clip="none", gptq=False,
+                                 calibration=CALIBRATION)  # every layer per-tensor static, no LAE
+    naive = convert(fp32_model, folder / "naive.onnx", sotu, naive_config, progress=False, stats_cache=STATS)
     return fptq, naive
+
+
+@pytest.fixture(scope="module")
+def paper_recipe(fp32_model, tmp_path_factory):
+    """FPTQ as the paper has it (LAE on the mid band only, round-to-nearest weights)."""
+    folder = tmp_path_factory.mktemp("smollm2_paper")
+    config = ConvertConfig(lae_bands=("mid",), weight_clip="none", gptq=False, auto_thresholds=False,
+                           calibration=CALIBRATION)
+    return convert(fp32_model, folder / "paper.onnx", data.text_path("sotu", progress=False), config, progress=False,
+                   stats_cache=STATS)
 
 
 def test_every_decoder_linear_is_converted(converted):
@@ -66,7 +80,9 @@ def test_every_decoder_linear_is_converted(converted):
     assert bands == {"low", "mid", "high"}, bands  # SmolLM2 has inputs in all three bands
 
 
-def test_quality_against_fp32_and_naive(fp32_model, converted, brown, capsys):
+def test_quality_against_fp32_naive_and_paper(fp32_model, converted, paper_recipe, brown, capsys):
+    """The small version of docs/accuracy.md's comparison: our defaults must beat naive W4A8 by
+    the compiler issue's margin and the paper recipe outright."""
     from fptq_onnx.evaluate import evaluate
 
     fptq, naive = converted
@@ -75,13 +91,16 @@ def test_quality_against_fp32_and_naive(fp32_model, converted, brown, capsys):
                     session_factory=InferenceSession, progress=False)
     naive_result = evaluate(naive.output, brown, max_tokens=EVAL_TOKENS, session_factory=InferenceSession,
                             progress=False)
+    paper = evaluate(paper_recipe.output, brown, max_tokens=EVAL_TOKENS, session_factory=InferenceSession,
+                     progress=False)
     with capsys.disabled():
         print("\nSmolLM2 Brown:", json.dumps({"fp32": reference["perplexity"], "fptq": ours["perplexity"],
-                                              "naive": naive_result["perplexity"], "top1": ours["top1_agreement"],
-                                              "kl": ours["kl"]}))
+                                              "paper": paper["perplexity"], "naive": naive_result["perplexity"],
+                                              "top1": ours["top1_agreement"], "kl": ours["kl"]}))
     fp32_ppl = reference["perplexity"]
     assert ours["perplexity"] <= 1.6 * fp32_ppl
     assert ours["perplexity"] - fp32_ppl <= 0.5 * (naive_result["perplexity"] - fp32_ppl)
+    assert ours["perplexity"] < paper["perplexity"]
 
 
 def test_kernel_agrees_with_function_body(converted, brown):
