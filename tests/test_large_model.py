@@ -50,7 +50,9 @@ def run_measured(command: list[str], log_folder) -> tuple[int, int, float, str]:
     log = log_folder / "child.log"
     start = time.perf_counter()
     with open(log, "w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        # cwd away from the checkout: ``python -m fptq_onnx`` must import the installed package (the
+        # source folder lacks fptq_onnx.passes, which only the install maps into place)
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=log_folder)
         _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
     return child.returncode, usage.ru_maxrss * 1024, time.perf_counter() - start, log.read_text()
