@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
+
+from cpu_gemm import cpu_model_name  # benchmarks/ is on sys.path when run as a script
 
 from fptq_onnx import data
 from fptq_onnx.calibration import CalibrationConfig
@@ -161,16 +162,6 @@ def main() -> int:
     return 0
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def save_result(path: Path, key: str, result: dict) -> None:
     """Add one result to the JSON file, re-reading it first: several runs may share the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +180,7 @@ def describe(row: str) -> str:
 
 def table(results: dict, args) -> str:
     lines = [f"{args.tokens} tokens per text in 512-token windows; PIQA 1,500 validation items (acc_norm); "
-             f"calibration {args.samples} x 512 SOTU tokens; {cpu_name()}", ""]
+             f"calibration {args.samples} x 512 SOTU tokens; {cpu_model_name()}", ""]
     for name in args.models:
         lines += [f"**{name}**", "",
                   "| row | Brown ppl | Moby Dick ppl | Brown top-1 / KL vs FP32 | PIQA acc_norm (acc) |",

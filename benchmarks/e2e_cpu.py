@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import fptq_onnx  # noqa: E402
+from cpu_gemm import cpu_model_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from fptq_onnx import data  # noqa: E402
 
 FP32_CANDIDATES = [
@@ -55,13 +56,6 @@ FP32_CANDIDATES = [
 ]
 OUT_DIR = REPO / "work-cache" / "e2e"
 SETTLE_S = 0.1  # > the ~30 ms that ORT's idle intra-op threads spin after a run
-
-
-def cpu_model_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def model_stem(fp32: Path) -> str:

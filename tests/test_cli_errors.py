@@ -123,3 +123,28 @@ def test_export_and_eval_user_errors(workdir, capsys, argv, message):
     code, _, err = run_cli(capsys, *[a.format(tmp=workdir) for a in argv])
     assert_one_line_error(code, err, message)
     assert not (workdir / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--lae-bands", "low,top"], "--lae-bands takes low, mid, high"),
+    (["--sq-alpha", "2"], "--sq-alpha must be in [0, 1]"),
+    (["--calib-seq-lens", "64,1"], "--calib-seq-lens needs lengths >= 2"),
+    (["--w8-layers", "150%"], "--w8-layers takes a count >= 0 or a percentage"),
+    (["--auto-thresholds", "--error-rows", "0"], "--auto-thresholds measures output errors"),
+    (["--w8-layers", "3", "--error-rows", "0"], "--w8-layers measures output errors"),
+])
+def test_bad_accuracy_option_values(workdir, capsys, options, message):
+    before = sorted(p.name for p in workdir.rglob("*"))
+    code, _, err = run_cli(capsys, "convert", workdir / "model.onnx", "--calib", workdir / "calib.npz",
+                           "-o", workdir / "out.onnx", *options)
+    assert_one_line_error(code, err, message)
+    assert sorted(p.name for p in workdir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("options", [["--w8-layers", "many"], ["--calib-seq-lens", "64,x"]])
+def test_unparsable_accuracy_options_are_refused_by_the_parser(workdir, capsys, options):
+    with pytest.raises(SystemExit) as stopped:
+        main(["convert", str(workdir / "model.onnx"), "--calib", str(workdir / "calib.npz"),
+              "-o", str(workdir / "out.onnx"), *options])
+    assert stopped.value.code == 2 and options[1] in capsys.readouterr().err
+    assert not (workdir / "out.onnx").exists()
