@@ -107,17 +107,11 @@ def group_scale_zero_point(groups: np.ndarray, symmetric: bool,
     return np.where(scale == 0, 1.0, scale).astype(np.float32), zero_point
 
 
-def _fake_quantize(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-    """``(clip(rint(v / scale) + z, 0, 15) - z) * scale``, float64, scale/zero broadcast."""
-    u = np.clip(np.rint(values / scale) + zero_point, 0, INT4_LEVELS)
-    return (u - zero_point) * scale.astype(np.float64)
-
-
 CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.55, 19), 4))  # 1.0, 0.975, ..., 0.55
 
 
 def output_error_clip_ratios(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric: bool,
-                             ratios: tuple[float, ...] = CLIP_RATIOS) -> np.ndarray:
+                             ratios: tuple[float, ...] = CLIP_RATIOS, columns_per_chunk: int = 256) -> np.ndarray:
     """Per-group clip ratio minimizing the layer's output error, not the weight error.
 
     Shrinking a group's range (``clip_ratio`` c < 1 in :func:`quantize_weight_groupwise`)
@@ -131,20 +125,42 @@ def output_error_clip_ratios(w: np.ndarray, hessian: np.ndarray, group_size: int
     Cross-group terms are ignored, so each (n, g) is chosen independently, as AWQ's clip search
     does. Returns ``ratio[N, G]`` from ``ratios``.
     Minimizing the weight MSE instead (H = identity) measured worse (``docs/accuracy.md``).
+
+    Cost: ``len(ratios) * K * N * (2 * group_size + ~10)`` flops, the search's whole price. Three
+    things keep it near the matrix product's speed (12 s -> 1.5 s for a 8192 x 2048 layer on
+    this project's 2-core CPU): columns go through in chunks whose temporaries stay in cache;
+    the search runs in float32 (it only compares errors; a near-tie may pick the neighbouring
+    ratio, whose error is equal to ~1e-6); and each group's scale and zero point come from its
+    min and max, found once (:func:`group_scale_zero_point` only looks at those two).
     """
     k, n = w.shape
     count = k // group_size
-    groups = np.asarray(w, np.float64).T.reshape(n, count, group_size).transpose(1, 0, 2)  # [G, N, g]
     blocks = hessian if hessian.ndim == 3 else np.stack(
         [hessian[g * group_size:(g + 1) * group_size, g * group_size:(g + 1) * group_size] for g in range(count)])
+    blocks = np.asarray(blocks, np.float32)
     best = np.ones((count, n))
-    best_error = np.full((count, n), np.inf)
-    for ratio in ratios:
-        scale, zero_point = group_scale_zero_point(groups, symmetric, ratio)
-        d = groups - _fake_quantize(groups, scale[..., None], zero_point[..., None])
-        error = np.einsum("gnj,gnj->gn", d @ blocks, d)
-        better = error < best_error
-        best[better], best_error[better] = ratio, error[better]
+    for first in range(0, n, columns_per_chunk):
+        columns = slice(first, min(first + columns_per_chunk, n))
+        groups = np.ascontiguousarray(  # [G, c, g]
+            np.asarray(w[:, columns], np.float32).T.reshape(-1, count, group_size).transpose(1, 0, 2))
+        extremes = np.stack([groups.min(axis=-1), groups.max(axis=-1)], axis=-1)  # same scales as groups
+        d = np.empty_like(groups)
+        best_error = np.full(groups.shape[:2], np.inf)
+        for ratio in ratios:
+            scale, zero_point = group_scale_zero_point(extremes, symmetric, ratio)
+            scale, zero_point = scale[..., None], zero_point.astype(np.float32)[..., None]
+            # d = w - (clip(rint(w / scale) + z, 0, 15) - z) * scale, in place
+            np.divide(groups, scale, out=d)
+            np.rint(d, out=d)
+            d += zero_point
+            np.clip(d, 0, INT4_LEVELS, out=d)
+            d -= zero_point
+            d *= scale
+            np.subtract(groups, d, out=d)
+            error = np.einsum("gnj,gnj->gn", d @ blocks, d)
+            better = error < best_error
+            best[:, columns][better] = ratio
+            best_error[better] = error[better]
     return best.T
 
 

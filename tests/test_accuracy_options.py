@@ -84,24 +84,28 @@ def test_gptq_zeroes_dead_channels(rng):
     assert np.all(quant.dequantize_weight(u, s, z)[5] == 0)
 
 
-def test_clip_ratios_minimize_each_groups_output_error(rng):
-    k, n, g = 256, 16, 128
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_clip_ratios_minimize_each_groups_output_error(rng, symmetric):
+    k, n, g = 256, 40, 128
     w = rng.standard_normal((k, n)) * 0.05
     w[7, 3] = 1.0  # an outlier weight: clipping that group pays off only if its input is small
     x = correlated_inputs(rng, 512, k)
     h = x.T @ x / len(x)
-    ratios = quant.output_error_clip_ratios(w, h, g, False)
+    ratios = quant.output_error_clip_ratios(w, h, g, symmetric, columns_per_chunk=16)  # chunks of 16, 16, 8
     assert ratios.shape == (n, k // g)
-    for col, grp in [(3, 0), (0, 1), (9, 0)]:  # brute force over the grid for a few (n, g)
-        rows = slice(grp * g, (grp + 1) * g)
-        errors = []
-        for ratio in quant.CLIP_RATIOS:
-            u, s, z = quant.quantize_weight_groupwise(w[rows, col:col + 1], g, False, ratio)
-            d = w[rows, col] - quant.dequantize_weight(u, s, z)[:, 0]
-            errors.append(d @ h[rows, rows] @ d)
-        assert ratios[col, grp] == quant.CLIP_RATIOS[int(np.argmin(errors))]
-    clipped = quant.quantize_weight_groupwise(w, g, False, ratios)
-    assert output_error(x, w, clipped) < output_error(x, w, quant.quantize_weight_groupwise(w, g, False))
+    for col in range(n):  # brute force over the grid in float64, every (n, g)
+        for grp in range(k // g):
+            rows = slice(grp * g, (grp + 1) * g)
+            errors = {}
+            for ratio in quant.CLIP_RATIOS:
+                u, s, z = quant.quantize_weight_groupwise(w[rows, col:col + 1], g, symmetric, ratio)
+                d = w[rows, col] - quant.dequantize_weight(u, s, z)[:, 0]
+                errors[ratio] = d @ h[rows, rows] @ d
+            # the search runs in float32: the ratio it picks is the best, or ties it to 1e-5
+            assert errors[ratios[col, grp]] <= min(errors.values()) * (1 + 1e-5), (col, grp)
+    clipped = quant.quantize_weight_groupwise(w, g, symmetric, ratios)
+    assert output_error(x, w, clipped) < output_error(x, w, quant.quantize_weight_groupwise(w, g, symmetric))
+    assert len(set(ratios.ravel())) > 1  # the grid is searched, not every group left at 1.0
 
 
 def test_smoothquant_scales_formula(rng):
