@@ -2,9 +2,10 @@
 
 The model is ``fptq-onnx export --with-past`` (optimum's ``text-generation-with-past`` layout),
 converted with a small calibration (4 windows of 128 SOTU tokens; the past is synthesized
-empty). What must hold exactly: with its cache, each model (FP32 and W4A8) produces the same 16
-tokens as recomputing the whole sequence at every step; that is the correctness of the cache
-path and of its conversion. FP32 against W4A8 is lossy: the tokens part at the first
+empty). What must hold exactly: the FP32 export, with its cache, produces the 16 tokens that
+transformers' own greedy ``generate`` produces on the PyTorch model; with its cache, each model
+(FP32 and W4A8) produces the same 16 tokens as recomputing the whole sequence at every step;
+that is the correctness of the cache path and of its conversion. FP32 against W4A8 is lossy: the tokens part at the first
 disagreement, so agreement is measured on the same prefix (teacher-forced next-token
 agreement) and held to what W4A8 SmolLM2-135M reaches (docs/large-models.md has the figures).
 A tiny random LLaMA runs the same path through the CLI in seconds.
@@ -102,6 +103,24 @@ def test_export_has_the_cache_interface(fp32_past):
     outputs = [o.name for o in session.get_outputs()]
     assert outputs[0] == "logits" and outputs[1:3] == ["present.0.key", "present.0.value"]
     assert len(outputs) == 1 + 2 * layers
+
+
+@pytest.mark.slow
+def test_fp32_export_generates_what_transformers_generates(fp32_past, prompts):
+    """The exported FP32 model with its cache, run by our greedy loop, gives transformers' own
+    greedy tokens (``generate(do_sample=False)`` on the PyTorch model the export came from)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from fptq_onnx.models import prepare
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(prepare("smollm2-135m", progress=False),
+                                                              torch_dtype=torch.float32).eval()
+    session = fp32_session(fp32_past)
+    for prompt in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
+        assert greedy_generate(session, prompt, NEW_TOKENS) == out[0, len(prompt):].tolist()
 
 
 @pytest.mark.slow
