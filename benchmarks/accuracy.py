@@ -29,6 +29,10 @@ from fptq_onnx.pipeline import ConvertConfig, convert
 from fptq_onnx.session import InferenceSession
 
 ALL_BANDS = ("low", "mid", "high")
+# every row starts from the paper recipe, whatever ConvertConfig's defaults become, and names
+# what it changes: a row's numbers must not move when the defaults do
+PAPER_RECIPE = dict(lae_bands=("mid",), weight_clip="none", gptq=False, auto_thresholds=False, w8_layers=0,
+                    w8_fraction=0.0)
 STATIC_EVERYWHERE = dict(v0=1e9, v1=1e9)
 # row -> (description, ConvertConfig fields); CalibrationConfig fields go under "calibration"
 OURS = {
@@ -50,10 +54,10 @@ OURS = {
                                              auto_thresholds=True)),
     "fptq_w8_10": ("+ mixed precision: 10 most sensitive layers at 8-bit weights",
                    dict(lae_bands=("mid",), weight_clip="none", gptq=False, w8_layers=10)),
-    "fptq_slac_short": ("our defaults + SLAC: calibration lengths 32, 64, 128 (PIQA-like)",
+    "fptq_slac_short": ("LAE on every layer + clipping + SLAC: calibration lengths 32, 64, 128 (PIQA-like)",
                         dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False,
                              calibration=dict(seq_lens=(32, 64, 128)))),
-    "fptq_lae_all_clip": ("**FPTQ, our defaults**: LAE on every layer + clipping by output error",
+    "fptq_lae_all_clip": ("LAE on every layer + clipping by output error (the defaults before mixed precision)",
                           dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False)),
     "fptq_lae_all_clip_auto_v": ("LAE on every layer + clipping by output error + automatic v0/v1",
                                  dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, auto_thresholds=True)),
@@ -61,7 +65,7 @@ OURS = {
                                 dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, w8_layers=10)),
     "fptq_lae_all_clip_gptq": ("LAE on every layer + clipping by output error + GPTQ rounding",
                                dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=True)),
-    "fptq_lae_all_clip_w8_25pct": ("LAE on every layer + clipping by output error + 25% of the weights at 8 bits",
+    "fptq_lae_all_clip_w8_25pct": ("**FPTQ, our defaults**: LAE on every layer + clipping by output error + 25% of the weights at 8 bits",
                                    dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, w8_fraction=0.25)),
     "w8a8_lae_all": ("bound of mixed precision: every layer W8A8 (LAE on every layer)",
                      dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, w8_fraction=1.0)),
@@ -101,7 +105,7 @@ def ort_quantized(fp32: Path, accuracy_level: int) -> Path:
 
 
 def row_config(row: str, samples: int) -> ConvertConfig:
-    fields = dict(OURS[row][1])
+    fields = {**PAPER_RECIPE, **OURS[row][1]}
     calibration = dict(samples=samples, seq_len=512, **fields.pop("calibration", {}))
     return ConvertConfig(calibration=CalibrationConfig(**calibration), **fields)
 

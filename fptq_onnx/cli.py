@@ -62,7 +62,8 @@ def _add_convert_options(parser: argparse.ArgumentParser) -> None:
                               f"(default {'on' if defaults.auto_thresholds else 'off'})")
     quality.add_argument("--w8-layers", type=_count_or_percent, default=(defaults.w8_layers, defaults.w8_fraction),
                          metavar="N|P%", help="mixed precision: keep the N layers with the largest output error "
-                                              "(or P%% of the weights) at 8-bit weights (default 0)")
+                                              "(or those within P%% of the weights) at 8-bit weights; 0: all 4-bit "
+                                              f"(default {defaults.w8_fraction * 100:.0f}%%)")
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -98,7 +98,7 @@ def test_inspect_every_pass_dump(models, capsys):
         code, out, err = run_cli(capsys, "inspect", path)
         if path.stem == "00_input":
             assert code == EXIT_USER_ERROR and "is not a model converted by fptq-onnx" in err
-        elif path.stem < "07":
+        elif "replace_matmul" not in path.stem:  # every pass before the replacement
             assert code == 0 and "pass dump before replace_matmul: 3 linear layers annotated" in out, path.stem
         else:
             assert code == 0 and "3 W4A8MatMul nodes" in out, path.stem

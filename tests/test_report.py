@@ -229,7 +229,7 @@ def test_convert_cli_prints_errors_and_report_path(tmp_path, tiny_block, rng, ca
 def test_no_error_rows_means_no_error_plot(tmp_path, tiny_block, rng):
     onnx.save(tiny_block, str(tmp_path / "model.onnx"))
     np.savez(tmp_path / "calib.npz", x=outlier_inputs(rng, (2, 1, 8, 128)))
-    config = ConvertConfig(v0=1e6, v1=1e7, lae_bands=(), calibration=CalibrationConfig(error_rows=0))
+    config = ConvertConfig(v0=1e6, v1=1e7, lae_bands=(), w8_fraction=0.0, calibration=CalibrationConfig(error_rows=0))
     result = convert(tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz", config, progress=False,
                      report=tmp_path / "r.html")
     assert all(layer.output_error is None for layer in result.layers) and "output_error" not in result.seconds
