@@ -134,21 +134,29 @@ def acc_coords(nacc: int):
     return rows, cols
 
 
+def row_scale(row: np.ndarray, act_mode: int, act_scale: float) -> tuple[np.float32, np.float32]:
+    """``(a_m as the epilogue uses it, 1 / a_m that quantizes)`` of one row, float32: the
+    kernels' ``row_scale`` (w4a8_cuda_device.cuh). The row max in both modes; a NaN in the row
+    (either mode) or an infinite dynamic a_m gives a_m = NaN (Y row NaN); a dynamic a_m below
+    2^-126 becomes 1."""
+    finfo = np.finfo(np.float32)
+    amax = np.float32(np.max(np.abs(row.astype(np.float32)))) if row.size else np.float32(0)  # NaN propagates
+    a = np.float32(amax / np.float32(127.0)) if act_mode == 1 else np.float32(act_scale)
+    if act_mode == 1 and a < finfo.tiny:
+        a = np.float32(1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.float32(1.0) / a
+    poisoned = bool(np.isnan(amax)) or not a <= finfo.max
+    return (np.float32(np.nan) if poisoned else a), inv
+
+
 def fused_quant_rows(x: np.ndarray, m0: int, bt: int, act_mode: int, act_scale: float):
     """FUSEQ producer, first phase: (a_m, 1 / a_m) float32 [bt] of rows m0 .. m0 + bt - 1
-    (rows past M: 1, unused), as quantize_rows_kernel computes them."""
-    M = x.shape[0]
-    a = np.ones(bt, np.float32)
-    for r in range(bt):
-        if m0 + r < M:
-            if act_mode == 1:
-                amax = np.float32(np.max(np.abs(x[m0 + r].astype(np.float32)))) if x.shape[1] else np.float32(0)
-                a[r] = np.float32(amax / np.float32(127.0))
-                if a[r] == 0:
-                    a[r] = 1.0
-            else:
-                a[r] = np.float32(act_scale)
-    return a, (np.float32(1.0) / a).astype(np.float32)
+    (rows past M: 1, unused), as quantize_rows_kernel computes them (:func:`row_scale`)."""
+    a, inv = np.ones(bt, np.float32), np.ones(bt, np.float32)
+    for r in range(min(bt, x.shape[0] - m0)):
+        a[r], inv[r] = row_scale(x[m0 + r], act_mode, act_scale)
+    return a, inv
 
 
 def fused_quant_stage(x: np.ndarray, m0: int, bt: int, kt: int, inv: np.ndarray) -> np.ndarray:

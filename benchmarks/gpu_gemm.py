@@ -223,14 +223,15 @@ def emu_repack(B: np.ndarray, scales: np.ndarray, zp: np.ndarray, N: int, K: int
 
 
 def emu_quantize(x: np.ndarray, act_mode: int, act_scale: float, sg: int, Mp: int):
-    """quantize_rows_kernel: (xq int8 [M, K], act float32 [M], rowsum int32 [K/sg, Mp])."""
+    """quantize_rows_kernel: (xq int8 [M, K], act float32 [M], rowsum int32 [K/sg, Mp]).
+    a_m from emu_tma.row_scale (NaN for the rows the NaN policy poisons); q = clip(rint(x / a_m))
+    with cvt.rni.s32.f32's NaN -> 0."""
     M, K = x.shape
-    if act_mode == 0:
-        q = quant.quantize_activation_per_tensor(x, act_scale)
-        a = np.full(M, np.float32(act_scale), np.float32)
-    else:
-        q, a = quant.quantize_activation_per_token(x)
-        a = a[:, 0]
+    scales = [emu_tma.row_scale(row, act_mode, act_scale) for row in x]
+    a = np.array([s[0] for s in scales], np.float32)
+    inv = np.array([s[1] for s in scales], np.float32).reshape(M, 1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = np.clip(np.nan_to_num(np.rint(x.astype(np.float32) * inv), nan=0.0), -127, 127).astype(np.int8)
     rowsum = np.zeros((K // sg, Mp), np.int32)
     rowsum[:, :M] = q.astype(np.int32).reshape(M, K // sg, sg).sum(-1).T
     return q, a, rowsum
@@ -255,13 +256,7 @@ def emu_quantize_kernel(x: np.ndarray, act_mode: int, act_scale: float, sg: int,
             rowsum[:, m] = 0
             continue
         xr = x[m].astype(np.float32)
-        if act_mode == 1:
-            amax = np.float32(np.max(np.abs(xr))) if K else np.float32(0)
-            a = np.float32(amax / np.float32(127.0))
-            a = np.float32(1.0) if a == 0 else a
-        else:
-            a = np.float32(act_scale)
-        inv = np.float32(1.0) / a
+        a, inv = emu_tma.row_scale(xr, act_mode, act_scale)
         act[m] = a
         n_steps = ceil_div(K, step)
         for it in range(n_steps):  # block-uniform loop: every lane takes part
@@ -270,7 +265,8 @@ def emu_quantize_kernel(x: np.ndarray, act_mode: int, act_scale: float, sg: int,
             qsum = np.zeros(QUANT_THREADS, np.int64)
             for e in range(4):
                 kk = np.where(inside, k + e, 0)
-                q = np.clip(np.rint(xr[kk] * inv), -127, 127).astype(np.int64)
+                with np.errstate(invalid="ignore"):  # cvt.rni.s32.f32 turns NaN into 0
+                    q = np.clip(np.nan_to_num(np.rint(xr[kk] * inv), nan=0.0), -127, 127).astype(np.int64)
                 q = np.where(inside, q, 0)
                 xq[m, k[inside] + e] = q[inside]
                 qsum += q
@@ -1239,6 +1235,11 @@ def correctness_cases(quick: bool):
         (17, 64, 256, 64, 0, True, "float32u"),
         (70, 4097, 4096, 128, 1, False, "float32u"),
         (5, 38, 128, 128, 1, False, "float16u"),
+        # "s": special rows (NaN, Inf, subnormal), docs/ops.md "NaN and Inf", both modes, both kernels
+        (6, 37, 128, 32, 0, False, "float32s"),
+        (6, 37, 128, 32, 1, False, "float32s"),
+        (6, 300, 1024, 128, 0, False, "float32s"),
+        (70, 300, 1024, 128, 1, False, "float32s"),
         # the wgmma kernel (group sizes multiple of 128): m/n tails, split-K, several k-tiles,
         # float16 output, a large case with many blocks
         (129, 300, 1024, 128, 1, False, "float32"),
@@ -1275,6 +1276,8 @@ SELF_TEST_CASES = [  # small enough for the emulator
     (2, 37, 128, 32, 1, False, "float16"),
     (3, 37, 128, 32, 1, False, "float32u"),
     (5, 38, 128, 128, 1, False, "float16u"),
+    (6, 37, 128, 32, 0, False, "float32s"),
+    (6, 37, 128, 128, 1, False, "float32s"),
 ]
 
 
@@ -1304,6 +1307,8 @@ def gpu_correctness(lib, be: Backend, cases, variants=(AUTO,), stats=None) -> in
             key = (idx, M, N, K, gs, act_mode, sym, dtype)
             if key not in _PROBLEM_CACHE:  # same seed and order on every call: same data
                 x, B, scales, zp, act_scale = random_problem(rng, M, N, K, gs, sym, act_mode, npdt)
+                if dtype.endswith("s"):  # docs/ops.md "NaN and Inf": a NaN row, an Inf row, a subnormal row
+                    x[0, 5], x[2, 7], x[3] = np.nan, np.inf, x[3] * np.float32(1e-39)  # float32 cases only
                 ref = quant.w4a8_matmul_reference(x.astype(np.float32), B, scales, zp, act_scale, act_mode)
                 if _CACHE_PROBLEMS:
                     _PROBLEM_CACHE[key] = (x, B, scales, zp, act_scale, ref, rng.bit_generator.state)
@@ -1330,7 +1335,7 @@ def gpu_correctness(lib, be: Backend, cases, variants=(AUTO,), stats=None) -> in
             d_a = torch.tensor([act_scale], dtype=torch.float32, device=be.dev)
             elem = 2 if half else 4
             y0 = off * elem  # byte offset of Y in its buffer
-            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+            scale = float(np.nanmax(np.abs(ref), initial=0.0)) if ref.size else 0.0
             rtol = 2e-3 if half else 1e-4
         except Exception:  # noqa: BLE001 - report and go on with the next case
             failures += 1
@@ -1374,9 +1379,12 @@ def gpu_correctness(lib, be: Backend, cases, variants=(AUTO,), stats=None) -> in
                         problems.append(f"wrote past the end of {what}")
                 if y0 and not bool((y_buf[:y0] == 0x3C).all()):
                     problems.append("wrote before the start of Y")
-                if not np.all(np.isfinite(y)):
-                    problems.append(f"{int(np.sum(~np.isfinite(y)))} non-finite outputs (unwritten?)")
-                err = float(np.max(np.abs(y - ref))) if y.size else 0.0
+                expected_nan = np.isnan(ref)  # rows the NaN policy poisons (quant.poisoned_rows)
+                if not np.array_equal(np.isnan(y), expected_nan):
+                    problems.append(f"NaN outputs {int(np.isnan(y).sum())}, the policy's {int(expected_nan.sum())}")
+                if not np.all(np.isfinite(y[~expected_nan])):
+                    problems.append(f"{int(np.sum(~np.isfinite(y[~expected_nan])))} non-finite outputs (unwritten?)")
+                err = float(np.max(np.abs(y - ref)[~expected_nan])) if (~expected_nan).any() else 0.0
                 if err > rtol * max(scale, 1e-30):
                     problems.append(f"max|err| {err:.3g} > {rtol:g} * max|ref| {scale:.3g}")
                 ok = not problems

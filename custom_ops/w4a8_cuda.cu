@@ -499,7 +499,7 @@ __device__ __forceinline__ int64_t xq_offset(int64_t m, int k, int K, int tile_r
 // sub-group (32, 64 or 128 elements) is sg / 4 consecutive lanes of one warp.
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const QuantArgs<T> p) {
-  __shared__ float s_red[kQuantThreads / 32];
+  __shared__ uint32_t s_red[kQuantThreads / 32];
   grid_dependents_launch();  // a PDL-launched GEMM may start its weight loads now
   const int64_t m = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -529,32 +529,23 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const Quan
     v[it] = k < p.K ? load4(xr + k, vec) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
 
-  // a_m (docs/ops.md step 2): the row's max |x| / 127 (1 for a zero row), or the static scale.
-  float a;
-  if (p.act_mode == 1) {
-    float amax = 0.0f;
+  // a_m (docs/ops.md step 2, "NaN and Inf"; row_scale). The row max is taken in both modes:
+  // static mode needs it too, to find a NaN in the row.
+  uint32_t amax = 0;
 #pragma unroll
-    for (int it = 0; it < kQuantCache; ++it) {
-      amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[it].x), fabsf(v[it].y)), fmaxf(fabsf(v[it].z), fabsf(v[it].w))));
-    }
-    for (int k = 4 * tid + kQuantCache * kStep; k < p.K; k += kStep) {  // rows beyond the cache
-      const float4 u = load4(xr + k, vec);
-      amax = fmaxf(amax, fmaxf(fmaxf(fabsf(u.x), fabsf(u.y)), fmaxf(fabsf(u.z), fabsf(u.w))));
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    if (lane == 0) s_red[warp] = amax;
-    __syncthreads();
-    amax = s_red[0];
-#pragma unroll
-    for (int w = 1; w < kQuantThreads / 32; ++w) amax = fmaxf(amax, s_red[w]);
-    a = amax / 127.0f;
-    if (a == 0.0f) a = 1.0f;
-  } else {
-    a = __ldg(p.act_scale);
+  for (int it = 0; it < kQuantCache; ++it) amax = max(amax, abs_max_bits4(v[it]));
+  for (int k = 4 * tid + kQuantCache * kStep; k < p.K; k += kStep) {  // rows beyond the cache
+    amax = max(amax, abs_max_bits4(load4(xr + k, vec)));
   }
-  const float inv = 1.0f / a;
-  if (tid == 0) p.act[m] = a;
+  amax = warp_max(amax);
+  if (lane == 0) s_red[warp] = amax;
+  __syncthreads();
+  amax = s_red[0];
+#pragma unroll
+  for (int w = 1; w < kQuantThreads / 32; ++w) amax = max(amax, s_red[w]);
+  const RowScale scale = row_scale(amax, p.act_mode, p.act_mode == 1 ? 1.0f : __ldg(p.act_scale));
+  const float inv = scale.inv;
+  if (tid == 0) p.act[m] = scale.a;
 
   // q (step 3) and the rowsums. Called with a block-uniform step, so that every lane reaches
   // the shuffles; lanes past K contribute 0.

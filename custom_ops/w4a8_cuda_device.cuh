@@ -88,6 +88,46 @@ __device__ __forceinline__ int quantize_one(float x, float inv) {
   return max(-127, min(127, q));
 }
 
+// a_m, docs/ops.md step 2 and "NaN and Inf", the arithmetic of the CPU kernel
+// (w4a8_cpu_tile.h: abs_max_bits, token_scale, quantize_rows) so that both give the same rows.
+// The row max is taken over |x| as bits (sign cleared): for non-negative floats the integer
+// order is the float order, and NaNs sort above +Inf. fmaxf cannot be used: it drops NaN, and a
+// NaN row would quietly get the scale of its other elements.
+__device__ __forceinline__ uint32_t abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+
+__device__ __forceinline__ uint32_t abs_max_bits4(float4 v) {
+  return max(max(abs_bits(v.x), abs_bits(v.y)), max(abs_bits(v.z), abs_bits(v.w)));
+}
+
+// max over the 32 lanes of a warp, every lane gets it
+__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+struct RowScale {
+  float a;    // a_m as the epilogue multiplies it: NaN for a poisoned row, so its Y row is NaN
+  float inv;  // 1 / a_m that quantizes the row
+};
+
+// amax_bits: the row's abs_max_bits; static_scale: the op's act_scale (act_mode 0).
+// Dynamic: a_m = max|x| / 127, or 1 below 2^-126 (a zero row, or one whose 1 / a_m overflows).
+// Poisoned (Y row all NaN): a NaN in the row (either mode), or an infinite dynamic a_m; static
+// mode saturates an Inf to +-127 like any large element.
+__device__ __forceinline__ RowScale row_scale(uint32_t amax_bits, int act_mode, float static_scale) {
+  constexpr uint32_t kInfBits = 0x7f800000u;
+  constexpr float kMinTokenScale = 1.17549435e-38f;  // 2^-126, the smallest normal float32
+  constexpr float kFloatMax = 3.40282347e+38f;
+  float scale = static_scale;
+  if (act_mode == 1) {
+    scale = __uint_as_float(amax_bits) / 127.0f;
+    if (scale < kMinTokenScale) scale = 1.0f;
+  }
+  const bool poisoned = amax_bits > kInfBits || !(scale <= kFloatMax);
+  return {poisoned ? __uint_as_float(0x7fc00000u) : scale, 1.0f / scale};
+}
+
 // Four consecutive elements as floats. vec: the address is 16-byte (float) / 8-byte (half)
 // aligned, so one vector load does.
 __device__ __forceinline__ float4 load4(const float* x, bool vec) {

@@ -284,25 +284,15 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_tma_kernel(const __grid_cons
     const int warp = tid >> 5;
     for (int r = warp; r < BT; r += 4) {
       const int64_t m = m0 + r;
-      float a = 1.0f;
+      RowScale scale = {1.0f, 1.0f};  // rows past M: zero rows (their Y is not stored)
       if (m < p.M) {
-        if (p.act_mode == 1) {
-          float amax = 0.0f;
-          for (int k = 4 * lane; k < p.K; k += 128) {
-            const float4 v = load_x4(p, m, k);
-            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-          }
-#pragma unroll
-          for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-          a = amax / 127.0f;
-          if (a == 0.0f) a = 1.0f;
-        } else {
-          a = __ldg(p.act_scale);
-        }
+        uint32_t amax = 0;  // both modes: static mode needs it to find a NaN in the row
+        for (int k = 4 * lane; k < p.K; k += 128) amax = max(amax, abs_max_bits4(load_x4(p, m, k)));
+        scale = row_scale(warp_max(amax), p.act_mode, p.act_mode == 1 ? 1.0f : __ldg(p.act_scale));
       }
       if (lane == 0) {
-        sts_f32(s_am + 4 * r, a);
-        sts_f32(s_inv + 4 * r, 1.0f / a);
+        sts_f32(s_am + 4 * r, scale.a);
+        sts_f32(s_inv + 4 * r, scale.inv);
       }
     }
     producer_bar();

@@ -293,10 +293,25 @@ def w4a8_matmul_reference(
     ``Y[m, n] = a_m * sum_k q[m, k] * (u[n, k] - z[n, g(k)]) * scale[n, g(k)]`` where ``q, a``
     come from :func:`quantize_activation_per_tensor` (``a_m = act_scale``) or
     :func:`quantize_activation_per_token`. ``x[..., K]`` -> ``Y[..., N]`` (float64).
+    Rows :func:`poisoned_rows` marks give NaN rows (docs/ops.md "NaN and Inf").
     """
-    q, a = quantize_activation(x, act_scale, act_mode)
+    poisoned = poisoned_rows(x, act_mode)
+    q, a = quantize_activation(np.where(poisoned[..., None], np.float32(0), x), act_scale, act_mode)
     w = dequantize_weight(unpack_int4(packed_weight), scales, zero_points)
-    return (q.astype(np.float64) @ w) * a
+    y = (q.astype(np.float64) @ w) * a
+    y[poisoned] = np.nan
+    return y
+
+
+def poisoned_rows(x: np.ndarray, act_mode: int) -> np.ndarray:
+    """Rows of ``x[..., K]`` whose Y row is all NaN (docs/ops.md "NaN and Inf"): a NaN anywhere in
+    the row, either mode, or an Inf in dynamic mode (``a_m`` infinite, ``inf * 0 = NaN``). An Inf
+    in static mode saturates to +-127 like any large element."""
+    x = np.asarray(x, np.float32)
+    poisoned = np.isnan(x).any(axis=-1)
+    if act_mode == ACT_PER_TOKEN_DYNAMIC:
+        poisoned |= np.isinf(x).any(axis=-1)
+    return poisoned
 
 
 def quantize_weight_per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

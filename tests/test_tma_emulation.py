@@ -100,3 +100,24 @@ def test_fused_quantization_matches_the_quantize_kernel():
     assert np.array_equal(a[:M], act)
     for kt in range(K // 128):
         assert np.array_equal(emu_tma.fused_quant_stage(x, 0, bt, kt, inv), tiled[kt * bt * 128:(kt + 1) * bt * 128])
+
+
+@pytest.mark.parametrize("act_mode", [0, 1], ids=["static", "dynamic"])
+def test_cuda_row_scales_follow_the_nan_policy(act_mode):
+    """docs/ops.md "NaN and Inf", as the CUDA kernels' row_scale computes it (emulated): the same
+    rows the CPU kernel poisons (tests/test_fuzz_kernel.py), and the dynamic tiny-row rule."""
+    tiny = np.finfo(np.float32).tiny
+    rows = {"finite": [1.0, -3.0, 0.5, 2.0], "nan": [1.0, np.nan, 0.5, 2.0], "inf": [1.0, np.inf, 0.5, 2.0],
+            "nan and inf": [np.nan, -np.inf, 0.0, 0.0], "zero": [0.0] * 4, "subnormal max": [tiny / 4, 0.0, 0.0, 0.0]}
+    x = np.asarray(list(rows.values()), np.float32)
+    xq, act, _ = gpu_gemm.emu_quantize_kernel(x, act_mode, 0.05, 4, 8)
+    poisoned = {"nan", "nan and inf"} | ({"inf"} if act_mode == 1 else set())
+    for (name, row), a, q in zip(rows.items(), act, xq):
+        assert np.isnan(a) == (name in poisoned), name
+        if name not in poisoned:
+            dynamic = np.float32(np.max(np.abs(np.float32(row)))) / np.float32(127)
+            expected = np.float32(0.05) if act_mode == 0 else (np.float32(1.0) if dynamic < tiny else dynamic)
+            assert a == expected, name
+            np.testing.assert_array_equal(q, np.clip(np.rint(np.float32(row) / expected), -127, 127), err_msg=name)
+    a, _ = emu_tma.fused_quant_rows(x, 0, 16, act_mode, 0.05)  # the TMA kernel's fused producer: the same
+    np.testing.assert_array_equal(a[:len(rows)], act)
