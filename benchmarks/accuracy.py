@@ -63,8 +63,6 @@ OURS = {
                                  dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, auto_thresholds=True)),
     "fptq_lae_all_clip_w8_10": ("LAE on every layer + clipping by output error + 10 layers at 8-bit weights",
                                 dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, w8_layers=10)),
-    "fptq_lae_all_clip_gptq": ("LAE on every layer + clipping by output error + GPTQ rounding",
-                               dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=True)),
     "fptq_lae_all_clip_w8_25pct": ("**FPTQ, our defaults**: LAE on every layer + clipping by output error + 25% of the weights at 8 bits",
                                    dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, w8_fraction=0.25)),
     "w8a8_lae_all": ("bound of mixed precision: every layer W8A8 (LAE on every layer)",
