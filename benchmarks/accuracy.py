@@ -34,6 +34,7 @@ ALL_BANDS = ("low", "mid", "high")
 PAPER_RECIPE = dict(lae_bands=("mid",), weight_clip="none", gptq=False, auto_thresholds=False, w8_layers=0,
                     w8_fraction=0.0)
 STATIC_EVERYWHERE = dict(v0=1e9, v1=1e9)
+LAE_ALL_CLIP = dict(lae_bands=ALL_BANDS, weight_clip="output")
 # row -> (description, ConvertConfig fields); CalibrationConfig fields go under "calibration"
 OURS = {
     "naive_w4a8": ("naive W4A8: per-tensor static int8 everywhere, no equalization", STATIC_EVERYWHERE),
@@ -42,31 +43,25 @@ OURS = {
                          dict(STATIC_EVERYWHERE, equalization="smoothquant", sq_alpha=0.5, lae_bands=ALL_BANDS)),
     "smoothquant_a0.75": ("SmoothQuant alpha 0.75, per-tensor static everywhere",
                           dict(STATIC_EVERYWHERE, equalization="smoothquant", sq_alpha=0.75, lae_bands=ALL_BANDS)),
-    "fptq_paper": ("FPTQ paper recipe (v0 15, v1 150, LAE on the mid band, RTN weights)",
-                   dict(lae_bands=("mid",), weight_clip="none", gptq=False, auto_thresholds=False)),
-    "fptq_sym": ("FPTQ paper recipe, symmetric weights",
-                 dict(symmetric=True, lae_bands=("mid",), weight_clip="none", gptq=False)),
-    "fptq_lae_all": ("+ LAE on every layer (bands kept for static/dynamic)",
-                     dict(lae_bands=ALL_BANDS, weight_clip="none", gptq=False)),
-    "fptq_clip": ("+ weight clipping by output error", dict(lae_bands=("mid",), weight_clip="output", gptq=False)),
-    "fptq_gptq": ("+ GPTQ weight rounding", dict(lae_bands=("mid",), weight_clip="none", gptq=True)),
-    "fptq_auto_v": ("+ automatic v0/v1", dict(lae_bands=("mid",), weight_clip="none", gptq=False,
-                                             auto_thresholds=True)),
-    "fptq_w8_10": ("+ mixed precision: 10 most sensitive layers at 8-bit weights",
-                   dict(lae_bands=("mid",), weight_clip="none", gptq=False, w8_layers=10)),
+    "fptq_paper": ("FPTQ paper recipe (v0 15, v1 150, LAE on the mid band, RTN weights)", {}),
+    "fptq_sym": ("FPTQ paper recipe, symmetric weights", dict(symmetric=True)),
+    "fptq_lae_all": ("+ LAE on every layer (bands kept for static/dynamic)", dict(lae_bands=ALL_BANDS)),
+    "fptq_clip": ("+ weight clipping by output error", dict(weight_clip="output")),
+    "fptq_gptq": ("+ GPTQ weight rounding", dict(gptq=True)),
+    "fptq_auto_v": ("+ automatic v0/v1", dict(auto_thresholds=True)),
+    "fptq_w8_10": ("+ mixed precision: 10 most sensitive layers at 8-bit weights", dict(w8_layers=10)),
     "fptq_slac_short": ("LAE on every layer + clipping + SLAC: calibration lengths 32, 64, 128 (PIQA-like)",
-                        dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False,
-                             calibration=dict(seq_lens=(32, 64, 128)))),
+                        dict(LAE_ALL_CLIP, calibration=dict(seq_lens=(32, 64, 128)))),
     "fptq_lae_all_clip": ("LAE on every layer + clipping by output error (the defaults before mixed precision)",
-                          dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False)),
+                          LAE_ALL_CLIP),
     "fptq_lae_all_clip_auto_v": ("LAE on every layer + clipping by output error + automatic v0/v1",
-                                 dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, auto_thresholds=True)),
+                                 dict(LAE_ALL_CLIP, auto_thresholds=True)),
     "fptq_lae_all_clip_w8_10": ("LAE on every layer + clipping by output error + 10 layers at 8-bit weights",
-                                dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, w8_layers=10)),
-    "fptq_lae_all_clip_w8_25pct": ("**FPTQ, our defaults**: LAE on every layer + clipping by output error + 25% of the weights at 8 bits",
-                                   dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, w8_fraction=0.25)),
+                                dict(LAE_ALL_CLIP, w8_layers=10)),
+    "fptq_lae_all_clip_w8_25pct": ("**FPTQ, our defaults**: LAE on every layer + clipping by output error + 25% of "
+                                   "the weights at 8 bits", dict(LAE_ALL_CLIP, w8_fraction=0.25)),
     "w8a8_lae_all": ("bound of mixed precision: every layer W8A8 (LAE on every layer)",
-                     dict(lae_bands=ALL_BANDS, weight_clip="output", gptq=False, w8_fraction=1.0)),
+                     dict(LAE_ALL_CLIP, w8_fraction=1.0)),
 }
 ORT_ROWS = {"ort_w4a16_acc1": ("ONNX Runtime MatMulNBits W4A16 RTN asym g128, accuracy_level 1", 1),
             "ort_w4a8_acc4": ("ONNX Runtime MatMulNBits accuracy_level 4 (its int8-activation path)", 4)}
