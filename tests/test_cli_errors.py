@@ -132,6 +132,7 @@ def test_export_and_eval_user_errors(workdir, capsys, argv, message):
     (["--w8-layers", "150%"], "--w8-layers takes a count >= 0 or a percentage"),
     (["--auto-thresholds", "--error-rows", "0"], "--auto-thresholds measures output errors"),
     (["--w8-layers", "3", "--error-rows", "0"], "--w8-layers measures output errors"),
+    (["--error-rows", "0"], "mixed precision is on by default: --w8-layers 0 turns it off"),
 ])
 def test_bad_accuracy_option_values(workdir, capsys, options, message):
     before = sorted(p.name for p in workdir.rglob("*"))
