@@ -127,9 +127,9 @@ def output_error_clip_ratios(w: np.ndarray, hessian: np.ndarray, group_size: int
     Minimizing the weight MSE instead (H = identity) measured worse (``docs/accuracy.md``).
 
     Cost: ``len(ratios) * K * N * (2 * group_size + ~10)`` flops, the search's whole price. Three
-    things keep it near the matrix product's speed (12 s -> 1.5 s for a 8192 x 2048 layer on
-    this project's 2-core CPU): columns go through in chunks whose temporaries stay in cache;
-    the search runs in float32 (it only compares errors; a near-tie may pick the neighbouring
+    things keep it near the matrix product's speed (6.7x on a 8192 x 2048 layer:
+    ``benchmarks/clip_search.py``, figures in docs/large-models.md): columns go through in
+    chunks whose temporaries stay in cache; the search runs in float32 (it only compares errors; a near-tie may pick the neighbouring
     ratio, whose error is equal to ~1e-6); and each group's scale and zero point come from its
     min and max, found once (:func:`group_scale_zero_point` only looks at those two).
     """
