@@ -10,8 +10,10 @@ float; ours run with our CPU kernel (``fptq_onnx.InferenceSession``).
 
 Calibration: State of the Union text only, ``--samples`` windows of 512 tokens (SLAC rows draw
 their own lengths). Metrics: perplexity on Brown and Moby Dick (``--tokens`` tokens each in
-512-token windows), top-1 agreement and KL against FP32 on Brown, and PIQA validation accuracy (1,500
-items, acc_norm: length-normalized log-likelihood). Prints a markdown table for docs/accuracy.md.
+512-token windows), top-1 agreement and KL against FP32 on Brown, PIQA validation accuracy (1,500
+items, acc_norm: length-normalized log-likelihood), and greedy generation against FP32 (16 new
+tokens after each of ``fptq_onnx.generate.PROMPTS``: prompts generated identically, and
+teacher-forced agreement). Prints a markdown table for docs/accuracy.md.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from cpu_gemm import cpu_model_name  # benchmarks/ is on sys.path when run as a 
 
 from fptq_onnx import data
 from fptq_onnx.calibration import CalibrationConfig
+from fptq_onnx.evaluate import CONFIDENT_GAP
 from fptq_onnx.pipeline import ConvertConfig, convert
 from fptq_onnx.session import InferenceSession
 
@@ -66,7 +69,9 @@ OURS = {
 ORT_ROWS = {"ort_w4a16_acc1": ("ONNX Runtime MatMulNBits W4A16 RTN asym g128, accuracy_level 1", 1),
             "ort_w4a8_acc4": ("ONNX Runtime MatMulNBits accuracy_level 4 (its int8-activation path)", 4)}
 ROWS = ["fp32", *ORT_ROWS, *OURS]
-METRICS = ("brown", "moby_dick", "piqa")
+METRICS = ("brown", "moby_dick", "piqa", "greedy")
+# the size of the fixed-size metrics, in place of --tokens in a result's key
+FIXED_SIZE = {"piqa": 1500, "greedy": 16}
 
 
 def fp32_model(name: str, root: Path) -> Path:
@@ -120,6 +125,13 @@ def measure(metric: str, path: Path, factory, fp32: Path, tokens: int) -> dict:
     factory = factory or default_session
     if metric == "piqa":
         return evaluate_piqa(path, data.piqa_items(), tokenizer_dir=fp32.parent, session_factory=factory)
+    if metric == "greedy":
+        from fptq_onnx.generate import PROMPTS, compare_greedy
+        from fptq_onnx.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(fp32.parent)
+        return compare_greedy(factory(path), default_session(fp32), [tokenizer.prompt(p) for p in PROMPTS],
+                              FIXED_SIZE["greedy"])
     reference = fp32 if path != fp32 and metric == "brown" else None  # agreement on Brown only: it doubles the cost
     return evaluate(path, data.load_text(metric), tokenizer_dir=fp32.parent, reference_path=reference,
                     max_tokens=tokens, session_factory=factory, reference_session_factory=default_session,
@@ -136,6 +148,8 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=data.cache_dir() / "accuracy")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/accuracy.json"))
     parser.add_argument("--rebuild", nargs="*", default=[], help="rows whose cached model files to rebuild")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure the selected rows and metrics again (their model files are kept)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
 
@@ -150,8 +164,8 @@ def main() -> int:
                 for key in [k for k in results if k.startswith(f"{name}|{row}|")]:
                     del results[key]
             for metric in args.metrics:
-                key = f"{name}|{row}|{metric}|{args.tokens if metric != 'piqa' else 1500}|{args.samples}"
-                if key in results:
+                key = result_key(name, row, metric, args)
+                if key in results and not args.remeasure:
                     continue
                 start = time.perf_counter()
                 path, factory = build_row(row, fp32, args.samples, stats_cache)
@@ -175,6 +189,18 @@ def save_result(path: Path, key: str, result: dict) -> None:
     tmp.replace(path)
 
 
+def agreement(brown: dict) -> str:
+    """``top-1 / KL (top-1 where FP32's top-2 gap >= CONFIDENT_GAP)``; the last part for results
+    measured since it exists."""
+    confident = brown.get("confident_agreement")
+    return (f"{brown['top1_agreement'] * 100:.1f}% / {brown['kl']:.3f}"
+            + (f" ({confident * 100:.1f}%)" if confident is not None else ""))
+
+
+def result_key(model: str, row: str, metric: str, args) -> str:
+    return f"{model}|{row}|{metric}|{FIXED_SIZE.get(metric, args.tokens)}|{args.samples}"
+
+
 def describe(row: str) -> str:
     if row == "fp32":
         return "FP32"
@@ -183,18 +209,21 @@ def describe(row: str) -> str:
 
 def table(results: dict, args) -> str:
     lines = [f"{args.tokens} tokens per text in 512-token windows; PIQA 1,500 validation items (acc_norm); "
-             f"calibration {args.samples} x 512 SOTU tokens; {cpu_model_name()}", ""]
+             f"calibration {args.samples} x 512 SOTU tokens; {cpu_model_name()}. FP32 is confident where its top two "
+             f"log-probabilities differ by >= {CONFIDENT_GAP:g} nats (``fptq_onnx.evaluate.CONFIDENT_GAP``).", ""]
     for name in args.models:
         lines += [f"**{name}**", "",
-                  "| row | Brown ppl | Moby Dick ppl | Brown top-1 / KL vs FP32 | PIQA acc_norm (acc) |",
-                  "|---|---|---|---|---|"]
+                  "| row | Brown ppl | Moby Dick ppl | Brown top-1 / KL vs FP32 (top-1 where FP32 is confident) "
+                  "| PIQA acc_norm (acc) | greedy vs FP32: identical / teacher-forced |",
+                  "|---|---|---|---|---|---|"]
         for row in args.rows:
-            get = lambda metric: results.get(  # noqa: E731
-                f"{name}|{row}|{metric}|{args.tokens if metric != 'piqa' else 1500}|{args.samples}")
-            brown, moby, piqa = get("brown"), get("moby_dick"), get("piqa")
+            get = lambda metric: results.get(result_key(name, row, metric, args))  # noqa: E731
+            brown, moby, piqa, greedy = get("brown"), get("moby_dick"), get("piqa"), get("greedy")
             cells = [f"{brown['perplexity']:.2f}" if brown else "-", f"{moby['perplexity']:.2f}" if moby else "-",
-                     f"{brown['top1_agreement'] * 100:.1f}% / {brown['kl']:.3f}" if brown and "kl" in brown else "-",
-                     f"{piqa['piqa_acc_norm'] * 100:.1f} ({piqa['piqa_acc'] * 100:.1f})" if piqa else "-"]
+                     agreement(brown) if brown and "kl" in brown else "-",
+                     f"{piqa['piqa_acc_norm'] * 100:.1f} ({piqa['piqa_acc'] * 100:.1f})" if piqa else "-",
+                     f"{greedy['identical']}/{greedy['prompts']} / "
+                     f"{greedy['teacher_forced']}/{greedy['prompts'] * greedy['new_tokens']}" if greedy else "-"]
             lines.append(f"| `{row}` {describe(row)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

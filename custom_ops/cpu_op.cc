@@ -4,7 +4,6 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -69,14 +68,6 @@ class CpuW4A8Kernel {
   }
 
  private:
-  // Identity of the weight tensors a cache entry was packed from.
-  struct WeightKey {
-    const void* b = nullptr;
-    const void* scales = nullptr;
-    const void* zero_points = nullptr;
-    bool operator==(const WeightKey& o) const { return b == o.b && scales == o.scales && zero_points == o.zero_points; }
-  };
-
   static cpu::Isa isa_from_environment(const std::string& node) {
     try {
       return cpu::select_isa(std::getenv("FPTQ_CPU_ISA"));
@@ -85,40 +76,17 @@ class CpuW4A8Kernel {
     }
   }
 
-  // True when every listed input is a constant initializer, whose buffer ORT keeps, unchanged,
-  // at one address for the session's lifetime: only then may packed weights be reused.
-  static bool inputs_constant(const Ort::ConstKernelInfo& info, std::initializer_list<int> inputs) {
-    for (int input : inputs) {
-      int is_constant = 0;
-      try {
-        info.GetTensorConstantInput(static_cast<size_t>(input), &is_constant);
-      } catch (const Ort::Exception&) {
-        return false;  // cannot tell: treat as variable, which is always correct
-      }
-      if (!is_constant) return false;
-    }
-    return true;
-  }
-
-  // The packed weights for this call's B, scales and zero_points. Constant weights are packed
-  // on the first call and reused, keyed on their data pointers (a changed pointer repacks);
-  // weights fed as graph inputs may change between runs at the same address, so they are
-  // packed per call. The mutex makes concurrent first calls pack once; later calls hold it
-  // only to copy the shared_ptr. parallel_for: splits the packing (the pool's tasks never take
-  // the mutex, so waiting for them while holding it cannot deadlock).
+  // The packed weights for this call's B, scales and zero_points: kept across calls when they
+  // are constant (PackedWeightCache), packed per call when fed as graph inputs.
+  // parallel_for: splits the packing (the pool's tasks never take the cache's mutex, so
+  // waiting for them while holding it cannot deadlock).
   std::shared_ptr<const cpu::PackedWeights> packed_weights(const W4A8Tensors& t, const cpu::ParallelFor& parallel_for) {
     auto pack = [&] {
       return std::make_shared<const cpu::PackedWeights>(
           cpu::pack_weights(t.b, t.scales, t.zero_points, attrs_, parallel_for));
     };
     if (!weights_constant_) return pack();
-    const WeightKey key{t.b, t.scales, t.zero_points};
-    std::lock_guard<std::mutex> lock(cache_mutex_);
-    if (!cache_ || !(cache_key_ == key)) {
-      cache_ = pack();
-      cache_key_ = key;
-    }
-    return cache_;
+    return cache_.get({t.b, t.scales, t.zero_points}, pack);
   }
 
   // cpu::ParallelFor on the session's intra-op pool: it honours intra_op_num_threads and is
@@ -134,20 +102,13 @@ class CpuW4A8Kernel {
   const W4A8Attrs attrs_;
   const cpu::Isa isa_;
   const bool weights_constant_;
-  std::mutex cache_mutex_;
-  WeightKey cache_key_;                             // guarded by cache_mutex_
-  std::shared_ptr<const cpu::PackedWeights> cache_;  // guarded by cache_mutex_
+  PackedWeightCache<cpu::PackedWeights> cache_;
 };
 
 }  // namespace
 
 const OrtCustomOp* cpu_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type) {
-  // Never destroyed: sessions may outlive any scope here, and ORT holds only the pointer.
-  static const auto* op32 = new W4A8CustomOp<CpuW4A8Kernel<float>>(api_version);
-  static const auto* op16 = new W4A8CustomOp<CpuW4A8Kernel<Ort::Float16_t>>(api_version);
-  if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return op32;
-  if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return op16;
-  return nullptr;
+  return w4a8_op_for<CpuW4A8Kernel>(api_version, x_type);
 }
 
 }  // namespace fptq

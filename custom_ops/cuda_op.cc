@@ -156,21 +156,6 @@ class StreamBuffer {
   void* ptr_ = nullptr;
 };
 
-// True when every listed input is a constant initializer (ORT keeps its buffer, unchanged, at
-// one address for the session's lifetime): only then may packed weights be reused.
-bool inputs_constant(const Ort::ConstKernelInfo& info, std::initializer_list<int> inputs) {
-  for (int input : inputs) {
-    int is_constant = 0;
-    try {
-      info.GetTensorConstantInput(static_cast<size_t>(input), &is_constant);
-    } catch (const Ort::Exception&) {
-      return false;  // cannot tell: treat as variable, which is always correct
-    }
-    if (!is_constant) return false;
-  }
-  return true;
-}
-
 // Fails unless the launchers handle these attributes; the message names what is refused.
 void check_cuda_limits(const W4A8Attrs& attrs, const std::string& node) {
   const int64_t gs = attrs.group_size;
@@ -260,17 +245,6 @@ class CudaW4A8Kernel {
   }
 
  private:
-  // Identity of the weight tensors a kept buffer was packed from.
-  struct WeightKey {
-    const void* b = nullptr;
-    const void* scales = nullptr;
-    const void* zero_points = nullptr;
-    int device = -1;
-    bool operator==(const WeightKey& o) const {
-      return b == o.b && scales == o.scales && zero_points == o.zero_points && device == o.device;
-    }
-  };
-
   // Copies the static activation scale to the host (synchronizing `stream`) and fails unless
   // it is finite and > 0, as the CPU kernel does.
   void check_act_scale(const float* act_scale, cudaStream_t stream) {
@@ -283,49 +257,39 @@ class CudaW4A8Kernel {
     }
   }
 
-  // The kept packed weights for this call's B, scales and zero_points, packed on the first
-  // call (and again only if ORT ever hands other pointers). The repack runs on this call's
-  // stream and is waited for before the buffer is published: concurrent runs use other
-  // streams and must see finished weights. The act_scale initializer is checked here too.
-  // Later calls hold the mutex only to copy the shared_ptr.
+  // The kept packed weights for this call's B, scales and zero_points (PackedWeightCache),
+  // packed on the first call (and again only if ORT ever hands other pointers). The repack
+  // runs on this call's stream and is waited for before the buffer is published: concurrent
+  // runs use other streams and must see finished weights. The act_scale initializer is
+  // checked here too.
   std::shared_ptr<const DeviceBuffer> packed_weights(const W4A8Tensors& t, int device, cudaStream_t stream) {
-    const WeightKey key{t.b, t.scales, t.zero_points, device};
-    std::lock_guard<std::mutex> lock(cache_mutex_);
-    if (cache_ && cache_key_ == key) return cache_;
-    const int n = static_cast<int>(attrs_.N), k = static_cast<int>(attrs_.K), gs = static_cast<int>(attrs_.group_size);
-    size_t bytes = 0;
-    check_cuda(fptq_w4a8_packed_size(n, k, gs, &bytes), node_, "fptq_w4a8_packed_size");
-    auto buffer = std::make_shared<DeviceBuffer>(device, bytes, node_);
-    check_cuda(fptq_w4a8_repack_cuda(t.b, t.scales, t.zero_points, n, k, gs, buffer->get(), stream), node_,
-               "fptq_w4a8_repack_cuda");
-    if (attrs_.act_mode == kActPerTensorStatic && act_scale_constant_) {
-      check_act_scale(t.act_scale, stream);  // synchronizes the stream
-    } else {
-      check_cuda(cudaStreamSynchronize(stream), node_, "cudaStreamSynchronize (repack)");
-    }
-    cache_ = std::move(buffer);
-    cache_key_ = key;
-    return cache_;
+    return cache_.get({t.b, t.scales, t.zero_points, device}, [&] {
+      const int n = static_cast<int>(attrs_.N), k = static_cast<int>(attrs_.K), gs = static_cast<int>(attrs_.group_size);
+      size_t bytes = 0;
+      check_cuda(fptq_w4a8_packed_size(n, k, gs, &bytes), node_, "fptq_w4a8_packed_size");
+      auto buffer = std::make_shared<const DeviceBuffer>(device, bytes, node_);
+      check_cuda(fptq_w4a8_repack_cuda(t.b, t.scales, t.zero_points, n, k, gs, buffer->get(), stream), node_,
+                 "fptq_w4a8_repack_cuda");
+      if (attrs_.act_mode == kActPerTensorStatic && act_scale_constant_) {
+        check_act_scale(t.act_scale, stream);  // synchronizes the stream
+      } else {
+        check_cuda(cudaStreamSynchronize(stream), node_, "cudaStreamSynchronize (repack)");
+      }
+      return buffer;
+    });
   }
 
   const std::string node_;
   const W4A8Attrs attrs_;
   const bool weights_constant_;
   const bool act_scale_constant_;
-  std::mutex cache_mutex_;
-  WeightKey cache_key_;                         // guarded by cache_mutex_
-  std::shared_ptr<const DeviceBuffer> cache_;  // guarded by cache_mutex_
+  PackedWeightCache<DeviceBuffer> cache_;
 };
 
 }  // namespace
 
 const OrtCustomOp* cuda_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type) {
-  // Never destroyed: sessions may outlive any scope here, and ORT holds only the pointer.
-  static const auto* op32 = new W4A8CustomOp<CudaW4A8Kernel<float>>(api_version);
-  static const auto* op16 = new W4A8CustomOp<CudaW4A8Kernel<Ort::Float16_t>>(api_version);
-  if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return op32;
-  if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return op16;
-  return nullptr;
+  return w4a8_op_for<CudaW4A8Kernel>(api_version, x_type);
 }
 
 }  // namespace fptq

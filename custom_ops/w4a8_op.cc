@@ -50,6 +50,19 @@ void fail_invalid(const std::string& node, const std::string& message) {
   throw Ort::Exception(std::string(kOpType) + " node '" + node + "': " + message, ORT_INVALID_ARGUMENT);
 }
 
+bool inputs_constant(const Ort::ConstKernelInfo& info, std::initializer_list<int> inputs) {
+  for (int input : inputs) {
+    int is_constant = 0;
+    try {
+      info.GetTensorConstantInput(static_cast<size_t>(input), &is_constant);
+    } catch (const Ort::Exception&) {
+      return false;
+    }
+    if (!is_constant) return false;
+  }
+  return true;
+}
+
 W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info) {
   const std::string node = info.GetNodeName();
   W4A8Attrs attrs;

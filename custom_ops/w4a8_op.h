@@ -1,6 +1,6 @@
 // ONNX Runtime glue of ai.fptq::W4A8MatMul shared by every execution provider's kernel.
 //
-// A kernel for one execution provider (CPU: cpu_op.cc; CUDA: to come) is a class
+// A kernel for one execution provider (CPU: cpu_op.cc; CUDA: cuda_op.cc) is a class
 //
 //   struct MyKernel {
 //     static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
@@ -19,6 +19,9 @@
 
 #include <onnxruntime_cxx_api.h>
 
+#include <initializer_list>
+#include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 
@@ -51,6 +54,48 @@ struct W4A8Tensors {
 // allocates the output Y[..., N] with X's type. context: the kernel context of the call; attrs: from
 // read_attributes(); node: the node's name for messages. Throws (fail_invalid) on a mismatch.
 W4A8Tensors bind_tensors(Ort::KernelContext& context, const W4A8Attrs& attrs, const std::string& node);
+
+// True when every listed input is a constant initializer, whose buffer ORT keeps, unchanged,
+// at one address for the session's lifetime: only then may packed weights be reused.
+// info: the node's kernel info; inputs: input indices. "Cannot tell" counts as not constant,
+// which is always correct (the kernel then packs per call).
+bool inputs_constant(const Ort::ConstKernelInfo& info, std::initializer_list<int> inputs);
+
+// One node's packed weights (Packed: host PackedWeights or a device buffer), kept for the
+// session and keyed on the data pointers (and device) they were packed from: a changed key
+// repacks. The mutex makes concurrent first calls pack once; later calls hold it only to copy
+// the shared_ptr. Only for constant weights (inputs_constant): weights fed at run time may
+// change between runs at the same address.
+template <class Packed>
+class PackedWeightCache {
+ public:
+  struct Key {
+    const void* b = nullptr;
+    const void* scales = nullptr;
+    const void* zero_points = nullptr;
+    int device = -1;  // -1 on the host
+    bool operator==(const Key& o) const {
+      return b == o.b && scales == o.scales && zero_points == o.zero_points && device == o.device;
+    }
+  };
+
+  // The kept value for key, or pack()'s (a shared_ptr to the packed weights, stored for later
+  // calls). pack runs under the lock: it must not wait for anything that takes it.
+  template <class Pack>
+  std::shared_ptr<const Packed> get(const Key& key, Pack&& pack) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!value_ || !(key_ == key)) {
+      value_ = pack();
+      key_ = key;
+    }
+    return value_;
+  }
+
+ private:
+  std::mutex mutex_;
+  Key key_;                              // guarded by mutex_
+  std::shared_ptr<const Packed> value_;  // guarded by mutex_
+};
 
 // Runs body() and turns any exception into an OrtStatus (nullptr on success).
 // api: the negotiated ORT API; body: a callable taking no argument.
@@ -109,5 +154,17 @@ struct W4A8CustomOp : Ort::CustomOpBase<W4A8CustomOp<Kernel>, GuardedKernel<Kern
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return Kernel::kXType; }
 };
+
+// The op of Kernel<float> or Kernel<Ort::Float16_t> for X's type x_type (nullptr for another
+// type), made on the first call. Never destroyed: sessions may outlive any scope here, and ORT
+// holds only the pointer.
+template <template <class> class Kernel>
+const OrtCustomOp* w4a8_op_for(uint32_t api_version, ONNXTensorElementDataType x_type) {
+  static const auto* op32 = new W4A8CustomOp<Kernel<float>>(api_version);
+  static const auto* op16 = new W4A8CustomOp<Kernel<Ort::Float16_t>>(api_version);
+  if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return op32;
+  if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return op16;
+  return nullptr;
+}
 
 }  // namespace fptq

@@ -181,11 +181,11 @@ def slac_windows(tokenizer, ids: list[int], seq_lens: tuple[int, ...], samples: 
     matters: activation ranges depend on length (the first tokens carry the largest outliers, and a
     short window has a larger share of them).
 
-    >>> class T: bos_id = 0
+    >>> class T: lead = [0]
     >>> [len(w) for w in slac_windows(T(), list(range(1, 100)), (4, 8), 4)]
     [4, 8, 4, 8]
     """
-    lead = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    lead = tokenizer.lead
     windows = []
     for i in range(samples):
         body = seq_lens[i % len(seq_lens)] - len(lead)

@@ -21,6 +21,9 @@ import numpy as np
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 LOGITS = "logits"
+# the prompts of the KV-cache generation check (tests/test_kv_cache.py, benchmarks/accuracy.py)
+PROMPTS = ("The capital of France is", "Once upon a time, there was a little", "The three primary colors are",
+           "To bake bread, you first need to", "The largest planet in our solar system is")
 
 
 def past_inputs(session) -> list:
@@ -93,6 +96,33 @@ def teacher_forced_agreement(session, prompt_ids: Sequence[int], reference_token
     ids = np.asarray([[*prompt_ids, *reference_tokens[:-1]]], np.int64)
     picks = run_step(session, ids)[0][0, len(prompt_ids) - 1:].argmax(-1)
     return int((picks == np.asarray(reference_tokens)).sum())
+
+
+def compare_greedy(session, reference, prompts: Sequence[Sequence[int]], new_tokens: int) -> dict:
+    """How closely ``session`` (a converted model) generates what ``reference`` (its FP32 source)
+    generates, greedily, ``new_tokens`` after each prompt.
+
+    - ``identical``: prompts whose ``new_tokens`` tokens are all the reference's;
+    - ``first_difference``: per prompt, the index of the first differing token (``new_tokens``
+      when none differs);
+    - ``teacher_forced``: positions, of ``len(prompts) * new_tokens``, where ``session`` picks the
+      reference's token given the reference's own prefix (:func:`teacher_forced_agreement`);
+    - ``reference_margins``: per prompt, the smallest gap between the reference's two largest
+      logits along its own continuation. A quantized model keeps a token only where its logit
+      error is below that gap, so a gap of 0.01 means a coin toss for any lossy model.
+    """
+    expected = [greedy_generate(reference, prompt, new_tokens) for prompt in prompts]
+    first_difference, margins, agreeing = [], [], 0
+    for prompt, tokens in zip(prompts, expected):
+        generated = greedy_generate(session, prompt, new_tokens)
+        first_difference.append(next((i for i, (a, b) in enumerate(zip(generated, tokens)) if a != b), new_tokens))
+        agreeing += teacher_forced_agreement(session, prompt, tokens)
+        logits = run_step(reference, np.asarray([[*prompt, *tokens[:-1]]], np.int64))[0][0, len(prompt) - 1:]
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        margins.append(float((top2[:, 1] - top2[:, 0]).min()))
+    return {"identical": sum(d == new_tokens for d in first_difference), "prompts": len(prompts),
+            "new_tokens": new_tokens, "first_difference": first_difference, "teacher_forced": agreeing,
+            "reference_margins": margins}
 
 
 def _numpy_type(onnx_type: str) -> np.dtype:

@@ -22,15 +22,23 @@ class TextTokenizer:
     backend: object  # tokenizers.Tokenizer
     bos_id: int | None
 
+    @property
+    def lead(self) -> list[int]:
+        """What starts every sequence the model sees: ``[bos_id]``, or nothing."""
+        return [] if self.bos_id is None else [self.bos_id]
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without any special tokens."""
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def prompt(self, text: str) -> list[int]:
+        """A generation prompt: ``text``'s ids led by BOS when the model expects it."""
+        return self.lead + self.encode(text)
+
     def windows(self, ids: list[int], length: int) -> list[list[int]]:
         """Non-overlapping windows of ``length`` ids, each led by BOS when the model expects it."""
-        body = length - (self.bos_id is not None)
-        lead = [] if self.bos_id is None else [self.bos_id]
-        return [lead + ids[start:start + body] for start in range(0, len(ids) - body + 1, body)]
+        body = length - len(self.lead)
+        return [self.lead + ids[start:start + body] for start in range(0, len(ids) - body + 1, body)]
 
 
 def _bos_id(folder: Path, backend) -> int | None:

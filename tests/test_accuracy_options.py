@@ -142,7 +142,7 @@ def test_clip_ratios_from_blocks_equal_those_from_the_full_hessian(rng):
 
 def test_slac_windows_cycle_lengths_and_cover_the_text():
     class Tok:
-        bos_id = 1
+        lead = [1]
     ids = list(range(100, 1100))
     windows = slac_windows(Tok(), ids, (16, 64), 6)
     assert [len(w) for w in windows] == [16, 64] * 3

@@ -17,7 +17,7 @@ import pytest
 from fptq_onnx.errors import UserError
 import torch
 
-from fptq_onnx.evaluate import encode, evaluate, tokenizer_for
+from fptq_onnx.evaluate import CONFIDENT_GAP, encode, evaluate, tokenizer_for
 from fptq_onnx.models._tiny import BOS_ID, SPECIAL, WORDS, save_tiny_tokenizer, tiny_text
 
 VOCAB = len(SPECIAL) + len(WORDS)
@@ -111,6 +111,12 @@ def test_reference_metrics_match_torch(bigram, tmp_path):
     assert result["kl"] > 0.1
     assert result["top1_agreement"] == pytest.approx(top1, abs=1e-12)
     assert result["reference_perplexity"] == pytest.approx(np.exp(ref_nll), rel=1e-12)
+    top2 = ref_logp.topk(2, dim=-1).values
+    confident = (top2[:, 0] - top2[:, 1]) >= CONFIDENT_GAP
+    assert 0 < confident.sum() < len(targets)  # the bigram tables give both kinds of position
+    assert result["confident_share"] == pytest.approx(confident.double().mean().item(), abs=1e-12)
+    agree = logp.argmax(-1) == ref_logp.argmax(-1)
+    assert result["confident_agreement"] == pytest.approx(agree[confident].double().mean().item(), abs=1e-12)
 
 
 def test_windows_fed_to_the_session(bigram):
