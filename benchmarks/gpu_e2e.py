@@ -250,25 +250,13 @@ def quantized_weights(rng, k, n, group_size, symmetric):
     return {"B": quant.pack_int4(u), "S": scales, "Z": zeros}
 
 
-def w4a8_model(weights, act_scale, *, k, n, group_size, act_mode, x_rank=2, graph_inputs=(), x_type=None):
+def w4a8_model(weights, act_scale, **attributes):
+    """``functions.single_op_model``, checked by onnx.checker (the benchmark's models are all valid)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
-    x_type = TensorProto.FLOAT if x_type is None else x_type
-    values = {**weights, "A": np.asarray(act_scale, np.float32)}
-    node = helper.make_node(functions.OP_TYPE, ["X", "B", "S", "Z", "A"], ["Y"], name="w4a8",
-                            domain=functions.OP_DOMAIN, K=k, N=n, group_size=group_size, act_mode=act_mode)
-    dtypes = {"B": TensorProto.UINT8, "S": TensorProto.FLOAT, "Z": TensorProto.UINT8, "A": TensorProto.FLOAT}
-    leading = [f"d{i}" for i in range(x_rank - 1)]
-    inputs = [helper.make_tensor_value_info("X", x_type, leading + ["k"])]
-    inputs += [helper.make_tensor_value_info(name, dtypes[name], values[name].shape) for name in graph_inputs]
-    graph = helper.make_graph(
-        [node], "w4a8", inputs, [helper.make_tensor_value_info("Y", x_type, leading + ["n"])],
-        [numpy_helper.from_array(v, name) for name, v in values.items() if name not in graph_inputs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    functions.add_w4a8_function(model)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    model = functions.single_op_model(weights, act_scale, **attributes)
+    onnx.checker.check_model(onnx.load_from_string(model))
+    return model
 
 
 # (M or X shape, K, N, group_size, act_mode, symmetric): odd N, K tails past the last 128-wide

@@ -21,6 +21,7 @@ about portability, not speed.
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx.parser
 
@@ -158,3 +159,37 @@ def add_w4a8_function(model: onnx.ModelProto) -> None:
     uses_w8 = any(node.domain == OP_DOMAIN and node.op_type == W8A8_OP_TYPE for node in model.graph.node)
     if uses_w8 and not any(f.domain == OP_DOMAIN and f.name == W8A8_OP_TYPE for f in model.functions):
         model.functions.append(w8a8_function(default.version))
+
+
+def single_op_model(weights: dict, act_scale, *, k: int, n: int, group_size: int, act_mode: int, x_rank: int = 2,
+                    graph_inputs=(), attrs: dict | None = None, function: onnx.FunctionProto | None = None,
+                    x_type: int = onnx.TensorProto.FLOAT) -> bytes:
+    """A serialized model of one W4A8MatMul node ``Y = op(X, B, S, Z, A)`` and the op's
+    function: what the kernel tests and GPU benchmarks run on each backend.
+
+    weights: ``{"B": uint8 [N, K/2], "S": float32 [N, G], "Z": uint8 [N, G]}``
+    (``quant.pack_int4`` / ``quantize_weight_groupwise``); act_scale: the ``A`` input;
+    k, n, group_size, act_mode: the node's attributes (``attrs`` replaces them all, for
+    invalid-attribute tests); x_rank: rank of X, every dim dynamic (so that the kernel, not
+    ORT's graph-input check, sees a wrong last dim); graph_inputs: names among B, S, Z, A fed at
+    run time instead of stored as initializers; function: a FunctionProto added before the stock
+    body (which then is not added); x_type: element type of X and Y.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    values = {**weights, "A": np.asarray(act_scale, np.float32)}
+    node = helper.make_node(OP_TYPE, ["X", "B", "S", "Z", "A"], ["Y"], name="w4a8", domain=OP_DOMAIN,
+                            **(attrs if attrs is not None else
+                               dict(K=k, N=n, group_size=group_size, act_mode=act_mode)))
+    dtypes = {"B": TensorProto.UINT8, "S": TensorProto.FLOAT, "Z": TensorProto.UINT8, "A": TensorProto.FLOAT}
+    leading = [f"d{i}" for i in range(x_rank - 1)]
+    inputs = [helper.make_tensor_value_info("X", x_type, leading + ["k"])]
+    inputs += [helper.make_tensor_value_info(name, dtypes[name], values[name].shape) for name in graph_inputs]
+    graph = helper.make_graph(
+        [node], "w4a8", inputs, [helper.make_tensor_value_info("Y", x_type, leading + ["n"])],
+        [numpy_helper.from_array(v, name) for name, v in values.items() if name not in graph_inputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    if function is not None:
+        model.functions.append(function)
+    add_w4a8_function(model)
+    return model.SerializeToString()

@@ -19,7 +19,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, Runtime
 
 import fptq_onnx
 from fptq_onnx import quant
-from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, add_w4a8_function, w4a8_function
+from fptq_onnx.passes.functions import single_op_model, w4a8_function
 
 REL_TOL = 1e-5
 ISAS = ["generic", "avx2", "avx512vnni", "amx"]
@@ -35,33 +35,7 @@ def quantized_weights(rng, k, n, group_size, symmetric):
     return {"B": quant.pack_int4(u), "S": scales, "Z": zeros}
 
 
-def w4a8_model(weights, act_scale, *, k, n, group_size, act_mode, x_rank=2, graph_inputs=(), attrs=None,
-               function=None, x_type=TensorProto.FLOAT):
-    """A model with one W4A8MatMul node Y = op(X, B, S, Z, A) and the op's function.
-
-    weights: dict of B, S, Z (see quantized_weights); act_scale: float32 scalar or array (A);
-    k, n, group_size, act_mode: the node's attributes; x_rank: rank of X, all dims dynamic
-    (so that the kernel, not ORT's graph-input check, sees a wrong last dim);
-    graph_inputs: names among B, S, Z, A fed at run time instead of stored as initializers;
-    attrs: attributes replacing the four above (for invalid-attribute tests);
-    function: a FunctionProto replacing the stock body; x_type: element type of X and Y.
-    """
-    values = {**weights, "A": np.asarray(act_scale, np.float32)}
-    node = helper.make_node(OP_TYPE, ["X", "B", "S", "Z", "A"], ["Y"], name="w4a8", domain=OP_DOMAIN,
-                            **(attrs if attrs is not None else
-                               dict(K=k, N=n, group_size=group_size, act_mode=act_mode)))
-    dtypes = {"B": TensorProto.UINT8, "S": TensorProto.FLOAT, "Z": TensorProto.UINT8, "A": TensorProto.FLOAT}
-    leading = [f"d{i}" for i in range(x_rank - 1)]
-    inputs = [helper.make_tensor_value_info("X", x_type, leading + ["k"])]
-    inputs += [helper.make_tensor_value_info(name, dtypes[name], values[name].shape) for name in graph_inputs]
-    graph = helper.make_graph(
-        [node], "w4a8", inputs, [helper.make_tensor_value_info("Y", x_type, leading + ["n"])],
-        [numpy_helper.from_array(v, name) for name, v in values.items() if name not in graph_inputs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    if function is not None:
-        model.functions.append(function)
-    add_w4a8_function(model)
-    return model.SerializeToString()
+w4a8_model = single_op_model  # the one-node model every kernel test runs
 
 
 def stock_session(model_bytes):
