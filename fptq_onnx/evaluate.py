@@ -88,6 +88,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def top2_gap(logits: np.ndarray) -> np.ndarray:
+    """``x_(1) - x_(2)``, the largest minus the second largest value over the last axis (the
+    same for logits and their log-softmax): how far the model is from changing its top-1."""
+    top2 = np.partition(logits, -2, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
 class _Totals:
     """Running sums over scored positions (plain sums in float64; divided once at the end)."""
 
@@ -111,8 +118,7 @@ class _Totals:
                 ref_logp = log_softmax(ref_logits[part])
                 self.ref_nll -= ref_logp[rows[part] - lo, targets[part]].sum()
                 agree = logp.argmax(-1) == ref_logp.argmax(-1)
-                top2 = np.partition(ref_logp, -2, axis=-1)[:, -2:]
-                confident = top2[:, 1] - top2[:, 0] >= CONFIDENT_GAP
+                confident = top2_gap(ref_logp) >= CONFIDENT_GAP
                 self.agree += int(agree.sum())
                 self.confident += int(confident.sum())
                 self.confident_agree += int((agree & confident).sum())

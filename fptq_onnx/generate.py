@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .evaluate import top2_gap
+
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 LOGITS = "logits"
 # the prompts of the KV-cache generation check (tests/test_kv_cache.py, benchmarks/accuracy.py)
@@ -118,8 +120,7 @@ def compare_greedy(session, reference, prompts: Sequence[Sequence[int]], new_tok
         first_difference.append(next((i for i, (a, b) in enumerate(zip(generated, tokens)) if a != b), new_tokens))
         agreeing += teacher_forced_agreement(session, prompt, tokens)
         logits = run_step(reference, np.asarray([[*prompt, *tokens[:-1]]], np.int64))[0][0, len(prompt) - 1:]
-        top2 = np.sort(logits, axis=-1)[:, -2:]
-        margins.append(float((top2[:, 1] - top2[:, 0]).min()))
+        margins.append(float(top2_gap(logits).min()))
     return {"identical": sum(d == new_tokens for d in first_difference), "prompts": len(prompts),
             "new_tokens": new_tokens, "first_difference": first_difference, "teacher_forced": agreeing,
             "reference_margins": margins}
