@@ -32,7 +32,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .errors import UserError
-from .generate import PAST_PREFIX  # KV-cache inputs (export --with-past): synthesized empty
+from .generate import PAST_PREFIX, empty_past_shape  # KV-cache inputs: synthesized empty
+from .genai import kv_head_size
 from .progress import progress_bar
 from .tokenizer import find_tokenizer, load_tokenizer
 
@@ -276,12 +277,13 @@ def calibration_feeds(source: Path, model_path: Path, inputs: list[ModelInput],
         windows = text_windows(source, model_path, config)
         count = len(windows)
         raw = ({"input_ids": np.asarray([w], np.int64)} for w in windows)
-    return count, (complete_feed(feed, inputs, source) for feed in raw)
+    head_size = kv_head_size(model_path)
+    return count, (complete_feed(feed, inputs, source, head_size) for feed in raw)
 
 
-def complete_feed(feed: Feed, inputs: list[ModelInput], source: Path) -> Feed:
+def complete_feed(feed: Feed, inputs: list[ModelInput], source: Path, head_size: int | None = None) -> Feed:
     """Check ``feed`` against the model inputs, cast dtypes, and synthesize mask, positions and
-    an empty past."""
+    an empty past (``head_size``: of a cache whose last axis is symbolic)."""
     wanted = {i.name: i for i in inputs}
     unknown = sorted(set(feed) - set(wanted))
     if unknown:
@@ -304,8 +306,11 @@ def complete_feed(feed: Feed, inputs: list[ModelInput], source: Path) -> Feed:
                             f"only {list(SYNTHESIZED_INPUTS)} and {PAST_PREFIX}* are synthesized)")
         batch, length = reference.shape[:2]
         if item.name.startswith(PAST_PREFIX):  # an empty cache [batch, heads, 0, head_dim]: no earlier tokens
-            result[item.name] = np.zeros([batch if axis == 0 else size or 0 for axis, size in enumerate(item.shape)],
-                                         item.dtype)
+            try:
+                shape = empty_past_shape(item.shape, batch, head_size)
+            except ValueError as error:
+                raise UserError(f"cannot synthesize {item.name}: {error}") from None
+            result[item.name] = np.zeros(shape, item.dtype)
         elif item.name == "attention_mask":
             result[item.name] = np.ones((batch, length), item.dtype)
         else:

@@ -33,14 +33,33 @@ def past_inputs(session) -> list:
     return [i for i in session.get_inputs() if i.name.startswith(PAST_PREFIX)]
 
 
+def empty_past_shape(shape: Sequence, batch: int, head_size: int | None = None) -> list[int]:
+    """Shape of a zero-length past for a cache input declared ``shape`` (ints fixed, anything
+    else symbolic): ``[batch, heads, 0, head_dim]``. A symbolic last axis (the GenAI builder's
+    ``kv_cache_dim``) takes ``head_size``; other symbolic axes are the past length, 0."""
+    result = []
+    for axis, size in enumerate(shape):
+        if axis == 0:
+            result.append(batch)
+        elif isinstance(size, int) and size > 0:
+            result.append(size)
+        elif axis == len(shape) - 1 and len(shape) == 4:
+            if not head_size:
+                raise ValueError(f"the cache's head size is symbolic ({shape}) and no genai_config.json says it")
+            result.append(head_size)
+        else:
+            result.append(0)
+    return result
+
+
 def empty_past(session, batch: int = 1) -> dict[str, np.ndarray]:
-    """Zero-length past tensors for the first step: ``[batch, heads, 0, head_dim]`` per input
-    (axis 0 is the batch, every other symbolic axis the past length)."""
-    past = {}
-    for item in past_inputs(session):
-        shape = [batch if axis == 0 else (d if isinstance(d, int) else 0) for axis, d in enumerate(item.shape)]
-        past[item.name] = np.zeros(shape, _numpy_type(item.type))
-    return past
+    """Zero-length past tensors for the first step, one per ``past_key_values.*`` input
+    (:func:`empty_past_shape`; the head size from the GenAI config beside the model)."""
+    from .genai import kv_head_size
+
+    head_size = kv_head_size(session._model_path) if getattr(session, "_model_path", None) else None
+    return {item.name: np.zeros(empty_past_shape(item.shape, batch, head_size), _numpy_type(item.type))
+            for item in past_inputs(session)}
 
 
 def run_step(session, ids: np.ndarray, past: dict[str, np.ndarray] | None = None,

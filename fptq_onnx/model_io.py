@@ -95,12 +95,22 @@ def _save_staged(model: onnx.ModelProto, output_path: Path, external_data: bool 
         if external_data:
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
+            _usual_permissions(staging / data_name)
             os.replace(staging / data_name, output_path.parent / data_name)
         else:
             onnx.save_model(model, str(staged))
             stale = output_path.parent / data_name
             if stale.exists() and output_path.exists():
                 stale.unlink()  # a previous external-data save of the same name is now orphaned
+        _usual_permissions(staged)
         os.replace(staged, output_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _usual_permissions(path: Path) -> None:
+    """``0666 & ~umask``, like any file a tool creates: onnx's external-data writer creates its
+    file with mode 0600, which another user (or a container) cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

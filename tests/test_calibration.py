@@ -137,3 +137,44 @@ def test_external_data_model_is_calibrated_in_place(tmp_path, rng):
     np.savez(tmp_path / "c.npz", x=x)
     stats = collect_channel_max(tmp_path / "m.onnx", ["y"], tmp_path / "c.npz", CalibrationConfig(), progress=False)
     np.testing.assert_allclose(stats["y"], np.abs(x).max(0), rtol=1e-6)
+
+
+def builder_past_model() -> onnx.ModelProto:
+    """A KV-cache input laid out like the GenAI model builder's: last axis symbolic (``kv_cache_dim``)."""
+    from onnx import TensorProto, helper
+
+    past = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["B", 3, "P", "kv_cache_dim"])
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S"])
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["y"], to=TensorProto.FLOAT)], "g",
+                              [ids, past], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_builder_cache_takes_the_head_size_from_genai_config(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(builder_past_model(), str(path))
+    np.savez(tmp_path / "calib.npz", input_ids=np.ones((2, 1, 5), np.int64))
+    inputs = model_inputs(onnx.load(str(path)))
+    with pytest.raises(UserError, match="cannot synthesize past_key_values.0.key: .*head size"):
+        next(calibration_feeds(tmp_path / "calib.npz", path, inputs, CalibrationConfig())[1])
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"head_size": 64}}}))
+    feed = next(calibration_feeds(tmp_path / "calib.npz", path, inputs, CalibrationConfig())[1])
+    assert feed["past_key_values.0.key"].shape == (1, 3, 0, 64)
+
+
+def test_saved_external_data_is_readable_by_others(tmp_path):
+    import os
+
+    from fptq_onnx.model_io import save_model_atomic
+
+    model = model_from_text(ID_MODEL, {"axes": np.array([-1], np.int64),
+                                       "gains": np.arange(512, dtype=np.float32)[:4]})
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(1024, np.float32), "big"))
+    old = os.umask(0o022)
+    try:
+        save_model_atomic(model, tmp_path / "m.onnx", external_data=True)
+    finally:
+        os.umask(old)
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
