@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .evaluate import top2_gap
+from .genai import kv_head_size
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 LOGITS = "logits"
@@ -55,8 +56,7 @@ def empty_past_shape(shape: Sequence, batch: int, head_size: int | None = None) 
 def empty_past(session, batch: int = 1) -> dict[str, np.ndarray]:
     """Zero-length past tensors for the first step, one per ``past_key_values.*`` input
     (:func:`empty_past_shape`; the head size from the GenAI config beside the model)."""
-    from .genai import kv_head_size
-
+    # onnxruntime.InferenceSession keeps the path it loaded as _model_path (None from bytes)
     head_size = kv_head_size(session._model_path) if getattr(session, "_model_path", None) else None
     return {item.name: np.zeros(empty_past_shape(item.shape, batch, head_size), _numpy_type(item.type))
             for item in past_inputs(session)}
