@@ -199,6 +199,9 @@ def conversion_summary(result) -> str:
     if kept:
         lines.append(f"  {len(kept)} linear layer(s) left in float: " +
                      "; ".join(f"{r.node} ({r.reason})" for r in kept[:3]) + (" ..." if len(kept) > 3 else ""))
+    if result.genai_config is not None:
+        lines.append(f"  onnxruntime-genai model folder: {result.genai_config.parent} "
+                     f"({result.genai_config.name} loads our op library; og.Model('{result.genai_config.parent}'))")
     lines.append("  time: " + ", ".join(f"{step} {sec:.1f}s" for step, sec in result.seconds.items() if sec >= 0.05))
     lines.extend(output_error_summary(result.layers))
     return "\n".join(lines)

@@ -62,13 +62,16 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
     folder = output_path.resolve().parent
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output folder {folder} is a file, not a folder")
-    if not folder.is_dir():
-        raise UserError(f"output folder {folder} does not exist")
+    # a missing output folder is made when the model is saved (``-o out/model.onnx``, like
+    # ``mkdir out``); a deeper missing path is more likely a typo than a wish
+    writable = folder if folder.is_dir() else folder.parent
+    if not writable.is_dir():
+        raise UserError(f"output folder {folder} does not exist, nor does its parent")
     try:  # a real write, not os.access: that says yes to root on a read-only mount
-        with tempfile.TemporaryFile(prefix=f".{output_path.name}.", dir=folder):
+        with tempfile.TemporaryFile(prefix=f".{output_path.name}.", dir=writable):
             pass
     except OSError as error:
-        raise UserError(f"output folder {folder} is not writable ({error.strerror})") from None
+        raise UserError(f"output folder {writable} is not writable ({error.strerror})") from None
     if output_path.suffix != ".onnx":
         raise UserError(f"output {output_path} should end in .onnx")
 
@@ -79,10 +82,16 @@ def save_model_atomic(model: onnx.ModelProto, output_path: str | Path, external_
     ``external_data=None`` picks external data when the initializers exceed 1 GiB.
     """
     output_path = Path(output_path)
+    made_folder = not output_path.parent.exists()
     try:
+        output_path.parent.mkdir(exist_ok=True)  # check_output_path allowed one missing level
         _save_staged(model, output_path, external_data)
-    except OSError as error:  # disk full, folder gone or made read-only since the start
-        raise UserError(f"could not write {output_path}: {error.strerror or error}") from None
+    except BaseException as error:  # Ctrl-C, or an OSError: disk full, folder made read-only since the start
+        if made_folder:
+            shutil.rmtree(output_path.parent, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise UserError(f"could not write {output_path}: {error.strerror or error}") from None
+        raise
 
 
 def _save_staged(model: onnx.ModelProto, output_path: Path, external_data: bool | None) -> None:
@@ -108,9 +117,26 @@ def _save_staged(model: onnx.ModelProto, output_path: Path, external_data: bool 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _usual_permissions(path: Path) -> None:
-    """``0666 & ~umask``, like any file a tool creates: onnx's external-data writer creates its
-    file with mode 0600, which another user (or a container) cannot read."""
+def replace_file(target: Path, write, executable: bool = False) -> None:
+    """``write(staged)`` a temporary file beside ``target``, then rename it onto ``target``: readers
+    see the old file or the new one, never a half-written one."""
+    descriptor, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(descriptor)
+    staged = Path(name)
+    try:
+        write(staged)
+        _usual_permissions(staged, executable)
+        os.replace(staged, target)
+    except OSError as error:
+        raise UserError(f"could not write {target}: {error.strerror or error}") from None
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _usual_permissions(path: Path, executable: bool = False) -> None:
+    """``0666 & ~umask`` (``0777`` for a shared library), like any file a tool creates: onnx's
+    external-data writer and ``mkstemp`` create files with mode 0600, which another user (or a
+    container) cannot read."""
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, (0o777 if executable else 0o666) & ~mask)

@@ -37,9 +37,10 @@ from fptq_onnx.passes.strategy import LayerStrategyPass
 from .calibration import CalibrationConfig, collect_calibration_stats
 from .errors import UserError
 from .external_data import export_streaming, initializer_bytes, map_external_data, uses_external_data
+from .genai import write_model_folder
 from .layer_error import LayerOutputErrorPass
-from .tokenizer import copy_tokenizer
 from .model_io import check_output_path, default_opset, load_model, save_model_atomic
+from .tokenizer import copy_tokenizer
 
 logger = logging.getLogger("fptq_onnx")
 
@@ -126,6 +127,7 @@ class ConversionResult:
     dumps: list[Path] = dataclasses.field(default_factory=list)  # --dump-passes files, in order
     report: Path | None = None
     thresholds: tuple[float, float] | None = None  # v0, v1 chosen by --auto-thresholds
+    genai_config: Path | None = None  # the genai_config.json written beside the model (None: no KV cache)
 
 
 def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, config: ConvertConfig,
@@ -211,16 +213,30 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
     converted = export_model_proto(ctx)
     bytes_after = sum(t.ByteSize() for t in converted.graph.initializer)
     save_model_atomic(converted, output_path, external_data=True if external_in else None)  # layout kept
-    copy_tokenizer(model_path, output_path)  # so eval and later conversions find it beside the model
+    tokenizer_dir = copy_tokenizer(model_path, output_path)  # so eval and later conversions find it beside the model
+    genai_config = write_model_folder(model_path, converted, output_path, _library_or_none(), tokenizer_dir)
     seconds["save"] = time.perf_counter() - start
     result = ConversionResult(output_path, ctx.layers, ctx.rejections, seconds, bytes_before, bytes_after,
                               model=model_path, groups=ctx.groups, config=config,
-                              dumps=dumper.written if dumper is not None else [], thresholds=ctx.thresholds)
+                              dumps=dumper.written if dumper is not None else [], thresholds=ctx.thresholds,
+                              genai_config=genai_config)
     if report is not None:
         from .report import write_report
 
         result.report = write_report(result, report)
     return result
+
+
+def _library_or_none() -> str | None:
+    """Our op library's path, or None (with a warning) when it is not built: the converted model
+    then runs its function bodies, in GenAI too."""
+    from .session import library_path
+
+    try:
+        return library_path()
+    except FileNotFoundError as error:
+        logger.warning("the GenAI folder will run the ops' function bodies (slow): %s", error)
+        return None
 
 
 def export_model_proto(ctx: ConversionContext) -> onnx.ModelProto:

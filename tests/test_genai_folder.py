@@ -1,0 +1,128 @@
+"""``convert`` writes an onnxruntime-genai model folder: ``og.Model(folder)`` runs the converted
+model with our op library and generates what our own greedy loop generates.
+
+Two sources, both tiny random LLaMAs (seconds): the GenAI model builder's fused graph (its
+``genai_config.json`` updated) and ``fptq-onnx export --with-past`` (optimum's layout, a new
+config of model type ``decoder``).
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fptq_onnx.cli import main
+from fptq_onnx.generate import greedy_generate
+from fptq_onnx.genai import CONFIG_NAME, LIBRARY_NAME
+from fptq_onnx.models._tiny import save_tiny_llama, tiny_text
+from fptq_onnx.session import InferenceSession
+
+from test_cli_errors import assert_one_line_error, run_cli
+
+og = pytest.importorskip("onnxruntime_genai")
+
+PROMPTS = ([1, 5, 9, 4, 7], [1, 3, 3, 8], [1, 20, 11, 6, 12, 19, 4])
+EOS = 2  # save_tiny_llama's eos_token_id
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("genai")
+    hf = save_tiny_llama(root / "hf")
+    (root / "calib.txt").write_text(tiny_text(2000))
+    return root, hf
+
+
+@pytest.fixture(scope="module")
+def builder_model(tiny):
+    """The GenAI model builder's fp32 model of the tiny LLaMA (GroupQueryAttention, packed QKV)."""
+    root, hf = tiny
+    out = root / "builder"
+    result = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                             "-p", "fp32", "-e", "cpu", "-c", str(root / "builder-cache")],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"the GenAI model builder failed here: {result.stderr.strip().splitlines()[-1:]}")
+    return out / "model.onnx"
+
+
+def convert_cli(source, calib, output) -> None:
+    assert main(["-q", "convert", str(source), "--calib", str(calib), "--samples", "4", "--seq-len", "32",
+                 "-o", str(output)]) == 0
+
+
+def genai_greedy(folder, prompt, max_length=24) -> list[int]:
+    """New tokens of GenAI's greedy search (it stops at EOS, which it does not append)."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt, np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+
+
+def ours_until_eos(model_path, prompt, max_length=24) -> list[int]:
+    tokens = greedy_generate(InferenceSession(str(model_path)), prompt, max_length - len(prompt))
+    return tokens[:tokens.index(EOS)] if EOS in tokens else tokens
+
+
+def assert_generates_like_our_loop(folder, model_path):
+    lengths = []
+    for prompt in PROMPTS:
+        ours = ours_until_eos(model_path, prompt)
+        assert genai_greedy(folder, prompt) == ours, prompt
+        lengths.append(len(ours))
+    assert max(lengths) >= 5, lengths  # a comparison of more than a token or two
+
+
+def test_builder_model_converts_to_a_genai_folder(tiny, builder_model):
+    root, _ = tiny
+    out = root / "builder-w4a8" / "model.onnx"  # the folder does not exist yet: convert makes it
+    convert_cli(builder_model, root / "calib.txt", out)
+    names = {p.name for p in out.parent.iterdir()}
+    assert {CONFIG_NAME, LIBRARY_NAME, "model.onnx", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not any(name.startswith(".") for name in names), "temporary files left behind"
+    config = json.loads((out.parent / CONFIG_NAME).read_text())
+    source = json.loads((builder_model.parent / CONFIG_NAME).read_text())
+    decoder = config["model"]["decoder"]
+    assert decoder["filename"] == "model.onnx" and decoder["session_options"]["custom_ops_library"] == LIBRARY_NAME
+    assert decoder["head_size"] == source["model"]["decoder"]["head_size"]
+    assert config["search"] == source["search"] and config["model"]["type"] == source["model"]["type"]
+    assert_generates_like_our_loop(out.parent, out)
+
+
+def test_own_kv_export_gets_a_new_decoder_config(tiny):
+    root, hf = tiny
+    past = root / "past" / "model.onnx"
+    assert main(["-q", "export", str(hf), "-o", str(past), "--with-past"]) == 0
+    out = root / "past-w4a8" / "model.onnx"
+    convert_cli(past, root / "calib.txt", out)
+    config = json.loads((out.parent / CONFIG_NAME).read_text())
+    model = config["model"]
+    assert model["type"] == "decoder" and model["eos_token_id"] == EOS and model["vocab_size"] == 23
+    decoder = model["decoder"]
+    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (2, 2, 16)
+    assert decoder["inputs"]["position_ids"] == "position_ids"
+    assert config["search"]["past_present_share_buffer"] is False  # the model concatenates its cache
+    assert_generates_like_our_loop(out.parent, out)
+
+
+def test_model_without_cache_gets_no_genai_config(tiny):
+    root, hf = tiny
+    full = root / "full" / "model.onnx"
+    assert main(["-q", "export", str(hf), "-o", str(full)]) == 0
+    out = root / "full-w4a8" / "model.onnx"
+    convert_cli(full, root / "calib.txt", out)
+    assert not (out.parent / CONFIG_NAME).exists() and not (out.parent / LIBRARY_NAME).exists()
+
+
+def test_bad_calibration_of_a_builder_model_is_one_line_and_writes_nothing(tiny, builder_model, capsys):
+    root, _ = tiny
+    np.savez(root / "bad.npz", input_ids=np.zeros((2, 8), np.float32))  # ids must be integers
+    out = root / "never" / "model.onnx"
+    code, _, err = run_cli(capsys, "convert", builder_model, "--calib", root / "bad.npz", "-o", out)
+    assert_one_line_error(code, err, "input_ids")
+    assert not out.parent.exists()
