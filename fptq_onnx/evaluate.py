@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
+from .generate import numpy_type, empty_past, top2_gap
 from .progress import progress_bar
 from .tokenizer import TextTokenizer, find_tokenizer, load_tokenizer
 
@@ -88,13 +89,6 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def top2_gap(logits: np.ndarray) -> np.ndarray:
-    """``x_(1) - x_(2)``, the largest minus the second largest value over the last axis (the
-    same for logits and their log-softmax): how far the model is from changing its top-1."""
-    top2 = np.partition(logits, -2, axis=-1)[..., -2:]
-    return top2[..., 1] - top2[..., 0]
-
-
 class _Totals:
     """Running sums over scored positions (plain sums in float64; divided once at the end)."""
 
@@ -144,12 +138,16 @@ def default_session(path: str | os.PathLike):
 
 def _batch_logits(session, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``logits[B, L, V]`` of ``ids[B, L]`` with ``attention_mask = mask[B, L]``; feeds only the
-    inputs the graph declares."""
-    feeds = {"input_ids": ids, "attention_mask": mask}
-    names = [i.name for i in session.get_inputs()]
-    missing = [n for n in names if n not in feeds]
+    inputs the graph declares: ``position_ids`` counted over the unmasked tokens, and a KV
+    cache (the GenAI builder's, ``--with-past``) empty."""
+    feeds = {"input_ids": ids, "attention_mask": mask,
+             "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0), **empty_past(session, len(ids))}
+    declared = {i.name: i for i in session.get_inputs()}
+    missing = [n for n in declared if n not in feeds]
     if missing:
-        raise UserError(f"model inputs {missing} are not input_ids/attention_mask; export with fptq_onnx.export")
+        raise UserError(f"model inputs {missing} are not input_ids/attention_mask/position_ids/a KV cache")
+    names = list(declared)
+    feeds = {n: np.asarray(feeds[n]).astype(numpy_type(declared[n].type), copy=False) for n in names}
     outputs = [o.name for o in session.get_outputs()]
     name = "logits" if "logits" in outputs else outputs[0]
     return session.run([name], {n: feeds[n] for n in names})[0]
@@ -301,3 +299,36 @@ def evaluate_piqa(model_path: str | os.PathLike, items, tokenizer_dir: str | os.
     return {"piqa_acc": float((pairs.argmax(1) == labels).mean()),
             "piqa_acc_norm": float(((pairs / chars).argmax(1) == labels).mean()),
             "piqa_items": len(items)}
+
+
+def evaluate_genai(folder: str | os.PathLike, text: str, max_tokens: int | None = None, window: int = 512,
+                   progress: bool = True) -> dict:
+    """Perplexity of an onnxruntime-genai model folder on ``text``, from GenAI's own logits.
+
+    The same windows and scores as :func:`evaluate` (module docstring), so the two agree on a model
+    both can run; here each window is one ``Generator.append_tokens`` of a fresh generator (an
+    empty cache), whose ``get_output("logits")`` holds every position's logits. What is measured
+    is then the model as GenAI runs it: its graph, its cache handling, its session options (our
+    op library where the folder's config loads it).
+    """
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise UserError("evaluating a GenAI folder needs onnxruntime-genai: pip install onnxruntime-genai") from None
+    folder = Path(folder)
+    tokenizer = load_tokenizer(folder)
+    windows = tokenizer.windows(encode(tokenizer, text, max_tokens), window)
+    if not windows:
+        raise UserError(f"the text has fewer tokens than one window of {window}; pass a smaller window")
+    model = og.Model(str(folder))
+    totals = _Totals()
+    for x in progress_bar([np.asarray(w, dtype=np.int64) for w in windows], desc="evaluating", unit="window",
+                          enabled=progress):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(x) + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(x.astype(np.int32))
+        logits = np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(len(x), -1)
+        totals.add(logits[:-1], x[1:], None)
+        del generator
+    return totals.result(False)

@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .evaluate import top2_gap
 from .genai import kv_head_size
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
@@ -27,6 +26,13 @@ LOGITS = "logits"
 # the prompts of the KV-cache generation check (tests/test_kv_cache.py, benchmarks/accuracy.py)
 PROMPTS = ("The capital of France is", "Once upon a time, there was a little", "The three primary colors are",
            "To bake bread, you first need to", "The largest planet in our solar system is")
+
+
+def top2_gap(logits: np.ndarray) -> np.ndarray:
+    """``x_(1) - x_(2)``, the largest minus the second largest value over the last axis (the
+    same for logits and their log-softmax): how far the model is from changing its top-1."""
+    top2 = np.partition(logits, -2, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
 
 
 def past_inputs(session) -> list:
@@ -58,7 +64,7 @@ def empty_past(session, batch: int = 1) -> dict[str, np.ndarray]:
     (:func:`empty_past_shape`; the head size from the GenAI config beside the model)."""
     # onnxruntime.InferenceSession keeps the path it loaded as _model_path (None from bytes)
     head_size = kv_head_size(session._model_path) if getattr(session, "_model_path", None) else None
-    return {item.name: np.zeros(empty_past_shape(item.shape, batch, head_size), _numpy_type(item.type))
+    return {item.name: np.zeros(empty_past_shape(item.shape, batch, head_size), numpy_type(item.type))
             for item in past_inputs(session)}
 
 
@@ -73,12 +79,12 @@ def run_step(session, ids: np.ndarray, past: dict[str, np.ndarray] | None = None
     """
     names = {i.name: i for i in session.get_inputs()}
     batch, length = ids.shape
-    feed = {"input_ids": ids.astype(_numpy_type(names["input_ids"].type))}
+    feed = {"input_ids": ids.astype(numpy_type(names["input_ids"].type))}
     if "attention_mask" in names:
-        feed["attention_mask"] = np.ones((batch, past_length + length), _numpy_type(names["attention_mask"].type))
+        feed["attention_mask"] = np.ones((batch, past_length + length), numpy_type(names["attention_mask"].type))
     if "position_ids" in names:
         positions = np.arange(past_length, past_length + length)
-        feed["position_ids"] = np.broadcast_to(positions, (batch, length)).astype(_numpy_type(names["position_ids"].type))
+        feed["position_ids"] = np.broadcast_to(positions, (batch, length)).astype(numpy_type(names["position_ids"].type))
     if past_inputs(session):
         feed.update(past if past is not None else empty_past(session, batch))
     outputs = [o.name for o in session.get_outputs()]
@@ -145,7 +151,7 @@ def compare_greedy(session, reference, prompts: Sequence[Sequence[int]], new_tok
             "reference_margins": margins}
 
 
-def _numpy_type(onnx_type: str) -> np.dtype:
+def numpy_type(onnx_type: str) -> np.dtype:
     """``"tensor(int64)"`` -> ``np.int64`` (the types ORT reports for inputs)."""
     names = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
              "tensor(float16)": np.float16, "tensor(double)": np.float64}

@@ -126,3 +126,19 @@ def test_bad_calibration_of_a_builder_model_is_one_line_and_writes_nothing(tiny,
     code, _, err = run_cli(capsys, "convert", builder_model, "--calib", root / "bad.npz", "-o", out)
     assert_one_line_error(code, err, "input_ids")
     assert not out.parent.exists()
+
+
+def test_perplexity_through_genai_equals_ours(tiny, builder_model):
+    """GenAI's logits (``evaluate_genai``) and ONNX Runtime's through our feeds (``evaluate``, the
+    empty cache synthesized) score the same windows alike, on the builder's model and converted."""
+    from fptq_onnx.evaluate import evaluate, evaluate_genai
+
+    root, _ = tiny
+    text = tiny_text(600, seed=3)
+    out = root / "ppl-w4a8" / "model.onnx"
+    convert_cli(builder_model, root / "calib.txt", out)
+    for model_path, factory in ((builder_model, None), (out, InferenceSession)):
+        ours = evaluate(model_path, text, window=64, session_factory=factory, progress=False)
+        genai = evaluate_genai(model_path.parent, text, window=64, progress=False)
+        assert genai["tokens"] == ours["tokens"] == 9 * 63
+        assert genai["perplexity"] == pytest.approx(ours["perplexity"], rel=1e-4)
