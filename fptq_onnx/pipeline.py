@@ -6,7 +6,7 @@
                a uniform sample of its rows, and X^T X when clipping or GPTQ need it)
                -> [AutoThresholds] -> LayerStrategy -> LAE -> StaticActivationScales
                -> QuantizeWeights (RTN | clip by output error | GPTQ) -> LayerOutputError
-               -> [MixedPrecision] -> ReplaceMatMul -> + function bodies -> model.w4a8.onnx
+               -> [MixedPrecision] -> ReplaceMatMul -> TiedEmbedding -> + function bodies -> model.w4a8.onnx
 
 With ``dump_passes=DIR`` the graph is written after each pass as ``DIR/NN_<pass>.onnx`` (and
 ``00_input.onnx`` as imported), weights in ``NN_<pass>.onnx.data`` beside it, every node a pass
@@ -33,6 +33,7 @@ from fptq_onnx.passes.mixed_precision import MixedPrecisionPass
 from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from fptq_onnx.passes.replace_matmul import ReplaceMatMulPass
 from fptq_onnx.passes.strategy import LayerStrategyPass
+from fptq_onnx.passes.tied_embedding import TiedEmbeddingPass
 
 from .calibration import CalibrationConfig, collect_calibration_stats
 from .errors import UserError
@@ -202,6 +203,8 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
     if config.w8_layers or config.w8_fraction:
         passes.append(MixedPrecisionPass(config.w8_layers, config.w8_fraction))
     passes.append(ReplaceMatMulPass())
+    if not config.exclude_lm_head:
+        passes.append(TiedEmbeddingPass())
     results = PassManager(passes, after_each=dumper)(ctx)
     seconds.update({name: result.seconds for name, result in results.items()})
     for group in ctx.groups:

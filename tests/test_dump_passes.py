@@ -10,7 +10,7 @@ from fptq_onnx.pipeline import ConvertConfig, convert
 from conftest import model_from_text, outlier_inputs
 
 DUMPS = ["00_input", "01_find_linears", "02_strategy", "03_lae", "04_act_scales", "05_quantize_weights",
-         "06_output_error", "07_mixed_precision", "08_replace_matmul"]
+         "06_output_error", "07_mixed_precision", "08_replace_matmul", "09_tied_embedding"]
 # what each dump adds to a layer's decision (cumulative), for a layer in the LAE band
 NEW_KEYS = {
     "01_find_linears": {"role", "layer"},
@@ -21,6 +21,7 @@ NEW_KEYS = {
     "06_output_error": {"output_error"},
     "07_mixed_precision": set(),  # no layer of this block fits the default 25% budget
     "08_replace_matmul": set(),
+    "09_tied_embedding": set(),  # the block has no embedding
 }
 
 

@@ -1,0 +1,138 @@
+"""Tied embeddings: the token embedding reads the quantized language-model head's weights.
+
+Small LLMs tie the embedding table ``E[V, H]`` to the head's weight ``W[H, V]``: ``E = W^T``.
+Once the head is quantized, the float table is the largest tensor left in the model (113 MB
+of SmolLM2's 185 MB), kept only for a ``Gather`` of a few rows per step. This pass points that
+``Gather`` at the head's quantized weights instead, and the float table leaves the graph.
+
+The head's quantized op stores output channel ``v`` as row ``v`` of ``B`` (``docs/ops.md``),
+and output channel ``v`` of the head is exactly embedding row ``v``. So, for token ids ``t``
+and ``k < K``, with ``g = k // group_size``::
+
+    u[t, k] = B[t, k]                               (8-bit weights)
+            = (B[t, k // 2] >> 4 (k % 2)) & 15       (4-bit: even k low nibble, odd k high)
+    E'[t, k] = (u[t, k] - zero_points[t, g]) * scales[t, g]  /  s[k]
+
+where ``s`` are the head's LAE scales (the op holds ``diag(s) W``; 1 without LAE). Every
+index above is a constant, so the rewrite is ``Gather`` rows, ``Gather`` along the last axis
+with constant index vectors (byte of k, group of k), a shift, a mask, and the affine map: plain
+ONNX, any rank of ids, and a last group shorter than ``group_size`` needs nothing special.
+
+Two spellings of the tie are recognized: ``Gather(Transpose(W))`` (the GenAI model builder
+stores ``W`` once) and ``Gather(E)`` with a separate constant ``E`` equal to ``W^T`` (exporters
+that store both). Equality is checked on the values, the head's float weight after undoing its
+LAE scales (``rtol`` 1e-5), so an untied embedding of the same shape is left alone, with a
+reason.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import ConversionContext, LayerGroup, LinearLayer, Pass
+from .find_linears import LM_HEAD_PATTERN
+from .functions import OP_TYPE, W8A8_OP_TYPE
+
+TIE_RTOL = 1e-5  # float32 rounding of W * s / s, far below any real difference between two tables
+
+
+class TiedEmbeddingPass(Pass):
+    """Rewrite the embedding ``Gather`` tied to the quantized head to read the head's weights."""
+
+    name = "tied_embedding"
+
+    def call(self, ctx: ConversionContext) -> bool:
+        heads = [(group, layer) for group in ctx.groups for layer in group.layers
+                 if layer.replaced_by is not None and _is_head(ctx, layer)]
+        changed = False
+        for group, layer in heads:
+            if layer.node.op not in (OP_TYPE, W8A8_OP_TYPE):
+                ctx.reject(self.name, layer.name, f"head replaced by {layer.node.op}, not a group-wise quantized op")
+                continue
+            tied = float_weight_transposed(layer, group)
+            for gather in [node for node in ctx.graph.nodes if node.op == "Gather"]:
+                table = _table(gather)
+                if table is None or tuple(table.shape) != tied.shape:
+                    continue
+                if not np.allclose(table.values, tied, rtol=TIE_RTOL, atol=TIE_RTOL * float(np.abs(tied).max())):
+                    ctx.reject(self.name, gather.name or gather.outputs[0].name,
+                               f"table has the shape of {layer.name}'s weight but other values: not tied, kept")
+                    continue
+                _read_quantized_rows(ctx, gather, layer, group.lae_scales)
+                changed = True
+        if changed:
+            ctx.graph.cleanup().toposort()
+        return changed
+
+
+def _is_head(ctx: ConversionContext, layer: LinearLayer) -> bool:
+    outputs = {tensor.name for tensor in ctx.graph.outputs}
+    return bool(LM_HEAD_PATTERN.search(layer.name)) or layer.node.outputs[0].name in outputs
+
+
+def float_weight_transposed(layer: LinearLayer, group: LayerGroup) -> np.ndarray:
+    """``W^T [N, K]``, the head's float weight as the source model held it: LAE's ``diag(s)`` undone."""
+    weight = layer.weight if group.lae_scales is None else layer.weight / group.lae_scales[:, None]
+    return np.ascontiguousarray(weight.T, dtype=np.float32)
+
+
+def _table(gather: gs.Node) -> gs.Constant | None:
+    """The constant a row ``Gather`` (axis 0) reads, directly or through ``Transpose(perm=[1, 0])``;
+    the transposed view is returned as a constant of the table's shape."""
+    if gather.attrs.get("axis", 0) != 0:
+        return None
+    data = gather.inputs[0]
+    if isinstance(data, gs.Constant):
+        return data if len(data.shape) == 2 else None
+    producer = data.inputs[0] if len(data.inputs) == 1 else None
+    if (producer is not None and producer.op == "Transpose" and list(producer.attrs.get("perm", [1, 0])) == [1, 0]
+            and isinstance(producer.inputs[0], gs.Constant) and len(producer.inputs[0].shape) == 2):
+        source = producer.inputs[0]
+        return gs.Constant(f"{source.name}/transposed", np.asarray(source.values).T)
+    return None
+
+
+def _read_quantized_rows(ctx: ConversionContext, gather: gs.Node, layer: LinearLayer, lae_scales) -> None:
+    """Replace ``gather`` by the dequantization of rows of ``layer``'s op weights (module docstring)."""
+    op = layer.node
+    packed, scales, zero_points = op.inputs[1], op.inputs[2], op.inputs[3]
+    k, group_size = layer.k, int(op.attrs["group_size"])
+    ids, output = gather.inputs[1], gather.outputs[0]
+    name = f"{layer.name}/tied_embedding"
+    nodes = []
+
+    def add(op_type: str, inputs: list, suffix: str, dtype=None, **attrs) -> gs.Variable:
+        result = gs.Variable(f"{name}/{suffix}", dtype=dtype)
+        nodes.append(gs.Node(op_type, name=f"{name}/{suffix}", inputs=inputs, outputs=[result], attrs=attrs))
+        return result
+
+    def constant(suffix: str, values) -> gs.Constant:
+        return gs.Constant(f"{name}.{suffix}", np.asarray(values))
+
+    positions = np.arange(k)
+    rows = add("Gather", [packed, ids], "rows", np.uint8, axis=0)
+    if op.op == OP_TYPE:  # 4 bits: byte k // 2, nibble k % 2
+        rows = add("Gather", [rows, constant("byte_of_k", positions // 2)], "bytes", np.uint8, axis=-1)
+        rows = add("BitShift", [rows, constant("shift_of_k", (4 * (positions % 2)).astype(np.uint8))], "shifted",
+                   np.uint8, direction="RIGHT")
+        rows = add("BitwiseAnd", [rows, constant("low_nibble", np.uint8(15))], "nibbles", np.uint8)
+    elif packed.shape[1] != k:  # 8 bits stored for a padded K
+        rows = add("Gather", [rows, constant("k", positions)], "bytes", np.uint8, axis=-1)
+    group_of_k = constant("group_of_k", positions // group_size)
+
+    def per_k(tensor: gs.Tensor, suffix: str, dtype) -> gs.Variable:
+        """``tensor[ids, k // group_size]``: a per-row, per-group constant spread over k."""
+        picked = add("Gather", [tensor, ids], f"{suffix}_rows", dtype, axis=0)
+        return add("Gather", [picked, group_of_k], f"{suffix}_of_k", dtype, axis=-1)
+
+    values = add("Cast", [rows], "u", np.float32, to=1)
+    zero = add("Cast", [per_k(zero_points, "zero_points", np.uint8)], "zero_points_float", np.float32, to=1)
+    centered = add("Sub", [values, zero], "centered", np.float32)
+    last_inputs = [centered, per_k(scales, "scales", np.float32)]
+    if lae_scales is not None:
+        scaled = add("Mul", last_inputs, "dequantized", np.float32)
+        last_inputs = [scaled, constant("inverse_lae_scales", (1.0 / lae_scales).astype(np.float32))]
+    gather.outputs.clear()
+    gather.inputs.clear()
+    nodes.append(gs.Node("Mul", name=f"{name}/embedding", inputs=last_inputs, outputs=[output]))
+    ctx.graph.nodes.extend(nodes)
