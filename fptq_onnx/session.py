@@ -44,7 +44,9 @@ def library_path() -> str:
 
     ``$FPTQ_ONNX_LIBRARY`` if set (it must name an existing file), else the first
     ``libfptq_ops.so`` in the package's directories (``fptq_onnx.__path__``: the installed
-    package, or the source tree plus the build's install folder for an editable install).
+    package, or the source tree plus the build's install folder for an editable install), else
+    the installed distribution's copy (the source tree imported from a checkout's root, with the
+    package installed into the environment as well).
 
     Raises ``FileNotFoundError`` with the places searched and how to build the library.
     """
@@ -56,7 +58,7 @@ def library_path() -> str:
         return str(path.resolve())
     from . import __path__ as package_dirs  # the package's directories, editable ones included
 
-    searched = [Path(d) / LIBRARY_NAME for d in package_dirs]
+    searched = [Path(d) / LIBRARY_NAME for d in package_dirs] + _installed_copy()
     for candidate in searched:
         if candidate.is_file():
             return str(candidate.resolve())
@@ -65,6 +67,16 @@ def library_path() -> str:
         "`pip install -e . --no-build-isolation` in the fptq-onnx checkout, or point "
         f"{LIBRARY_ENV} at a built copy."
     )
+
+
+def _installed_copy() -> list[Path]:
+    """Where the installed ``fptq-onnx`` distribution put the library (empty if not installed)."""
+    from importlib import metadata
+
+    try:
+        return [Path(metadata.distribution("fptq-onnx").locate_file(f"fptq_onnx/{LIBRARY_NAME}"))]
+    except metadata.PackageNotFoundError:
+        return []
 
 
 def InferenceSession(  # noqa: N802 -- mirrors onnxruntime.InferenceSession, which it returns
