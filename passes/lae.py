@@ -119,7 +119,12 @@ class LaePass(Pass):
             values = np.asarray(constant.values)
             divided = (values.astype(np.float32) / scales.reshape((1,) * (values.ndim - 1) + (k,))).astype(values.dtype)
             # a private copy: the original constant may be shared with nodes outside this group
-            producer.inputs[index] = gs.Constant(f"{constant.name}/lae_folded", divided)
+            # (exporters store equal initializers once: every norm's all-ones gamma of a fresh
+            # model), and then each group's copy needs a name of its own
+            name = f"{constant.name}/lae_folded"
+            if name in ctx.graph.tensors():  # another group folded into the same shared constant
+                name += f"/{group.name}"
+            producer.inputs[index] = gs.Constant(name, divided)
         return producer.name or producer.outputs[0].name
 
     def _insert_mul(self, ctx: ConversionContext, group: LayerGroup, scales: np.ndarray) -> str:

@@ -299,3 +299,25 @@ def test_layer_names_come_from_exporter_metadata(tiny_block):
     FindLinearLayersPass(exclude_lm_head=False, module_names=module_paths(tiny_block))(ctx)
     assert ctx.layers[0].name == "model.layers.0.self_attn.q_proj"
     assert ctx.layers[1].name == "layers.0.k_proj"  # no metadata: the weight's name
+
+
+def test_lae_folds_a_shared_gamma_into_copies_of_their_own(rng):
+    """Two norms sharing one gamma initializer (exporters store equal tensors once) each get a
+    folded copy with its own name: one name for two values would make the model wrong."""
+    model = model_from_text("""
+        g (float[B, 64] x) => (float[B, 16] y1, float[B, 16] y2) {
+            a = Mul (x, gamma)
+            doubled = Add (x, x)
+            b = Mul (doubled, gamma)
+            y1 = MatMul (a, w1)
+            y2 = MatMul (b, w2)
+        }
+    """, {"gamma": rng.uniform(0.5, 2, 64).astype(np.float32), "w1": rng.standard_normal((64, 16)).astype(np.float32),
+          "w2": rng.standard_normal((64, 16)).astype(np.float32)})
+    x = outlier_inputs(rng, (8, 64), outlier_channels=(3,))
+    ctx, _ = prepared(model, x, v0=0.001, v1=1e9)
+    after = export_model_proto(ctx)
+    names = [t.name for t in after.graph.initializer]
+    assert len(names) == len(set(names)) and sum("lae_folded" in n for n in names) == 2
+    for got, expected in zip(run_model(after, {"x": x}), run_model(model, {"x": x})):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
