@@ -10,41 +10,22 @@ Per folder, batch 1, greedy:
 * ``prefill``: ms for one ``append_tokens`` of ``--prefill`` (512) tokens.
 
 Rounds are interleaved (noise from other processes hits every model alike); the median is
-printed. ``--threads`` sets ``intra_op_num_threads`` of every session (0: the folder's own).
+printed. ``--threads`` sets ``intra_op_num_threads`` of every session (0: the folder's own), in
+memory (``fptq_onnx.genai_run.load_model``).
 
     python benchmarks/e2e_genai.py builder-fp32/ builder-int4/ ours-w4a8/ --threads 2
 """
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
-
 
 
 def cpu_name() -> str:
     with open("/proc/cpuinfo") as info:  # this benchmark runs on Linux (GenAI's CPU wheels)
         return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown CPU")
-
-
-def with_threads(folder: Path, threads: int, scratch: Path) -> Path:
-    """``folder`` itself, or a linked copy whose config sets ``intra_op_num_threads``."""
-    if not threads:
-        return folder
-    copy = scratch / folder.name
-    copy.mkdir()
-    for item in folder.iterdir():
-        (copy / item.name).symlink_to(item.resolve())
-    config_path = copy / "genai_config.json"
-    config = json.loads(config_path.read_text())
-    config_path.unlink()
-    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    config_path.write_text(json.dumps(config))
-    return copy
 
 
 def decode_rate(model, prompt: list[int], new_tokens: int) -> float:
@@ -72,9 +53,8 @@ def prefill_ms(model, ids: list[int]) -> float:
 
 
 def main() -> None:
-    import onnxruntime_genai as og
-
     from fptq_onnx.data import brown_text
+    from fptq_onnx.genai_run import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path)
@@ -85,16 +65,16 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     args = parser.parse_args()
     text = brown_text(progress=False)[:20000]
-    with tempfile.TemporaryDirectory() as scratch:
-        models = {folder: og.Model(str(with_threads(folder, args.threads, Path(scratch)))) for folder in args.folders}
-        ids = list(og.Tokenizer(next(iter(models.values()))).encode(text))
-        decode = {folder: [] for folder in models}
-        prefill = {folder: [] for folder in models}
-        for _ in range(args.rounds):
-            for folder, model in models.items():
-                time.sleep(0.1)  # let the previous session's spinning threads stop
-                decode[folder].append(decode_rate(model, ids[:args.prompt_tokens], args.new_tokens))
-                prefill[folder].append(prefill_ms(model, ids[:args.prefill]))
+    loaded = {folder: load_model(folder, args.threads) for folder in args.folders}
+    models = {folder: item.model for folder, item in loaded.items()}
+    ids = list(next(iter(loaded.values())).tokenizer.encode(text))
+    decode = {folder: [] for folder in models}
+    prefill = {folder: [] for folder in models}
+    for _ in range(args.rounds):
+        for folder, model in models.items():
+            time.sleep(0.1)  # let the previous session's spinning threads stop
+            decode[folder].append(decode_rate(model, ids[:args.prompt_tokens], args.new_tokens))
+            prefill[folder].append(prefill_ms(model, ids[:args.prefill]))
     print(f"CPU: {cpu_name()}, {args.threads} threads, {time.strftime('%Y-%m-%d')}")
     print(f"| model folder | decode tok/s | prefill {args.prefill} tokens ms | folder MB |")
     print("|---|---:|---:|---:|")

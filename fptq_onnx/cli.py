@@ -1,4 +1,4 @@
-"""``fptq-onnx``: export, convert, inspect, eval, demo.
+"""``fptq-onnx``: export, convert, inspect, eval, generate, chat, demo.
 
 User mistakes (:class:`UserError`) end with one line on stderr and exit code 2; Ctrl-C with exit
 code 130 and no output file left behind. Everything else is a bug and keeps its traceback.
@@ -108,10 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="Hugging Face model folder, GGUF file or recipe -> ONNX")
     export.add_argument("source", help="HF model folder, .gguf file, or recipe name (smollm2-135m, gemma3-270m)")
-    export.add_argument("-o", "--output", required=True, type=Path)
-    export.add_argument("--opset", type=int, default=18)
+    export.add_argument("-o", "--output", required=True, type=Path,
+                        help="an .onnx file, or a folder that gets model.onnx (the tokenizer, and the builder's "
+                             "genai_config.json, go beside it)")
+    export.add_argument("--exporter", choices=("auto", "builder", "torch"), default="auto",
+                        help="builder: onnxruntime-genai's model builder (fused graph, KV cache, genai_config.json); "
+                             "torch: fptq-onnx's torch exporter; auto: the builder, or torch where the builder "
+                             "fails (default auto)")
+    export.add_argument("--opset", type=int, default=18, help="torch exporter only (default 18)")
     export.add_argument("--with-past", action="store_true",
-                        help="KV-cache layout: past_key_values.N.key/value in, present.N.key/value out (optimum's)")
+                        help="torch exporter: KV-cache layout, past_key_values.N.key/value in, present.N.key/value "
+                             "out (optimum's); the builder's models always have a KV cache")
 
     convert = commands.add_parser("convert", help="calibrate and rewrite a model to W4A8 FPTQ")
     convert.add_argument("model", type=Path)
@@ -137,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tokenizer", type=Path)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
+    generate = commands.add_parser("generate", help="stream a continuation of a prompt with onnxruntime-genai")
+    generate.add_argument("model", type=Path, help="onnxruntime-genai model folder (with genai_config.json)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat-template", action="store_true",
+                          help="wrap the prompt as one user turn in the model's chat template")
+    _add_search_options(generate)
+
+    chat = commands.add_parser("chat", help="chat with an onnxruntime-genai model folder, one line of stdin a turn")
+    chat.add_argument("model", type=Path, help="onnxruntime-genai model folder (with genai_config.json)")
+    _add_search_options(chat)
+
     demo = commands.add_parser("demo", help="SmolLM2-135M: export, convert on SOTU, evaluate on Brown")
     demo.add_argument("--workdir", type=Path, help="where the models go (default: the cache folder)")
     demo.add_argument("--max-tokens", type=int, default=4096, help="Brown tokens to evaluate (default 4096)")
@@ -144,11 +162,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_export(args) -> None:
-    from .export import export_model
+def _add_search_options(parser: argparse.ArgumentParser) -> None:
+    from .genai_run import SearchOptions
 
-    export_model(args.source, args.output, opset=args.opset, progress=not args.quiet, with_past=args.with_past)
-    print(f"wrote {args.output}")
+    defaults = SearchOptions()
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                        help=f"most tokens per answer (default {defaults.max_new_tokens})")
+    parser.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: greedy)")
+    parser.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this probability "
+                                                    "(default: greedy)")
+    parser.add_argument("--seed", type=int, help="the sampler's random seed")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads of the model's session (default 0: the folder's setting)")
+
+
+def _search_options(args):
+    from .genai_run import SearchOptions
+
+    return SearchOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed)
+
+
+def _run_generate(args) -> None:
+    from .genai_run import load_model, run_generate
+
+    options = _search_options(args)
+    run_generate(load_model(args.model, args.threads), args.prompt, options, chat_template=args.chat_template)
+
+
+def _run_chat(args) -> None:
+    from .genai_run import load_model, run_chat
+
+    options = _search_options(args)
+    run_chat(load_model(args.model, args.threads), sys.stdin, options, interactive=sys.stdin.isatty())
+
+
+def _run_export(args) -> None:
+    from .export import export
+
+    result = export(args.source, args.output, exporter=args.exporter, opset=args.opset, progress=not args.quiet,
+                    with_past=args.with_past)
+    print(result.summary)
+    print(f"wrote {result.path}")
 
 
 def _run_convert(args) -> None:
@@ -246,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    runners = {"export": _run_export, "convert": _run_convert, "inspect": _run_inspect, "eval": _run_eval}
+    runners = {"export": _run_export, "convert": _run_convert, "inspect": _run_inspect, "eval": _run_eval,
+               "generate": _run_generate, "chat": _run_chat}
     try:
         if args.command == "demo":
             from .demo import run_demo

@@ -37,6 +37,8 @@ def run_demo(workdir: Path | None = None, max_tokens: int = 4096, samples: int =
 
     if not fp32.exists():
         folder = step("fetch SmolLM2-135M", lambda: prepare(DEMO_MODEL, progress=progress))
+        # the torch exporter (fptq-onnx export --exporter torch), not the CLI's default builder: the
+        # demo's figures in docs/accuracy.md were measured on its unfused, cache-free graph
         step("export to ONNX", lambda: export_model(folder, fp32, progress=progress))
     report = _report_path(workdir / f"{DEMO_MODEL}.w4a8.report.html")
     if not w4a8.exists() or (report is not None and not report.exists()):

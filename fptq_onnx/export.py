@@ -1,6 +1,25 @@
-"""Export a causal language model to ONNX for the compiler: ``input_ids, attention_mask -> logits``.
+"""Export a causal language model to ONNX for the compiler, with one of two exporters.
 
-What the exported file looks like (the passes rely on it):
+:func:`export` (what ``fptq-onnx export`` runs) picks one: ``exporter="auto"`` (the default) tries
+the **onnxruntime-genai model builder** and falls back to **our torch exporter** when the builder
+is not installed, does not know the architecture or fails (Gemma-3-270m: ``KeyError:
+'rope_type'``), saying why in one line; ``"builder"`` or ``"torch"`` forces one.
+
+* The builder (:func:`builder_export`, ``python -m onnxruntime_genai.models.builder -p fp32 -e
+  cpu`` in a subprocess, its output shown only when it fails) writes the fused graph
+  onnxruntime-genai runs: ``GroupQueryAttention`` with a KV cache (always: ``with_past`` does not
+  apply), ``SkipSimplifiedLayerNormalization``, packed QKV: 342 nodes for SmolLM2-135M's 30
+  layers where the torch exporter writes 2,175. Its folder holds ``genai_config.json`` and the
+  tokenizer beside the model, so ``fptq-onnx generate`` runs it. The model file is named as
+  ``output`` says (the builder's ``model.onnx`` renamed, its external data ``<name>.onnx.data``
+  beside it and ``genai_config.json`` pointing at it). Its logits are checked against torch's
+  as below (SmolLM2-135M: max |diff| 1.2e-4 of max |logit| 31).
+* The torch exporter (:func:`export_model`) writes the layout below.
+
+``output`` is an ``.onnx`` path, or a folder that gets ``model.onnx``. The tokenizer files (and
+the builder's ``genai_config.json``) go into the model's folder, shared by every model in it.
+
+What the torch exporter's file looks like (the passes rely on it):
 
 * inputs ``input_ids`` and ``attention_mask``, int64 ``[batch, sequence]`` (both dynamic);
   one output ``logits``, float32 ``[batch, sequence, vocab]``; no KV cache (``use_cache=False``);
@@ -23,14 +42,19 @@ What the exported file looks like (the passes rely on it):
   :func:`copy_tokenizer` copies them next to a model written elsewhere.
 
 Everything is written under a temporary name in the output folder and renamed at the end,
-``<name>.onnx`` last: an ``.onnx`` file that exists is complete.
+``<name>.onnx`` last: an ``.onnx`` file that exists is complete. A failed export leaves nothing
+(a folder it created is removed again).
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
-import shutil
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +71,9 @@ EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024  # bytes of initializers; protobuf al
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
 POSITION_IDS = "position_ids"
+EXPORTERS = ("auto", "builder", "torch")
+GENAI_CONFIG = "genai_config.json"  # as fptq_onnx.genai names it
+BUILDER_MODEL = "model.onnx"  # the file name the builder writes
 
 
 def cache_names(prefix: str, layers: int) -> list[str]:
@@ -64,29 +91,39 @@ def cache_names(prefix: str, layers: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_source(src: str | os.PathLike, progress: bool = True):
-    """``(model, tokenizer)`` in fp32 eval mode from a Hugging Face folder, a ``.gguf`` file or a
-    recipe name (see ``fptq_onnx.models.RECIPES``)."""
+def resolve_source(src: str | os.PathLike, progress: bool = True) -> Path:
+    """The Hugging Face folder or ``.gguf`` file ``src`` names (a recipe name is prepared,
+    see ``fptq_onnx.models.RECIPES``); a UserError for anything else."""
     from fptq_onnx.models import RECIPES, prepare
-    from fptq_onnx.models._recipe import load_gguf
 
     if isinstance(src, str) and src in RECIPES:
         src = prepare(src, progress)
     path = Path(src)
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, progress)
+        return path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        note(f"loading {path}", progress)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        return model, AutoTokenizer.from_pretrained(path)
+        return path
     if path.exists():
         raise UserError(f"cannot export {path}: expected a model folder, a .gguf file or one of {', '.join(RECIPES)}")
     raise UserError(f"no model folder, .gguf file or recipe named {str(src)!r} (recipes: {', '.join(RECIPES)})")
+
+
+def load_source(src: str | os.PathLike, progress: bool = True):
+    """``(model, tokenizer)`` in fp32 eval mode from a Hugging Face folder, a ``.gguf`` file or a
+    recipe name (see ``fptq_onnx.models.RECIPES``)."""
+    from fptq_onnx.models._recipe import load_gguf
+
+    path = resolve_source(src, progress)
+    if path.suffix == ".gguf" and path.is_file():
+        return load_gguf(path, progress)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    note(f"loading {path}", progress)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +326,8 @@ def _check_against_torch(torch_model, tokenizer, onnx_path: Path) -> tuple[float
     """``(max |ORT - torch|, max |torch|)`` of the logits of a short sentence (batch 2).
 
     A model with cache runs the first 5 tokens with an empty past, then the rest with their
-    ``present`` as past: both steps of the cache path against one uncached torch pass.
+    ``present`` as past: both steps of the cache path against one uncached torch pass, one row at
+    a time (the builder's GroupQueryAttention takes several new tokens after a past only at batch 1).
     """
     import onnxruntime as ort
     import torch
@@ -301,8 +339,11 @@ def _check_against_torch(torch_model, tokenizer, onnx_path: Path) -> tuple[float
     mask = np.ones_like(ids)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     if past_inputs(session):
-        first, present = run_step(session, ids[:, :5])
-        onnx_logits = np.concatenate([first, run_step(session, ids[:, 5:], present, 5)[0]], axis=1)
+        rows = []
+        for row in ids[:, None]:
+            first, present = run_step(session, row[:, :5])
+            rows.append(np.concatenate([first, run_step(session, row[:, 5:], present, 5)[0]], axis=1))
+        onnx_logits = np.concatenate(rows)
     else:
         onnx_logits = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
     with torch.no_grad():
@@ -354,3 +395,162 @@ def _move_into_place(staging: Path, output: Path) -> None:
         data.unlink()  # a stale external-data file of an earlier, larger export
     for item in sorted(staging.iterdir(), key=lambda p: p.name == output.name):
         os.replace(item, output.parent / item.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The onnxruntime-genai model builder, and the choice between the exporters
+# ---------------------------------------------------------------------------------------------
+
+
+class BuilderError(Exception):
+    """The model builder cannot export this model (not installed, unknown architecture, failed,
+    or its model disagrees with torch). The message is one line: why."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote: the ``.onnx`` ``path``, the ``exporter`` that wrote it
+    (``"builder"`` or ``"torch"``) and the one line that says which and why (``summary``)."""
+
+    path: Path
+    exporter: str
+    summary: str
+
+
+def export(src: str | os.PathLike, output: str | os.PathLike, exporter: str = "auto", opset: int = DEFAULT_OPSET,
+           progress: bool = True, with_past: bool = False) -> ExportResult:
+    """Export ``src`` (HF folder, ``.gguf`` file or recipe name) to ``output`` (an ``.onnx``
+    path, or a folder for ``model.onnx``) with the builder or the torch exporter (module
+    docstring). ``opset`` and ``with_past`` apply to the torch exporter only."""
+    if exporter not in EXPORTERS:
+        raise UserError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    path = _onnx_path(Path(output))
+    source = resolve_source(src, progress)  # bad sources fail here, before either exporter
+    created = _missing_folders(path.parent)
+    try:
+        reason = None
+        if exporter != "torch":
+            try:
+                fused, nodes = builder_export(source, path, progress)
+                cache = "" if with_past else "; with a KV cache, as the builder's models always have"
+                return ExportResult(path, "builder", "exported with the onnxruntime-genai model builder "
+                                                     f"(fused graph: {', '.join(fused)}; {nodes} nodes{cache})")
+            except BuilderError as error:
+                if exporter == "builder":
+                    raise UserError(f"the onnxruntime-genai model builder cannot export {src}: {error}") from None
+                reason = str(error)
+                note(f"the builder failed ({reason}); exporting with the torch exporter", progress)
+        export_model(source, path, opset, progress, with_past)
+        _drop_stale_genai_config(path)
+        summary = "exported with fptq-onnx's torch exporter" + (f": the builder failed: {reason}" if reason else "")
+        return ExportResult(path, "torch", summary)
+    except BaseException:
+        for folder in created:  # deepest first; only folders this call made and left empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def _drop_stale_genai_config(path: Path) -> None:
+    """Remove a ``genai_config.json`` beside ``path`` that describes the file ``path`` replaced
+    (an earlier builder export of the same name): it does not fit the torch exporter's graph."""
+    config = path.parent / GENAI_CONFIG
+    try:
+        named = json.loads(config.read_text()).get("model", {}).get("decoder", {}).get("filename")
+    except (OSError, ValueError):
+        return
+    if named == path.name:
+        config.unlink()
+
+
+def _onnx_path(output: Path) -> Path:
+    if output.suffix == ".onnx":
+        return output
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} exists and is neither an .onnx path nor a folder")
+    return output / BUILDER_MODEL
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def builder_export(source: Path, output: Path, progress: bool = True) -> tuple[list[str], int]:
+    """Export the HF folder or ``.gguf`` file ``source`` with the onnxruntime-genai model builder
+    (fp32, CPU) to ``output`` (``.onnx``; ``genai_config.json`` and the tokenizer beside it);
+    returns the fused (contrib) op types of its graph and its number of nodes. Raises :class:`BuilderError` with one line
+    when the builder cannot do it; nothing is left behind then."""
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise BuilderError("onnxruntime-genai is not installed (pip install onnxruntime-genai)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tmp-") as tmp:
+        scratch, staged = Path(tmp) / "scratch", Path(tmp) / "model"
+        hf = source
+        if source.suffix == ".gguf":
+            from fptq_onnx.models._recipe import gguf_to_folder
+
+            hf = gguf_to_folder(source, scratch / "hf", progress)
+        note(f"exporting {hf} with the onnxruntime-genai model builder", progress)
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(staged),
+                   "-p", "fp32", "-e", "cpu", "-c", str(scratch / "cache")]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not (staged / BUILDER_MODEL).is_file():
+            raise BuilderError(_last_line(done.stderr) or _last_line(done.stdout) or f"exit code {done.returncode}")
+        fused, nodes = _rename_builder_model(staged, output.name)
+        _check_builder_model(hf, staged / output.name, progress)
+        _move_into_place(staged, output)
+    note(f"wrote {output}", progress)
+    return fused, nodes
+
+
+def _last_line(text: str | None) -> str:
+    """The last non-empty line of ``text`` (progress bars' carriage-return frames split too)."""
+    lines = [line.strip() for line in (text or "").replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
+
+
+def _rename_builder_model(folder: Path, name: str) -> tuple[list[str], int]:
+    """Name the builder's ``model.onnx`` in ``folder`` ``name`` (its external data
+    ``<name>.data``, and ``genai_config.json``'s ``decoder.filename``); returns the graph's
+    op types that are not standard ONNX, in order of first use, and its number of nodes."""
+    import onnx
+    import onnx.defs
+
+    model = onnx.load(str(folder / BUILDER_MODEL), load_external_data=False)
+    fused = list(dict.fromkeys(n.op_type for n in model.graph.node if not onnx.defs.has(n.op_type, n.domain)))
+    if name == BUILDER_MODEL:
+        return fused, len(model.graph.node)
+    locations = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+                entry.value = f"{name}.data"
+    if len(locations) > 1:
+        raise BuilderError(f"the builder's model keeps its weights in {len(locations)} files; expected one")
+    onnx.save(model, str(folder / name))
+    (folder / BUILDER_MODEL).unlink()
+    if locations:
+        os.replace(folder / locations.pop(), folder / f"{name}.data")
+    config_path = folder / GENAI_CONFIG
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"]["filename"] = name
+    config_path.write_text(json.dumps(config, indent=4))
+    return fused, len(model.graph.node)
+
+
+def _check_builder_model(hf: Path, path: Path, progress: bool) -> None:
+    """The builder's model against torch's logits, as the torch exporter's is checked."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    diff, scale = _check_against_torch(model, AutoTokenizer.from_pretrained(hf), path)
+    note(f"ONNX Runtime vs torch: max |logit diff| = {diff:.3g} (max |logit| {scale:.3g})", progress)
+    if not diff <= 1e-3 * max(1.0, scale):  # also catches NaN
+        raise BuilderError(f"the builder's model disagrees with torch: max |logit diff| {diff:.3g}")

@@ -125,6 +125,51 @@ def test_export_and_eval_user_errors(workdir, capsys, argv, message):
     assert not (workdir / "m.onnx").exists()
 
 
+def _genai_folder(workdir):
+    """A folder that passes the genai_config.json check (nothing runs it)."""
+    (workdir / "genai").mkdir()
+    (workdir / "genai" / "genai_config.json").write_text("{}")
+    return workdir / "genai"
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["generate", "{tmp}/missing", "--prompt", "a"], "model folder", id="generate-folder-missing"),
+    pytest.param(["chat", "{tmp}"], "is not an onnxruntime-genai model folder: convert writes one (no genai_config.json)",
+                 id="chat-no-genai-config"),
+    pytest.param(["generate", "{tmp}/model.onnx", "--prompt", "a"], "not an onnxruntime-genai model folder",
+                 id="generate-model-file-without-config"),
+    pytest.param(["generate", "{genai}", "--prompt", "a", "--top-p", "1.5"], "--top-p must be in (0, 1]", id="bad-top-p"),
+    pytest.param(["generate", "{genai}", "--prompt", "a", "--temperature", "0"], "--temperature must be > 0",
+                 id="bad-temperature"),
+    pytest.param(["chat", "{genai}", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1", id="bad-max-new-tokens"),
+    pytest.param(["chat", "{genai}", "--threads", "-2"], "--threads must be 0", id="bad-threads"),
+    pytest.param(["generate", "{genai}", "--prompt", "a"], "onnxruntime-genai is not installed: pip install onnxruntime-genai",
+                 id="genai-not-installed"),
+])
+def test_generate_and_chat_user_errors(workdir, capsys, monkeypatch, argv, message):
+    """Checked before onnxruntime-genai loads anything (it is made unimportable here); its own
+    load errors are in tests/test_genai_run.py::test_generate_errors."""
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import raises ImportError
+    genai = _genai_folder(workdir)
+    code, out, err = run_cli(capsys, *[a.format(tmp=workdir, genai=genai) for a in argv])
+    assert_one_line_error(code, err, message)
+    assert out == ""
+
+
+def test_forced_builder_export_failure_leaves_nothing(workdir, capsys, monkeypatch):
+    """``export --exporter builder`` where the builder cannot run: one line, no folder made."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else find_spec(name, *a))
+    (workdir / "hf").mkdir()
+    (workdir / "hf" / "config.json").write_text("{}")  # enough to be a source; the builder never reads it
+    code, _, err = run_cli(capsys, "export", workdir / "hf", "-o", workdir / "new" / "out", "--exporter", "builder")
+    assert_one_line_error(code, err, "the onnxruntime-genai model builder cannot export")
+    assert "onnxruntime-genai is not installed" in err
+    assert not (workdir / "new").exists() and not [p for p in workdir.iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("options, message", [
     (["--lae-bands", "low,top"], "--lae-bands takes low, mid, high"),
     (["--sq-alpha", "2"], "--sq-alpha must be in [0, 1]"),

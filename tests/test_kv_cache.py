@@ -77,7 +77,7 @@ def test_tiny_model_with_past_exports_converts_and_generates(tmp_path):
 
     hf = save_tiny_llama(tmp_path / "hf")
     past, full, w4a8 = tmp_path / "past.onnx", tmp_path / "full.onnx", tmp_path / "w4a8.onnx"
-    assert main(["-q", "export", str(hf), "-o", str(past), "--with-past"]) == 0
+    assert main(["-q", "export", str(hf), "-o", str(past), "--exporter", "torch", "--with-past"]) == 0
     export_model(hf, full, progress=False)
     (tmp_path / "calib.txt").write_text(tiny_text(2000))
     assert main(["-q", "convert", str(past), "--calib", str(tmp_path / "calib.txt"), "--samples", "4",
