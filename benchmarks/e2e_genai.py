@@ -14,13 +14,42 @@ printed. ``--threads`` sets ``intra_op_num_threads`` of every session (0: the fo
 memory (``fptq_onnx.genai_run.load_model``).
 
     python benchmarks/e2e_genai.py builder-fp32/ builder-int4/ ours-w4a8/ --threads 2
+
+With ``--build RECIPE --workdir DIR`` (smollm2-135m, gemma3-270m) it first makes the rows of
+issue 12's table in DIR, each once (a folder that exists is reused):
+
+* ``builder-fp32``, ``builder-int4`` (its defaults: block 32, symmetric, accuracy_level 4,
+  int4 lm_head) and ``builder-int4-b128`` (``--extra_options block_size=128``), by
+  ``onnxruntime_genai.models.builder`` from the recipe's HF folder;
+* ``fptq-w4a8`` (``fptq-onnx convert`` defaults) and ``fptq-w4a8-w8-0`` (``--w8-layers 0``),
+  converted from the fp32 row with SOTU calibration text (``--samples``).
+
+Where the builder cannot build the model (Gemma-3-270m: ``KeyError: 'rope_type'``), the fp32
+row is ``fptq-onnx export --exporter torch --with-past`` (our KV-cache export, to which
+``convert`` gives a GenAI config) and the int4 rows are ONNX Runtime's MatMulNBits quantizer
+(``ort-int4-b32``, ``ort-int4-b128``: symmetric, accuracy_level 4) on that same fp32 model.
+
+``--ppl`` adds Brown perplexity through GenAI's own logits (``fptq_onnx.evaluate.evaluate_genai``,
+3,072 tokens in 512-token windows). ``--threads 1,2`` measures each thread count in turn. Every
+model runs one 512-token prefill before the timing (weights repacked, buffers allocated).
+Caveat: the reachable models started as GGUF on a 32-block 4-bit grid, which favours the
+block-32 rows (docs/accuracy.md).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+BUILDER_ROWS = {"builder-fp32": ["-p", "fp32"], "builder-int4": ["-p", "int4"],
+                "builder-int4-b128": ["-p", "int4", "--extra_options", "block_size=128"]}
+OURS_ROWS = {"fptq-w4a8": [], "fptq-w4a8-w8-0": ["--w8-layers", "0"]}
+ORT_ROWS = {"ort-int4-b32": 32, "ort-int4-b128": 128}
 
 
 def cpu_name() -> str:
@@ -52,22 +81,128 @@ def prefill_ms(model, ids: list[int]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def run(command: list[str]) -> None:
+    """Run a build step; on failure raise with its last output line."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed: {tail[0]}")
+
+
+def build_rows(recipe: str, workdir: Path, samples: int) -> list[Path]:
+    """The folders of issue 12's table for ``recipe`` in ``workdir`` (module docstring)."""
+    from fptq_onnx.data import text_path
+    from fptq_onnx.models import prepare
+
+    hf = prepare(recipe, progress=False)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "fptq_onnx.cli", "-q"]
+    folders = []
+    fp32 = workdir / "builder-fp32"
+    try:
+        for name, options in BUILDER_ROWS.items():
+            if not (workdir / name / "genai_config.json").is_file():
+                run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(workdir / name),
+                     "-e", "cpu", "-c", str(workdir / "builder-cache"), *options])
+            folders.append(workdir / name)
+    except RuntimeError as error:  # e.g. Gemma-3: KeyError 'rope_type'
+        print(f"the GenAI model builder cannot build {recipe} ({error}); fp32 from our torch export, "
+              "int4 rows from ORT's MatMulNBits quantizer", file=sys.stderr)
+        folders, fp32 = [], workdir / "torch-fp32"
+        if not (fp32 / "model.onnx").is_file():
+            run([*cli, "export", str(hf), "-o", str(fp32 / "model.onnx"), "--exporter", "torch", "--with-past"])
+        folders.append(fp32)
+        for name, block in ORT_ROWS.items():
+            if not (workdir / name / "genai_config.json").is_file():
+                ort_int4_folder(fp32, workdir / name, block)
+            folders.append(workdir / name)
+    calib = text_path("sotu", progress=False)
+    for name, options in OURS_ROWS.items():
+        out = workdir / name / "model.onnx"
+        if not out.is_file():
+            run([*cli, "convert", str(fp32 / "model.onnx"), "--calib", str(calib), "--samples", str(samples),
+                 "-o", str(out), *options])
+        folders.append(out.parent)
+    return folders
+
+
+def ort_int4_folder(fp32: Path, out: Path, block: int) -> None:
+    """ORT's MatMulNBits quantizer (symmetric, ``block``, accuracy_level 4) on ``fp32``'s model,
+    saved with a GenAI ``decoder`` config read off the graph (no custom-op library: MatMulNBits
+    is ORT's own) and the tokenizer."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from fptq_onnx.genai import new_config
+    from fptq_onnx.tokenizer import copy_tokenizer
+
+    model = onnx.load(str(fp32 / "model.onnx"))
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    quantizer.model.save_model_to_file(str(staging / "model.onnx"), use_external_data_format=True)
+    copy_tokenizer(fp32 / "model.onnx", staging / "model.onnx")
+    genai = new_config(quantizer.model.model, "model.onnx", staging, with_library=False)
+    (staging / "genai_config.json").write_text(json.dumps(genai, indent=2))
+    staging.rename(out)
+
+
 def main() -> None:
     from fptq_onnx.data import brown_text
-    from fptq_onnx.genai_run import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=Path)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("folders", nargs="*", type=Path)
+    parser.add_argument("--build", metavar="RECIPE", help="first make issue 12's rows for this recipe (docstring)")
+    parser.add_argument("--workdir", type=Path, help="where --build puts the folders")
+    parser.add_argument("--samples", type=int, default=32, help="calibration sequences of the fptq rows (default 32)")
+    parser.add_argument("--threads", type=lambda text: [int(t) for t in text.split(",")], default=[2],
+                        help="intra-op threads, e.g. 1,2 (default 2)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=25)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--ppl", action="store_true", help="Brown perplexity through GenAI's logits (3,072 tokens)")
     args = parser.parse_args()
-    text = brown_text(progress=False)[:20000]
-    loaded = {folder: load_model(folder, args.threads) for folder in args.folders}
+    folders = list(args.folders)
+    if args.build:
+        if args.workdir is None:
+            parser.error("--build needs --workdir")
+        folders += build_rows(args.build, args.workdir, args.samples)
+    if not folders:
+        parser.error("give model folders, or --build RECIPE --workdir DIR")
+    text = brown_text(progress=False)
+    perplexity = {}
+    if args.ppl:
+        from fptq_onnx.evaluate import evaluate_genai
+
+        perplexity = {folder: evaluate_genai(folder, text, max_tokens=3072, progress=False)["perplexity"]
+                      for folder in folders}
+    print(f"CPU: {cpu_name()}, {time.strftime('%Y-%m-%d')}; decode: {args.new_tokens} tokens after a "
+          f"{args.prompt_tokens}-token prompt; median of {args.rounds} interleaved rounds")
+    print(f"| model folder | threads | decode tok/s | prefill {args.prefill} tokens ms |"
+          + (" Brown ppl |" if perplexity else "") + " folder MB |")
+    print("|---|---:|---:|---:|" + ("---:|" if perplexity else "") + "---:|")
+    for threads in args.threads:
+        decode, prefill = measure(folders, text[:20000], threads, args)
+        for folder in folders:
+            size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
+            ppl = f" {perplexity[folder]:.2f} |" if perplexity else ""
+            print(f"| {folder.name} | {threads} | {statistics.median(decode[folder]):.1f} | "
+                  f"{statistics.median(prefill[folder]):.0f} |{ppl} {size:.0f} |", flush=True)
+
+
+def measure(folders: list[Path], text: str, threads: int, args) -> tuple[dict, dict]:
+    """Decode tok/s and prefill ms of every folder, ``args.rounds`` interleaved rounds each."""
+    from fptq_onnx.genai_run import load_model
+
+    loaded = {folder: load_model(folder, threads) for folder in folders}
     models = {folder: item.model for folder, item in loaded.items()}
     ids = list(next(iter(loaded.values())).tokenizer.encode(text))
+    for model in models.values():  # warm-up outside the timing: weights repacked, buffers allocated
+        prefill_ms(model, ids[:args.prefill])
     decode = {folder: [] for folder in models}
     prefill = {folder: [] for folder in models}
     for _ in range(args.rounds):
@@ -75,12 +210,7 @@ def main() -> None:
             time.sleep(0.1)  # let the previous session's spinning threads stop
             decode[folder].append(decode_rate(model, ids[:args.prompt_tokens], args.new_tokens))
             prefill[folder].append(prefill_ms(model, ids[:args.prefill]))
-    print(f"CPU: {cpu_name()}, {args.threads} threads, {time.strftime('%Y-%m-%d')}")
-    print(f"| model folder | decode tok/s | prefill {args.prefill} tokens ms | folder MB |")
-    print("|---|---:|---:|---:|")
-    for folder in models:
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
-        print(f"| {folder.name} | {statistics.median(decode[folder]):.1f} | {statistics.median(prefill[folder]):.0f} | {size:.0f} |")
+    return decode, prefill
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ Two sources, both tiny random LLaMAs (seconds): the GenAI model builder's fused 
 config of model type ``decoder``).
 """
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,9 +13,10 @@ import pytest
 from fptq_onnx.cli import main
 from fptq_onnx.generate import greedy_generate
 from fptq_onnx.genai import CONFIG_NAME, LIBRARY_NAME
-from fptq_onnx.models._tiny import save_tiny_llama, tiny_text
+from fptq_onnx.models._tiny import tiny_text
 from fptq_onnx.session import InferenceSession
 
+from genai_fixtures import GENAI_FOLDER, HF_FOLDER, build_tiny_genai_model
 from test_cli_errors import assert_one_line_error, run_cli
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -28,23 +27,20 @@ EOS = 2  # save_tiny_llama's eos_token_id
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """``(root, hf)``: the tiny random LLaMA's HF folder, its GenAI builder model in root/genai."""
     root = tmp_path_factory.mktemp("genai")
-    hf = save_tiny_llama(root / "hf")
+    try:
+        build_tiny_genai_model(root)
+    except RuntimeError as error:
+        pytest.skip(str(error))
     (root / "calib.txt").write_text(tiny_text(2000))
-    return root, hf
+    return root, root / HF_FOLDER
 
 
 @pytest.fixture(scope="module")
 def builder_model(tiny):
     """The GenAI model builder's fp32 model of the tiny LLaMA (GroupQueryAttention, packed QKV)."""
-    root, hf = tiny
-    out = root / "builder"
-    result = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                             "-p", "fp32", "-e", "cpu", "-c", str(root / "builder-cache")],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"the GenAI model builder failed here: {result.stderr.strip().splitlines()[-1:]}")
-    return out / "model.onnx"
+    return tiny[0] / GENAI_FOLDER / "model.onnx"
 
 
 def convert_cli(source, calib, output) -> None:
@@ -97,12 +93,13 @@ def test_builder_model_converts_to_a_genai_folder(tiny, builder_model):
 def test_own_kv_export_gets_a_new_decoder_config(tiny):
     root, hf = tiny
     past = root / "past" / "model.onnx"
-    assert main(["-q", "export", str(hf), "-o", str(past), "--with-past"]) == 0
+    assert main(["-q", "export", str(hf), "-o", str(past), "--exporter", "torch", "--with-past"]) == 0
     out = root / "past-w4a8" / "model.onnx"
     convert_cli(past, root / "calib.txt", out)
     config = json.loads((out.parent / CONFIG_NAME).read_text())
     model = config["model"]
-    assert model["type"] == "decoder" and model["eos_token_id"] == EOS and model["vocab_size"] == 23
+    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    assert model["type"] == "decoder" and model["eos_token_id"] == EOS and model["vocab_size"] == vocab
     decoder = model["decoder"]
     assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (2, 2, 16)
     assert decoder["inputs"]["position_ids"] == "position_ids"
@@ -113,7 +110,7 @@ def test_own_kv_export_gets_a_new_decoder_config(tiny):
 def test_model_without_cache_gets_no_genai_config(tiny):
     root, hf = tiny
     full = root / "full" / "model.onnx"
-    assert main(["-q", "export", str(hf), "-o", str(full)]) == 0
+    assert main(["-q", "export", str(hf), "-o", str(full), "--exporter", "torch"]) == 0
     out = root / "full-w4a8" / "model.onnx"
     convert_cli(full, root / "calib.txt", out)
     assert not (out.parent / CONFIG_NAME).exists() and not (out.parent / LIBRARY_NAME).exists()
@@ -140,5 +137,5 @@ def test_perplexity_through_genai_equals_ours(tiny, builder_model):
     for model_path, factory in ((builder_model, None), (out, InferenceSession)):
         ours = evaluate(model_path, text, window=64, session_factory=factory, progress=False)
         genai = evaluate_genai(model_path.parent, text, window=64, progress=False)
-        assert genai["tokens"] == ours["tokens"] == 9 * 63
+        assert genai["tokens"] == ours["tokens"] > 0 and ours["tokens"] % 63 == 0  # whole windows
         assert genai["perplexity"] == pytest.approx(ours["perplexity"], rel=1e-4)
