@@ -33,7 +33,22 @@ Our kernel runs with the instruction set $FPTQ_CPU_ISA selects (``--isa``, defau
 AMX where the CPU and OS allow it, else AVX-512 VNNI, AVX2, portable C++); the table's header
 names it.
 
+``--w8`` compares our 8-bit-weight op instead (mixed-precision layers), on SmolLM2's shapes
+(``W8_SHAPES``, M = 1, 16, 128, 512), all in per-token dynamic mode:
+
+* ``w8``     ai.fptq::W8A8MatMul: asymmetric group-wise 8-bit weights (``--group``; the head-sized
+             N = 49152 per channel, group_size = K, as the language-model head is quantized)
+* ``w4``     ai.fptq::W4A8MatMul, the same groups with 4-bit weights
+* ``mmint``  ORT's own int8 path as ``onnxruntime.quantization.quantize_dynamic`` writes it:
+             DynamicQuantizeLinear(X) -> MatMulInteger(x_q, W int8 [K, N], x_zp) -> Cast -> Mul by
+             x_scale * w_scale[N] (per channel); ORT fuses it into DynamicQuantizeMatMul
+* ``fp32``   ONNX MatMul with the float32 weight
+
+plus the weight bytes each reads per run (B, scales, zero points; int8 or float32 W), as GB/s at
+M = 1, where a matmul is one pass over its weights.
+
     python3 benchmarks/cpu_gemm.py [--threads 2] [--quick] [--isa auto] [--shapes 4096x4096,...] [--m 1,16]
+    python3 benchmarks/cpu_gemm.py --w8 [--group 128] [--threads 2]
 """
 from __future__ import annotations
 
@@ -56,7 +71,7 @@ sys.path.insert(0, str(REPO))  # a plain checkout works too when the package is 
 
 import fptq_onnx  # noqa: E402
 from fptq_onnx import quant  # noqa: E402
-from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, add_w4a8_function  # noqa: E402
+from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE, add_w4a8_function  # noqa: E402
 
 GROUP = 128
 SETTLE_S = 0.06  # > the ~30 ms that ORT's idle intra-op threads spin after a run
@@ -66,7 +81,12 @@ MS = [1, 16, 64, 512]
 CONTENDERS = ["ours dyn", "ours sta", "acc4", "acc1", "fp32"]
 # Relative error bound (of max |Y|) of each contender against the float64 product with the
 # dequantized weight: int8 activations cost ~1e-2, float32 ones only rounding.
-CHECK_TOL = {"ours dyn": 3e-2, "ours sta": 3e-2, "acc4": 3e-2, "acc1": 1e-4, "fp32": 1e-4}
+CHECK_TOL = {"ours dyn": 3e-2, "ours sta": 3e-2, "acc4": 3e-2, "acc1": 1e-4, "fp32": 1e-4,
+             "w8": 3e-2, "w4": 3e-2, "mmint": 3e-2}
+W8_SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152)]  # SmolLM2-135M: attention, MLP up/down, head
+W8_MS = [1, 16, 128, 512]
+W8_CONTENDERS = ["w8", "w4", "mmint", "fp32"]
+HEAD_N = 32768  # N from which a shape is the language-model head: one group per channel
 
 
 def cpu_model_name() -> str:
@@ -168,16 +188,19 @@ class Runner:
         return (time.perf_counter() - start) / repeats
 
 
-def check(runners: dict[str, Runner], w: Weights) -> None:
-    x = np.random.default_rng(1).standard_normal((16, w.k), dtype=np.float32)
-    expected = x.astype(np.float64) @ w.dense.astype(np.float64)
-    bound = float(np.abs(expected).max())
+def check(runners: dict[str, Runner], k: int, n: int, dense) -> None:
+    """Each runner's Y at M = 16 against the float64 product with the weight it holds: ``dense``
+    (float32 [K, N]), or ``dense[name]`` when a dict."""
+    x = np.random.default_rng(1).standard_normal((16, k), dtype=np.float32)
     for name, runner in runners.items():
-        runner.bind(x, w.n)
+        weight = dense[name] if isinstance(dense, dict) else dense
+        expected = x.astype(np.float64) @ weight.astype(np.float64)
+        bound = float(np.abs(expected).max())
+        runner.bind(x, n)
         runner.run()
         err = float(np.abs(runner.y - expected).max()) / bound
         if not err <= CHECK_TOL[name]:
-            raise SystemExit(f"{name} K={w.k} N={w.n}: max error {err:.3g} of max|Y| > {CHECK_TOL[name]}")
+            raise SystemExit(f"{name} K={k} N={n}: max error {err:.3g} of max|Y| > {CHECK_TOL[name]}")
 
 
 def bench_shape(k: int, n: int, ms: list[int], threads: int, rounds: int, batch_s: float) -> list[dict]:
@@ -190,7 +213,13 @@ def bench_shape(k: int, n: int, ms: list[int], threads: int, rounds: int, batch_
         "acc1": Runner(matmulnbits_model(w, 1), threads, ours=False),
         "fp32": Runner(fp32_model(w), threads, ours=False),
     }
-    check(runners, w)
+    check(runners, w.k, w.n, w.dense)
+    return time_runners(runners, k, n, ms, rounds, batch_s)
+
+
+def time_runners(runners: dict[str, "Runner"], k: int, n: int, ms: list[int], rounds: int,
+                 batch_s: float) -> list[dict]:
+    """Median us per run of each runner at each M (the interleaved rounds of the module docstring)."""
     rows = []
     for m in ms:
         x = np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)
@@ -210,9 +239,76 @@ def bench_shape(k: int, n: int, ms: list[int], threads: int, rounds: int, batch_
         row = {"shape": f"{k}x{n}", "M": m}
         row.update({name: statistics.median(s) * 1e6 for name, s in samples.items()})
         rows.append(row)
-        print(f"  {k}x{n} M={m}: " + ", ".join(f"{c} {row[c]:.0f}" for c in CONTENDERS) + " us",
+        print(f"  {k}x{n} M={m}: " + ", ".join(f"{c} {row[c]:.0f}" for c in runners) + " us",
               file=sys.stderr, flush=True)
     return rows
+
+
+def w8_models(k: int, n: int, group: int, seed: int) -> tuple[dict[str, bytes], dict[str, int], dict]:
+    """The ``--w8`` contenders' models for one random [K, N] weight, the bytes of weights each
+    reads per run, and the weight each holds (float64 [K, N], dequantized)."""
+    w = np.random.default_rng(seed).standard_normal((k, n), dtype=np.float32)
+    u8, s8, z8 = quant.quantize_weight_groupwise_int8(w, group, symmetric=False)
+    u4, s4, z4 = quant.quantize_weight_groupwise(w, group, symmetric=False)
+    b4 = quant.pack_int4(u4)
+    models, weight_bytes = {}, {}
+    dense = {"w8": quant.dequantize_weight(u8, s8, z8), "w4": quant.dequantize_weight(u4, s4, z4), "fp32": w}
+    for name, op_type, b, scales, zeros in (("w8", W8A8_OP_TYPE, u8, s8, z8), ("w4", OP_TYPE, b4, s4, z4)):
+        node = helper.make_node(op_type, ["X", "B", "S", "Z", "A"], ["Y"], domain=OP_DOMAIN,
+                                K=k, N=n, group_size=group, act_mode=1)
+        inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S"),
+                 numpy_helper.from_array(zeros, "Z"), numpy_helper.from_array(np.float32(1.0), "A")]
+        model = _model(node, k, n, inits, [])
+        add_w4a8_function(model)
+        models[name] = model.SerializeToString()
+        weight_bytes[name] = b.nbytes + scales.nbytes + zeros.nbytes
+    # quantize_dynamic's per-channel weights: symmetric int8 per column, activations uint8 with a zero point
+    w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    w_int8 = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["X"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "W", "xz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["acc_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xs", "WS"], ["scale"]),
+             helper.make_node("Mul", ["acc_f", "scale"], ["Y"])]
+    graph = helper.make_graph(
+        nodes, "mmint", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(w_int8, "W"), numpy_helper.from_array(w_scale, "WS")])
+    models["mmint"] = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                        ir_version=10).SerializeToString()
+    weight_bytes["mmint"] = w_int8.nbytes + w_scale.nbytes
+    dense["mmint"] = w_int8 * w_scale.astype(np.float64)
+    models["fp32"] = _model(helper.make_node("MatMul", ["X", "W"], ["Y"]), k, n,
+                            [numpy_helper.from_array(w, "W")], []).SerializeToString()
+    weight_bytes["fp32"] = w.nbytes
+    return models, weight_bytes, dense
+
+
+def bench_w8(args: argparse.Namespace, batch_s: float) -> None:
+    shapes = W8_SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = W8_MS if args.m is None else [int(v) for v in args.m.split(",")]
+    rows, traffic = [], {}
+    for k, n in shapes:
+        group = k if n >= HEAD_N else args.group
+        models, weight_bytes, dense = w8_models(k, n, group, seed=k * 7 + n)
+        runners = {name: Runner(model, args.threads, ours=name in ("w8", "w4")) for name, model in models.items()}
+        check(runners, k, n, dense)
+        for row in time_runners(runners, k, n, ms, args.rounds, batch_s):
+            row["group"] = group
+            rows.append(row)
+        traffic[f"{k}x{n}"] = weight_bytes
+    print(f"CPU: {cpu_model_name()}; onnxruntime {ort.__version__}; intra-op threads: {args.threads}; "
+          f"our ISA: {args.isa}; rounds: {args.rounds}; median time per run in us (per-token dynamic "
+          f"activations everywhere); GB/s: weight bytes read per run / time, at M = 1")
+    header = ["K x N", "group", "M", *W8_CONTENDERS, "w8 vs mmint", "w8 vs w4"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---:" if i > 0 else "---" for i in range(len(header))) + "|")
+    for r in rows:
+        cells = [f"{r[c]:.0f}" for c in W8_CONTENDERS]
+        if r["M"] == 1:
+            cells = [f"{r[c]:.0f} ({traffic[r['shape']][c] / r[c] / 1e3:.1f} GB/s)" for c in W8_CONTENDERS]
+        print("| " + " | ".join([r["shape"], str(r["group"]), str(r["M"]), *cells,
+                                 f"{r['mmint'] / r['w8']:.2f}x", f"{r['w4'] / r['w8']:.2f}x"]) + " |")
 
 
 def print_table(rows: list[dict], threads: int, args: argparse.Namespace) -> None:
@@ -240,11 +336,16 @@ def main() -> None:
     parser.add_argument("--m", default=None, help="comma-separated M values (default 1,16,64,512)")
     parser.add_argument("--isa", default="auto", help="our kernel's ISA ($FPTQ_CPU_ISA): auto, amx, avx512vnni, "
                         "avx2 or generic (default auto)")
+    parser.add_argument("--w8", action="store_true", help="the 8-bit-weight op against W4A8MatMul, ORT's "
+                        "MatMulInteger and fp32 on SmolLM2's shapes (module docstring)")
+    parser.add_argument("--group", type=int, default=GROUP, help=f"--w8: group size (default {GROUP})")
     args = parser.parse_args()
     os.environ["FPTQ_CPU_ISA"] = args.isa  # read when our sessions are created
     if args.rounds is None:
         args.rounds = 3 if args.quick else 15
     batch_s = 0.01 if args.quick else 0.04
+    if args.w8:
+        return bench_w8(args, batch_s)
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = MS if args.m is None else [int(v) for v in args.m.split(",")]
     rows = []

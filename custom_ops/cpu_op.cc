@@ -1,5 +1,6 @@
-// The CPUExecutionProvider kernel of ai.fptq::W4A8MatMul: checks the inputs, repacks the
-// weights once and caches them, and runs w4a8_cpu.h on ONNX Runtime's intra-op thread pool.
+// The CPUExecutionProvider kernels of ai.fptq::W4A8MatMul and W8A8MatMul (one class, the weight
+// width a template parameter): checks the inputs, repacks the weights once and caches them, and
+// runs w4a8_cpu.h on ONNX Runtime's intra-op thread pool.
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -18,11 +19,14 @@ namespace {
 // XT: the element type of X and Y, float or Ort::Float16_t. The math is float32 either way;
 // float16 X is widened and Y narrowed (round to nearest even, like the function body's
 // CastLike), which costs two passes over X and Y, small next to the matmul.
-template <class XT>
-class CpuW4A8Kernel {
+// kBits: 4 (W4A8MatMul) or 8 (W8A8MatMul); everything but the repacking of B is shared.
+template <class XT, int kBits>
+class CpuKernel {
  public:
   static_assert(std::is_same_v<XT, float> || std::is_same_v<XT, Ort::Float16_t>, "float32 or float16 X");
   static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
+  static constexpr int kWeightBits = kBits;
+  static constexpr const char* kName = op_type_for_bits(kBits);
   static constexpr ONNXTensorElementDataType kXType =
       std::is_same_v<XT, float> ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   static OrtMemType InputMemoryType(size_t /*input*/) { return OrtMemTypeDefault; }
@@ -30,9 +34,9 @@ class CpuW4A8Kernel {
   // Reads the attributes and the ISA ($FPTQ_CPU_ISA, default: the best the CPU has), and asks
   // ORT whether the weights are constant initializers. api: unused (the C++ API's global
   // table is set); info: the node. Throws on a bad attribute or ISA request.
-  CpuW4A8Kernel(const OrtApi& /*api*/, const OrtKernelInfo* info)
+  CpuKernel(const OrtApi& /*api*/, const OrtKernelInfo* info)
       : node_(Ort::ConstKernelInfo(info).GetNodeName()),
-        attrs_(read_attributes(Ort::ConstKernelInfo(info))),
+        attrs_(read_attributes(Ort::ConstKernelInfo(info), kBits)),
         isa_(isa_from_environment(node_)),
         weights_constant_(inputs_constant(Ort::ConstKernelInfo(info), {kInB, kInScales, kInZeroPoints})) {}
 
@@ -40,13 +44,13 @@ class CpuW4A8Kernel {
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
     const W4A8Tensors t = bind_tensors(context, attrs_, node_);  // allocates Y, even with M = 0
-    if (t.x_type != kXType) fail_invalid(node_, "X's element type does not match the kernel's");
+    if (t.x_type != kXType) fail_invalid(kName, node_, "X's element type does not match the kernel's");
     if (t.problem.M == 0) return;
     const float act_scale = *t.act_scale;
     // A subnormal scale would overflow 1 / act_scale (docs/ops.md step 3): refused like 0.
     if (attrs_.act_mode == kActPerTensorStatic &&
         !(std::isfinite(act_scale) && act_scale >= std::numeric_limits<float>::min())) {
-      fail_invalid(node_, "act_scale=" + std::to_string(act_scale) +
+      fail_invalid(kName, node_, "act_scale=" + std::to_string(act_scale) +
                               " must be finite and > 0, at least 2^-126 (a normal float32), with act_mode=0");
     }
     const cpu::ParallelFor parallel_for = [&context](size_t count, const std::function<void(size_t)>& task) {
@@ -72,7 +76,7 @@ class CpuW4A8Kernel {
     try {
       return cpu::select_isa(std::getenv("FPTQ_CPU_ISA"));
     } catch (const std::invalid_argument& e) {
-      fail_invalid(node, e.what());
+      fail_invalid(kName, node, e.what());
     }
   }
 
@@ -107,8 +111,17 @@ class CpuW4A8Kernel {
 
 }  // namespace
 
+template <class XT>
+using CpuW4A8Kernel = CpuKernel<XT, 4>;
+template <class XT>
+using CpuW8A8Kernel = CpuKernel<XT, 8>;
+
 const OrtCustomOp* cpu_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type) {
   return w4a8_op_for<CpuW4A8Kernel>(api_version, x_type);
+}
+
+const OrtCustomOp* cpu_w8a8_op(uint32_t api_version, ONNXTensorElementDataType x_type) {
+  return w4a8_op_for<CpuW8A8Kernel>(api_version, x_type);
 }
 
 }  // namespace fptq

@@ -160,22 +160,22 @@ class StreamBuffer {
 void check_cuda_limits(const W4A8Attrs& attrs, const std::string& node) {
   const int64_t gs = attrs.group_size;
   if (gs != 32 && gs != 64 && gs % 128 != 0) {
-    fail_invalid(node, "group_size=" + std::to_string(gs) +
+    fail_invalid(kOpType, node, "group_size=" + std::to_string(gs) +
                            " is not supported by the CUDA kernel (it supports 32, 64 and multiples of 128); "
                            "run this model with CPUExecutionProvider or re-quantize it with a supported group size");
   }
   if (attrs.K > kCudaMaxK) {
-    fail_invalid(node, "K=" + std::to_string(attrs.K) + " exceeds the CUDA kernel's limit of " +
+    fail_invalid(kOpType, node, "K=" + std::to_string(attrs.K) + " exceeds the CUDA kernel's limit of " +
                            std::to_string(kCudaMaxK));
   }
   if (attrs.N > kCudaMaxN) {
-    fail_invalid(node, "N=" + std::to_string(attrs.N) + " exceeds the CUDA kernel's limit of " +
+    fail_invalid(kOpType, node, "N=" + std::to_string(attrs.N) + " exceeds the CUDA kernel's limit of " +
                            std::to_string(kCudaMaxN));
   }
   size_t bytes = 0;  // host-only check of the launcher itself: catches any limit missed above
   if (fptq_w4a8_packed_size(static_cast<int>(attrs.N), static_cast<int>(attrs.K), static_cast<int>(gs), &bytes) !=
       cudaSuccess) {
-    fail_invalid(node, "K=" + std::to_string(attrs.K) + ", N=" + std::to_string(attrs.N) + ", group_size=" +
+    fail_invalid(kOpType, node, "K=" + std::to_string(attrs.K) + ", N=" + std::to_string(attrs.N) + ", group_size=" +
                            std::to_string(gs) + " are not supported by the CUDA kernel");
   }
 }
@@ -189,6 +189,8 @@ class CudaW4A8Kernel {
   static constexpr ONNXTensorElementDataType kXType =
       std::is_same_v<XT, float> ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   static constexpr int kDtype = std::is_same_v<XT, float> ? FPTQ_DTYPE_FLOAT32 : FPTQ_DTYPE_FLOAT16;
+  // W4A8MatMul only: W8A8MatMul has no CUDA kernel (docs/ops.md), its nodes run on the CPU kernel.
+  static constexpr int kWeightBits = 4;
   // Every input on the device, act_scale included (the launcher reads it there).
   static OrtMemType InputMemoryType(size_t /*input*/) { return OrtMemTypeDefault; }
 
@@ -198,7 +200,7 @@ class CudaW4A8Kernel {
   // here. api: unused (the C++ API's global table is set); info: the node.
   CudaW4A8Kernel(const OrtApi& /*api*/, const OrtKernelInfo* info)
       : node_(Ort::ConstKernelInfo(info).GetNodeName()),
-        attrs_(read_attributes(Ort::ConstKernelInfo(info))),
+        attrs_(read_attributes(Ort::ConstKernelInfo(info), kWeightBits)),
         weights_constant_(inputs_constant(Ort::ConstKernelInfo(info), {kInB, kInScales, kInZeroPoints})),
         act_scale_constant_(inputs_constant(Ort::ConstKernelInfo(info), {kInActScale})) {
     check_cuda_limits(attrs_, node_);
@@ -208,7 +210,7 @@ class CudaW4A8Kernel {
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
     const W4A8Tensors t = bind_tensors(context, attrs_, node_);  // allocates Y, even with M = 0
-    if (t.x_type != kXType) fail_invalid(node_, "X's element type does not match the kernel's");
+    if (t.x_type != kXType) fail_invalid(kOpType, node_, "X's element type does not match the kernel's");
     if (t.problem.M == 0) return;
 
     const int device = context.GetInput(kInX).GetTensorMemoryInfo().GetDeviceId();
@@ -253,7 +255,7 @@ class CudaW4A8Kernel {
                "cudaMemcpyAsync (act_scale)");
     check_cuda(cudaStreamSynchronize(stream), node_, "cudaStreamSynchronize (act_scale)");
     if (!(std::isfinite(value) && value > 0.0f)) {
-      fail_invalid(node_, "act_scale=" + std::to_string(value) + " must be finite and > 0 with act_mode=0");
+      fail_invalid(kOpType, node_, "act_scale=" + std::to_string(value) + " must be finite and > 0 with act_mode=0");
     }
   }
 

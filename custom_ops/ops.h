@@ -13,6 +13,11 @@ namespace fptq {
 // OrtApi version RegisterCustomOps negotiated. The ops live for the whole process.
 const OrtCustomOp* cpu_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type);
 
+// ai.fptq::W8A8MatMul (since version 2) on CPUExecutionProvider: W4A8MatMul's contract with
+// 8-bit weights, B uint8 [N, K] (cpu_op.cc, the same kernel class). It has no CUDA kernel: in
+// a CUDA session ORT places its nodes on CPUExecutionProvider.
+const OrtCustomOp* cpu_w8a8_op(uint32_t api_version, ONNXTensorElementDataType x_type);
+
 #if defined(FPTQ_WITH_CUDA)
 // ai.fptq::W4A8MatMul on CUDAExecutionProvider (cuda_op.cc: W4A8CustomOp<CudaW4A8Kernel<...>>
 // from w4a8_op.h, calling the launchers of w4a8_cuda.h); same contract as cpu_w4a8_op.

@@ -1,4 +1,4 @@
-// Constants and plain structs of ai.fptq::W4A8MatMul shared by host and device code.
+// Constants and plain structs of ai.fptq::W4A8MatMul and W8A8MatMul shared by host and device code.
 //
 // No ONNX Runtime header and no standard-library container here, so that CUDA (.cu) files can
 // include it: nvcc cannot compile ORT's C++ headers. The op contract is docs/ops.md.
@@ -13,6 +13,14 @@ namespace fptq {
 constexpr const char* kOpDomain = "ai.fptq";
 constexpr const char* kOpType = "W4A8MatMul";
 constexpr int kOpSinceVersion = 1;
+// The 8-bit-weight op: W4A8MatMul's contract with one byte per weight. Version 2 of the domain:
+// version 1 had another W8A8MatMul (int8 W[K, N], per-channel scales; no kernel), and a kernel
+// registered from 1 would refuse those models' nodes instead of letting their function bodies run.
+constexpr const char* kW8OpType = "W8A8MatMul";
+constexpr int kW8OpSinceVersion = 2;
+
+// The op type of the kernel for `weight_bits`-bit weights (4 or 8), for registration and messages.
+constexpr const char* op_type_for_bits(int64_t weight_bits) { return weight_bits == 8 ? kW8OpType : kOpType; }
 
 // Input indices of the node (docs/ops.md, "Inputs") and their count.
 constexpr int kInX = 0;
@@ -30,15 +38,18 @@ constexpr int64_t kActPerTokenDynamic = 1;  // a_m = max_k |X[m, k]| / 127 (1 fo
 constexpr float kInt8Max = 127.0f;
 
 // Largest group_size accepted: keeps sum_k q * (u - z) over a group exact in int32 even for
-// zero points up to 255 (127 * 255 * 2^16 < 2^31).
+// weights and zero points up to 255 (127 * 255 * 2^16 < 2^31).
 constexpr int64_t kMaxGroupSize = int64_t{1} << 16;
 
 // The node's attributes (docs/ops.md, "Attributes"); checked by read_attributes() (w4a8_op.h).
+// Both ops have them; weight_bits is not an attribute but the op's identity (4: W4A8MatMul,
+// 8: W8A8MatMul), set by the kernel class.
 struct W4A8Attrs {
   int64_t K = 0;           // reduction size; even, K % group_size == 0
   int64_t N = 0;           // output channels
   int64_t group_size = 0;  // weights per (n, group) along K; even
   int64_t act_mode = 0;    // kActPerTensorStatic or kActPerTokenDynamic
+  int64_t weight_bits = 4; // 4 (B: two weights per byte) or 8 (B: one byte per weight)
   int64_t groups() const { return group_size > 0 ? K / group_size : 0; }
 };
 

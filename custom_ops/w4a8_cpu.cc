@@ -1,5 +1,5 @@
-// CPU driver of W4A8MatMul: ISA choice, weight repacking and the split of the work into
-// tasks (see w4a8_cpu.h). The arithmetic lives in the tile kernels (w4a8_cpu_tile.h).
+// CPU driver of W4A8MatMul and W8A8MatMul: ISA choice, weight repacking and the split of the
+// work into tasks (see w4a8_cpu.h). The arithmetic lives in the tile kernels (w4a8_cpu_tile.h).
 #include "w4a8_cpu.h"
 
 #include <algorithm>
@@ -109,10 +109,15 @@ int64_t max_tasks() {
   return count;
 }
 
-// u[n, k]: nibble of weight (k, n) in B[N, K/2] (docs/ops.md: even k low, odd k high).
-uint8_t nibble(const uint8_t* b, int64_t k_total, int64_t n, int64_t k) {
-  const uint8_t byte = b[n * (k_total / 2) + k / 2];
-  return (k & 1) ? byte >> 4 : byte & 0x0f;
+// Bytes of one row of B: K / 2 for 4-bit weights (two per byte), K for 8-bit ones.
+int64_t b_row_bytes(int64_t weight_bits, int64_t k_total) { return weight_bits == 8 ? k_total : k_total / 2; }
+
+// u[n, k] of weight (k, n) in B (docs/ops.md): 4 bits, the nibble of B[n, k / 2] (even k low,
+// odd k high); 8 bits, the byte B[n, k].
+uint8_t weight_at(const uint8_t* b, int64_t weight_bits, int64_t k_total, int64_t n, int64_t k) {
+  const uint8_t* row = b + n * b_row_bytes(weight_bits, k_total);
+  if (weight_bits == 8) return row[k];
+  return (k & 1) ? row[k / 2] >> 4 : row[k / 2] & 0x0f;
 }
 
 // Nibbles u0..u7 of 8 consecutive k as stored in B (byte i = u[2i] | u[2i + 1] << 4, byte 0 in
@@ -211,8 +216,11 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
   w.groups = attrs.groups();
   w.group_padded = ceil_div(attrs.group_size, kChunkK) * kChunkK;
   w.tiles = ceil_div(attrs.N, kTileN);
+  w.weight_bits = attrs.weight_bits;
   const int64_t chunks_per_group = w.group_padded / kChunkK;
-  w.nibbles.assign(static_cast<size_t>(w.tiles * w.groups * chunks_per_group * kChunkBytes), 0);
+  const int64_t bytes_per_chunk = chunk_bytes(w.weight_bits);
+  const int64_t row_bytes = b_row_bytes(w.weight_bits, w.k);
+  w.weights.assign(static_cast<size_t>(w.tiles * w.groups * chunks_per_group * bytes_per_chunk), 0);
   w.scales.assign(static_cast<size_t>(w.tiles * w.groups * kTileN), 0.0f);
   w.zero_points.assign(static_cast<size_t>(w.tiles * w.groups * kTileN), 0);
 
@@ -229,12 +237,18 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
           w.zero_points[tile_group * kTileN + j] = zero_points[n * w.groups + g];
         }
         for (int64_t c = 0; c < chunks_per_group; ++c) {
-          uint8_t* chunk = &w.nibbles[(tile_group * chunks_per_group + c) * kChunkBytes];
+          uint8_t* chunk = &w.weights[(tile_group * chunks_per_group + c) * bytes_per_chunk];
           const bool whole = c * kChunkK + kChunkK <= w.group_size;
+          const int64_t k0 = g * w.group_size + c * kChunkK;  // the chunk's first k
           for (int j = 0; j < channels; ++j) {
             const int64_t n = tile * kTileN + j;
+            if (whole && w.weight_bits == 8) {  // quads lo and hi are 4 source bytes each
+              std::memcpy(chunk + 4 * j, b + n * row_bytes + k0, 4);
+              std::memcpy(chunk + kQuadBytes + 4 * j, b + n * row_bytes + k0 + 4, 4);
+              continue;
+            }
             if (whole) {  // 4 source bytes (the chunk starts at an even k)
-              const uint8_t* src = b + n * (w.k / 2) + (g * w.group_size + c * kChunkK) / 2;
+              const uint8_t* src = b + n * row_bytes + k0 / 2;
               const uint32_t packed = interleave_nibbles(
                   static_cast<uint32_t>(src[0]) | static_cast<uint32_t>(src[1]) << 8 |
                   static_cast<uint32_t>(src[2]) << 16 | static_cast<uint32_t>(src[3]) << 24);
@@ -244,9 +258,14 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
             for (int i = 0; i < 4; ++i) {
               // Positions p of the padded group; p >= group_size is padding (u = 0).
               const int64_t p_lo = c * kChunkK + i, p_hi = p_lo + 4;
-              const uint8_t lo = p_lo < w.group_size ? nibble(b, w.k, n, g * w.group_size + p_lo) : 0;
-              const uint8_t hi = p_hi < w.group_size ? nibble(b, w.k, n, g * w.group_size + p_hi) : 0;
-              chunk[4 * j + i] = static_cast<uint8_t>(lo | (hi << 4));
+              const uint8_t lo = p_lo < w.group_size ? weight_at(b, w.weight_bits, w.k, n, k0 + i) : 0;
+              const uint8_t hi = p_hi < w.group_size ? weight_at(b, w.weight_bits, w.k, n, k0 + 4 + i) : 0;
+              if (w.weight_bits == 8) {
+                chunk[4 * j + i] = lo;
+                chunk[kQuadBytes + 4 * j + i] = hi;
+              } else {
+                chunk[4 * j + i] = static_cast<uint8_t>(lo | (hi << 4));
+              }
             }
           }
         }
@@ -254,8 +273,8 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
     }
   };
   w.max_zero_point = *std::max_element(zero_points, zero_points + w.n * w.groups);
-  const auto nibble_bytes = static_cast<int64_t>(w.nibbles.size());
-  const int64_t parts = std::clamp<int64_t>(nibble_bytes / kMinWeightBytesPerTask, 1, std::min(w.tiles, max_tasks()));
+  const auto packed_bytes = static_cast<int64_t>(w.weights.size());
+  const int64_t parts = std::clamp<int64_t>(packed_bytes / kMinWeightBytesPerTask, 1, std::min(w.tiles, max_tasks()));
   parallel_for(static_cast<size_t>(parts), [&](size_t i) {
     const auto part = static_cast<int64_t>(i);
     pack_tiles(part_begin(w.tiles, parts, part), part_begin(w.tiles, parts, part + 1));
@@ -291,7 +310,8 @@ void w4a8_matmul(const float* x, int64_t m, const PackedWeights& w, int64_t act_
 
   // Stage 2: tiles x rows. Blocks of the kernels' rows_per_task rows, each cut into tile ranges
   // so that there are enough tasks for the threads but each stays worth its hand-off.
-  const GemmArgs ga{w.nibbles.data(), w.scales.data(), w.zero_points.data(), w.max_zero_point, w.n, w.groups,
+  const GemmArgs ga{w.weights.data(), w.weight_bits, w.scales.data(), w.zero_points.data(), w.max_zero_point, w.n,
+                    w.groups,
                     w.group_padded / kChunkK, q_stride, q, q_group_sums, row_scales, y};
   // The kernels' rows per task, fewer when their q would not fit kMaxQBytesPerTask (multiples of
   // 16: the AMX kernel's row blocks).
@@ -299,7 +319,7 @@ void w4a8_matmul(const float* x, int64_t m, const PackedWeights& w, int64_t act_
   const int64_t rows_per_task = std::min(kernels.rows_per_task, rows_fitting);
   const int64_t row_blocks = ceil_div(m, rows_per_task);
   const double macs = static_cast<double>(m) * static_cast<double>(w.n) * static_cast<double>(w.k);
-  const double weight_bytes = static_cast<double>(w.nibbles.size() + w.scales.size() * sizeof(float) +
+  const double weight_bytes = static_cast<double>(w.weights.size() + w.scales.size() * sizeof(float) +
                                                   w.zero_points.size());
   const auto wanted_tasks = static_cast<int64_t>(std::clamp<double>(
       std::max(macs / kMinMacsPerTask, weight_bytes / kMinWeightBytesPerTask), 1, max_tasks()));

@@ -1,4 +1,6 @@
-// CPU implementation of ai.fptq::W4A8MatMul (docs/ops.md): weight repacking and the matmul.
+// CPU implementation of ai.fptq::W4A8MatMul and W8A8MatMul (docs/ops.md): weight repacking and
+// the matmul. The two ops differ only in B (two 4-bit weights per byte, or one 8-bit weight):
+// pack_weights() reads either into the tile layout, and everything after it is shared.
 //
 // Free of ONNX Runtime types: the caller (cpu_op.cc) hands in host pointers and a
 // parallel-for; this file's functions never throw except std::bad_alloc and, from
@@ -35,7 +37,7 @@ Isa select_isa(const char* request);
 // "generic", "avx2", "avx512vnni" or "amx".
 const char* isa_name(Isa isa);
 
-// The weights of one node in the tile kernels' layout (w4a8_cpu_tile.h explains it):
+// The weights of one node in the tile kernels' layout (w4a8_cpu_kernels.h explains it):
 // output channels in tiles of 16, each group padded to a multiple of 8 along k.
 struct PackedWeights {
   int64_t n = 0;              // output channels N
@@ -44,7 +46,8 @@ struct PackedWeights {
   int64_t groups = 0;         // G = K / group_size
   int64_t group_padded = 0;   // group_size rounded up to a multiple of 8
   int64_t tiles = 0;          // ceil(N / 16)
-  std::vector<uint8_t> nibbles;      // uint8 [tiles, G, group_padded / 8, 64]
+  int64_t weight_bits = 4;    // 4 or 8: the chunk format (chunk_bytes(weight_bits) bytes per chunk)
+  std::vector<uint8_t> weights;      // uint8 [tiles, G, group_padded / 8, chunk_bytes(weight_bits)]
   std::vector<float> scales;         // float32 [tiles, G, 16]; 0 for padded channels
   std::vector<uint8_t> zero_points;  // uint8 [tiles, G, 16]; 0 for padded channels
   uint8_t max_zero_point = 0;        // the largest zero point
@@ -58,12 +61,13 @@ using ParallelFor = std::function<void(size_t count, const std::function<void(si
 void serial_for(size_t count, const std::function<void(size_t)>& task);
 
 // Repacks one node's weights (docs/ops.md layout) for the tile kernels.
-// b: uint8 [N, K/2], even k in the low nibble; scales: float32 [N, G]; zero_points: uint8 [N, G];
-// attrs: the node's checked attributes (K, N, group_size); parallel_for: splits the work.
+// b: uint8 [N, K/2], even k in the low nibble (attrs.weight_bits 4), or uint8 [N, K] (8);
+// scales: float32 [N, G]; zero_points: uint8 [N, G]; attrs: the node's checked attributes
+// (K, N, group_size, weight_bits); parallel_for: splits the work.
 PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t* zero_points, const W4A8Attrs& attrs,
                            const ParallelFor& parallel_for = serial_for);
 
-// Y = W4A8MatMul(X) for one node.
+// Y = W4A8MatMul(X) or W8A8MatMul(X) for one node (w says which).
 // x: float32 [M, K]; m: rows M (>= 0); w: from pack_weights(); act_mode: kActPerTensorStatic or
 // kActPerTokenDynamic; act_scale: the static scale (finite, > 0; unused in dynamic mode);
 // y: float32 [M, N], fully written; isa: from select_isa(); parallel_for: splits the work.

@@ -14,7 +14,9 @@
 // After the last group, Y = a_m * y. The int32 sums and the float operations are those of the
 // AVX-512 kernels (acc - z * q_sum is the same integer), so results are bit for bit theirs.
 // Rows past the last whole block of 16, and groups that are not a multiple of 64 or whose zero
-// points do not fit the int8 weights (docs/ops.md has z <= 15), go to the AVX-512 kernels.
+// points do not fit the int8 weights (docs/ops.md has z <= 15), go to the AVX-512 kernels; so
+// do all 8-bit weights (W8A8MatMul): their u - z (-255..255) fits no int8 B tile, and tdpbusd
+// would need the activations re-laid out as the B tile (not done: no AMX machine to measure it).
 #include "w4a8_cpu_avx512.h"
 
 namespace fptq {
@@ -65,13 +67,13 @@ void unpack_group_signed(const GemmArgs& a, int64_t tile, int tiles, int64_t g, 
     // z of each channel in the 4 bytes of its int32 lane.
     const __m512i z = _mm512_mullo_epi32(load_zero_points(a.zero_points + tile_group * kTileN),
                                          _mm512_set1_epi32(0x01010101));
-    const uint8_t* w = a.nibbles + tile_group * cpg * kChunkBytes;
+    const uint8_t* w = a.weights + tile_group * cpg * chunk_bytes(4);
     for (int64_t c = 0; c < cpg; ++c) {
-      const __m512i bytes = _mm512_loadu_si512(w + c * kChunkBytes);
+      const __m512i bytes = _mm512_loadu_si512(w + c * chunk_bytes(4));
       const __m512i lo = _mm512_and_si512(bytes, low_mask);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask);
-      _mm512_storeu_si512(out + ((2 * c) * tiles + t) * kChunkBytes, _mm512_sub_epi8(lo, z));
-      _mm512_storeu_si512(out + ((2 * c + 1) * tiles + t) * kChunkBytes, _mm512_sub_epi8(hi, z));
+      _mm512_storeu_si512(out + ((2 * c) * tiles + t) * kQuadBytes, _mm512_sub_epi8(lo, z));
+      _mm512_storeu_si512(out + ((2 * c + 1) * tiles + t) * kQuadBytes, _mm512_sub_epi8(hi, z));
     }
   }
 }
@@ -99,7 +101,7 @@ void fold_block(const int32_t* c, int rows, int tiles, const float* s, int64_t g
 // buffers in memory, the one being folded and the one being stored.
 void amx_group(const int8_t* w, int64_t steps, int tiles, const int8_t* q, int64_t q_stride, int64_t rows,
                int32_t* c, const float* s, int64_t groups, float* y) {
-  const int64_t b_stride = tiles * kChunkBytes;
+  const int64_t b_stride = tiles * kQuadBytes;
   constexpr int64_t c_stride = kPairTiles * kTileN * sizeof(int32_t);
   constexpr int64_t c_size = kPairRows * kPairTiles * kTileN;
   int pending_rows = 0;  // rows of the block stored in c_pending, not yet folded
@@ -118,7 +120,7 @@ void amx_group(const int8_t* w, int64_t steps, int tiles, const int8_t* q, int64
       FPTQ_TILE_LOAD(2, wk, b_stride);
       _tile_dpbssd(4, 0, 2);
       if (tiles > 1) {
-        FPTQ_TILE_LOAD(3, wk + kChunkBytes, b_stride);
+        FPTQ_TILE_LOAD(3, wk + kQuadBytes, b_stride);
         _tile_dpbssd(5, 0, 3);
       }
       if (two_a) {
@@ -148,7 +150,7 @@ bool amx_tiles(const GemmArgs& a, int64_t row_begin, int64_t rows, int64_t tile_
   const int64_t group_padded = a.chunks_per_group * kChunkK;
   const int64_t steps = group_padded / 4;
   // Unpacked weights int8 [steps, 2, 64], C int32 [2][32, 32], y float32 [rows, 32].
-  const size_t weight_bytes = static_cast<size_t>(steps * kPairTiles * kChunkBytes);
+  const size_t weight_bytes = static_cast<size_t>(steps * kPairTiles * kQuadBytes);
   const size_t c_bytes = 2 * kPairRows * kPairTiles * kTileN * sizeof(int32_t);
   const size_t y_bytes = static_cast<size_t>(rows * kPairTiles * kTileN) * sizeof(float);
   thread_local TaskScratch scratch;  // this worker thread's: grown on demand, kept
@@ -183,7 +185,8 @@ bool amx_tiles(const GemmArgs& a, int64_t row_begin, int64_t rows, int64_t tile_
 // TileKernels::gemm_tiles: whole blocks of 16 rows on AMX, the rest on the AVX-512 kernels.
 void gemm_tiles_amx(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
   const int64_t group_padded = a.chunks_per_group * kChunkK;
-  const bool amx_group_ok = group_padded % kTileK == 0 && group_padded <= kMaxGroup && a.max_zero_point <= 15;
+  const bool amx_group_ok = a.weight_bits == 4 && group_padded % kTileK == 0 && group_padded <= kMaxGroup &&
+                            a.max_zero_point <= 15;
   const int64_t amx_rows = amx_group_ok ? (row_end - row_begin) / kTileRows * kTileRows : 0;
   if (amx_rows > 0 && amx_tiles(a, row_begin, amx_rows, tile_begin, tile_end)) row_begin += amx_rows;
   if (row_begin < row_end) kAvx512Kernels.gemm_tiles(a, row_begin, row_end, tile_begin, tile_end);

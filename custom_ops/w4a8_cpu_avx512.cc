@@ -1,7 +1,10 @@
 // AVX-512 VNNI tile kernels (compiled with -mavx512f/bw/vl/dq/vnni; used only when the CPU has
-// them). One 16-channel tile is one zmm register; vpdpbusd multiplies 4 unsigned u (0..15) by
-// 4 signed q (-127..127) per channel and adds them into the channel's int32 lane in one
-// instruction, without the int16 intermediate of AVX2.
+// them). One 16-channel tile is one zmm register; vpdpbusd multiplies 4 unsigned u by 4 signed
+// q (-127..127) per channel and adds them into the channel's int32 lane in one instruction,
+// without the int16 intermediate of AVX2. Unsigned bytes times signed bytes is exactly what
+// 8-bit weights (u in 0..255) need too: for them a chunk is its two quads as stored
+// (w4a8_cpu_kernels.h), so each kernel below is a template on the weight width whose only
+// 8-bit difference is that nothing is masked or shifted.
 //
 // Two paths, one result: both compute the same exact int32 group sums and then the same float
 // operations in the same order (y = fma(s, float(acc - z * q_sum), y) over the groups, then
@@ -13,10 +16,11 @@
 //   or 2 sets of accumulators, low and high nibbles apart. The high nibbles are not shifted
 //   down: vpdpbusd on (byte & 0xf0) gives 16 x their sum, shifted back once per group. The
 //   weights of a task are one contiguous stream, which the hardware prefetchers follow
-//   (software prefetching measured no gain).
+//   (software prefetching measured no gain). 8-bit chunks are two plain loads, hi not scaled.
 // * blocked (5 rows or more): compute-bound. The weights of kBlockTiles tiles and one group are
 //   unpacked once into a small thread-local buffer (one byte per weight, in the order the inner
-//   loop reads them) and reused by every block of kBlockRows rows, whose kBlockRows x
+//   loop reads them; for 8 bits a copy of the quads, reordered) and reused by every block of
+//   kBlockRows rows, whose kBlockRows x
 //   kBlockTiles accumulators stay in registers: the inner loop is one load per tile and one
 //   broadcast per row around kBlockRows x kBlockTiles vpdpbusd (about 90% of the issue slots of
 //   the two vector ports go to vpdpbusd at M = 64).
@@ -32,24 +36,34 @@ namespace {
 
 // --- streaming path: kRows (1-4) rows x one tile, weights unpacked in registers -------------
 
-// kRows rows x one tile. The int32 sums of a group are spread over kSets x 2 accumulators per
-// row (set e takes chunks c with c % kSets == e; low and high nibbles apart) so that enough
-// vpdpbusd are independent to hide their latency: 4 sets for one row, 2 for more.
-template <int kRows>
+// kRows rows x one tile of kBits-bit weights. The int32 sums of a group are spread over
+// kSets x 2 accumulators per row (set e takes chunks c with c % kSets == e; quads lo and hi
+// apart) so that enough vpdpbusd are independent to hide their latency: 4 sets for one row, 2
+// for more.
+template <int kBits, int kRows>
 void stream_block(const GemmArgs& a, int64_t tile, int64_t row) {
   constexpr int kSets = kRows == 1 ? 4 : 2;
+  constexpr int64_t kBytes = chunk_bytes(kBits);
   const int64_t cpg = a.chunks_per_group;
-  const uint8_t* w = a.nibbles + tile * a.groups * cpg * kChunkBytes;
+  const uint8_t* w = a.weights + tile * a.groups * cpg * kBytes;
   const float* s_tile = a.scales + tile * a.groups * kTileN;
   const uint8_t* z_tile = a.zero_points + tile * a.groups * kTileN;
   const int8_t* q = a.q + row * a.q_stride;
   const __m512i low_mask = _mm512_set1_epi8(0x0f), high_mask = _mm512_set1_epi8(static_cast<char>(0xf0));
 
-  // Chunk c of the current group into accumulator set e: low nibbles times q[8c .. 8c + 3],
-  // high nibbles (left in place, so 16 x their value) times q[8c + 4 .. 8c + 7].
+  // Chunk c of the current group into accumulator set e: quad lo times q[8c .. 8c + 3], quad
+  // hi times q[8c + 4 .. 8c + 7]. 4 bits: the quads are the low nibbles and the high nibbles
+  // left in place (so 16 x their value).
   auto chunk = [&](__m512i* acc_lo, __m512i* acc_hi, const uint8_t* w_chunk, const int8_t* q_chunk) {
-    const __m512i bytes = _mm512_loadu_si512(w_chunk);
-    const __m512i lo = _mm512_and_si512(bytes, low_mask), hi = _mm512_and_si512(bytes, high_mask);
+    __m512i lo, hi;
+    if constexpr (kBits == 8) {
+      lo = _mm512_loadu_si512(w_chunk);
+      hi = _mm512_loadu_si512(w_chunk + kQuadBytes);
+    } else {
+      const __m512i bytes = _mm512_loadu_si512(w_chunk);
+      lo = _mm512_and_si512(bytes, low_mask);
+      hi = _mm512_and_si512(bytes, high_mask);
+    }
     for (int r = 0; r < kRows; ++r) {
       dpbusd(acc_lo[r], lo, broadcast_q4(q_chunk + r * a.q_stride));
       dpbusd(acc_hi[r], hi, broadcast_q4(q_chunk + r * a.q_stride + 4));
@@ -58,7 +72,7 @@ void stream_block(const GemmArgs& a, int64_t tile, int64_t row) {
 
   __m512 y[kRows];
   for (int r = 0; r < kRows; ++r) y[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < a.groups; ++g, w += cpg * kChunkBytes) {
+  for (int64_t g = 0; g < a.groups; ++g, w += cpg * kBytes) {
     __m512i acc_lo[kSets][kRows], acc_hi[kSets][kRows];
     for (int e = 0; e < kSets; ++e) {
       for (int r = 0; r < kRows; ++r) acc_lo[e][r] = acc_hi[e][r] = _mm512_setzero_si512();
@@ -67,10 +81,10 @@ void stream_block(const GemmArgs& a, int64_t tile, int64_t row) {
     int64_t c = 0;
     for (; c + kSets <= cpg; c += kSets) {
       for (int e = 0; e < kSets; ++e) {
-        chunk(acc_lo[e], acc_hi[e], w + (c + e) * kChunkBytes, q_group + (c + e) * kChunkK);
+        chunk(acc_lo[e], acc_hi[e], w + (c + e) * kBytes, q_group + (c + e) * kChunkK);
       }
     }
-    for (; c < cpg; ++c) chunk(acc_lo[0], acc_hi[0], w + c * kChunkBytes, q_group + c * kChunkK);
+    for (; c < cpg; ++c) chunk(acc_lo[0], acc_hi[0], w + c * kBytes, q_group + c * kChunkK);
     const __m512i z = load_zero_points(z_tile + g * kTileN);
     const __m512 s = _mm512_loadu_ps(s_tile + g * kTileN);
     for (int r = 0; r < kRows; ++r) {
@@ -79,8 +93,8 @@ void stream_block(const GemmArgs& a, int64_t tile, int64_t row) {
         lo = _mm512_add_epi32(lo, acc_lo[e][r]);
         hi = _mm512_add_epi32(hi, acc_hi[e][r]);
       }
-      // The high sums are multiples of 16: the arithmetic shift is exact.
-      const __m512i acc = _mm512_add_epi32(lo, _mm512_srai_epi32(hi, 4));
+      // 4 bits: the high sums are multiples of 16, the arithmetic shift is exact.
+      const __m512i acc = _mm512_add_epi32(lo, kBits == 8 ? hi : _mm512_srai_epi32(hi, 4));
       y[r] = fold_group(y[r], acc, z, s, a.q_group_sums[(row + r) * a.groups + g]);
     }
   }
@@ -88,14 +102,15 @@ void stream_block(const GemmArgs& a, int64_t tile, int64_t row) {
   for (int r = 0; r < kRows; ++r) store_row(a.y + (row + r) * a.n + tile * kTileN, y[r], a.row_scales[row + r], valid);
 }
 
+template <int kBits>
 void stream_tiles(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     int64_t row = row_begin;
-    for (; row + 4 <= row_end; row += 4) stream_block<4>(a, tile, row);
+    for (; row + 4 <= row_end; row += 4) stream_block<kBits, 4>(a, tile, row);
     switch (row_end - row) {
-      case 3: stream_block<3>(a, tile, row); break;
-      case 2: stream_block<2>(a, tile, row); break;
-      case 1: stream_block<1>(a, tile, row); break;
+      case 3: stream_block<kBits, 3>(a, tile, row); break;
+      case 2: stream_block<kBits, 2>(a, tile, row); break;
+      case 1: stream_block<kBits, 1>(a, tile, row); break;
       default: break;
     }
   }
@@ -111,20 +126,30 @@ constexpr int kBlockTiles = 4;
 constexpr int64_t kBlockedMinRows = 5;
 constexpr int64_t kBlockedMaxGroup = 1024;
 
-// Unpacks group g of tiles [tile, tile + tiles) into out: uint8 [steps, tiles, 64] with
-// steps = 2 * chunks_per_group, where step 2c holds the low nibbles of chunk c and step 2c + 1
-// the high ones: 16 channels x 4 consecutive k (positions 4 * step .. 4 * step + 3 of the
-// padded group) per tile, the operand layout of vpdpbusd.
+// Unpacks group g of tiles [tile, tile + tiles) of kBits-bit weights into out: uint8
+// [steps, tiles, 64] with steps = 2 * chunks_per_group, where step 2c holds quad lo of chunk c
+// and step 2c + 1 quad hi: 16 channels x 4 consecutive k (positions 4 * step .. 4 * step + 3 of
+// the padded group) per tile, the operand layout of vpdpbusd. 4 bits: the low and the high
+// nibbles; 8 bits: the stored quads, only reordered (tiles interleaved per step).
+template <int kBits>
 void unpack_group(const GemmArgs& a, int64_t tile, int tiles, int64_t g, uint8_t* out) {
+  constexpr int64_t kBytes = chunk_bytes(kBits);
   const __m512i low_mask = _mm512_set1_epi8(0x0f);
   const int64_t cpg = a.chunks_per_group;
   for (int t = 0; t < tiles; ++t) {
-    const uint8_t* w = a.nibbles + ((tile + t) * a.groups + g) * cpg * kChunkBytes;
+    const uint8_t* w = a.weights + ((tile + t) * a.groups + g) * cpg * kBytes;
     for (int64_t c = 0; c < cpg; ++c) {
-      const __m512i bytes = _mm512_loadu_si512(w + c * kChunkBytes);
-      _mm512_storeu_si512(out + ((2 * c) * tiles + t) * kChunkBytes, _mm512_and_si512(bytes, low_mask));
-      _mm512_storeu_si512(out + ((2 * c + 1) * tiles + t) * kChunkBytes,
-                          _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask));
+      __m512i lo, hi;
+      if constexpr (kBits == 8) {
+        lo = _mm512_loadu_si512(w + c * kBytes);
+        hi = _mm512_loadu_si512(w + c * kBytes + kQuadBytes);
+      } else {
+        const __m512i bytes = _mm512_loadu_si512(w + c * kBytes);
+        lo = _mm512_and_si512(bytes, low_mask);
+        hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask);
+      }
+      _mm512_storeu_si512(out + ((2 * c) * tiles + t) * kQuadBytes, lo);
+      _mm512_storeu_si512(out + ((2 * c + 1) * tiles + t) * kQuadBytes, hi);
     }
   }
 }
@@ -146,12 +171,12 @@ void block_group(const uint8_t* w, int64_t steps, const int8_t* q, int64_t q_str
 #define FPTQ_ACC_ROW(r) [[maybe_unused]] __m512i c##r##0 = zero, c##r##1 = zero, c##r##2 = zero, c##r##3 = zero;
   FPTQ_ACC_ROW(0) FPTQ_ACC_ROW(1) FPTQ_ACC_ROW(2) FPTQ_ACC_ROW(3) FPTQ_ACC_ROW(4) FPTQ_ACC_ROW(5)
 #undef FPTQ_ACC_ROW
-  for (int64_t step = 0; step < steps; ++step, w += kTiles * kChunkBytes) {
+  for (int64_t step = 0; step < steps; ++step, w += kTiles * kQuadBytes) {
     [[maybe_unused]] __m512i w0, w1, w2, w3;
     w0 = _mm512_loadu_si512(w);
-    if constexpr (kTiles > 1) w1 = _mm512_loadu_si512(w + kChunkBytes);
-    if constexpr (kTiles > 2) w2 = _mm512_loadu_si512(w + 2 * kChunkBytes);
-    if constexpr (kTiles > 3) w3 = _mm512_loadu_si512(w + 3 * kChunkBytes);
+    if constexpr (kTiles > 1) w1 = _mm512_loadu_si512(w + kQuadBytes);
+    if constexpr (kTiles > 2) w2 = _mm512_loadu_si512(w + 2 * kQuadBytes);
+    if constexpr (kTiles > 3) w3 = _mm512_loadu_si512(w + 3 * kQuadBytes);
 #define FPTQ_DOT_ROW(r)                                             \
   if constexpr (r < kRows) {                                        \
     const __m512i b = broadcast_q4(q + r * q_stride + 4 * step);    \
@@ -202,15 +227,16 @@ struct BlockGroupTable {
 static_assert(kBlockTiles <= 4, "BlockGroupTable lists the tile counts 1..4");
 constexpr BlockGroupTable kBlockGroup;
 
+template <int kBits>
 void blocked_tiles(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
   const int64_t rows = row_end - row_begin;
   const int64_t steps = 2 * a.chunks_per_group;
   // Unpacked weights (uint8 [steps, kBlockTiles, 64]) then y (float32 [rows, kBlockTiles * 16]).
-  const size_t weight_bytes = static_cast<size_t>(steps * kBlockTiles * kChunkBytes);
+  const size_t weight_bytes = static_cast<size_t>(steps * kBlockTiles * kQuadBytes);
   const size_t y_bytes = static_cast<size_t>(rows * kBlockTiles * kTileN) * sizeof(float);
   thread_local TaskScratch scratch;  // this worker thread's: grown on demand, kept
   uint8_t* const buffer = scratch.get(weight_bytes + y_bytes);
-  if (buffer == nullptr) return stream_tiles(a, row_begin, row_end, tile_begin, tile_end);
+  if (buffer == nullptr) return stream_tiles<kBits>(a, row_begin, row_end, tile_begin, tile_end);
   uint8_t* const weights = buffer;
   float* const y = reinterpret_cast<float*>(buffer + weight_bytes);
 
@@ -218,7 +244,7 @@ void blocked_tiles(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_
     const int tiles = static_cast<int>(tile_end - tile < kBlockTiles ? tile_end - tile : kBlockTiles);
     __builtin_memset(y, 0, y_bytes);
     for (int64_t g = 0; g < a.groups; ++g) {
-      unpack_group(a, tile, tiles, g, weights);
+      unpack_group<kBits>(a, tile, tiles, g, weights);
       const uint8_t* z = a.zero_points + (tile * a.groups + g) * kTileN;
       const float* s = a.scales + (tile * a.groups + g) * kTileN;
       for (int64_t r = 0; r < rows; r += kBlockRows) {
@@ -239,12 +265,21 @@ void blocked_tiles(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_
   }
 }
 
-// TileKernels::gemm_tiles.
-void gemm_tiles_avx512(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
+template <int kBits>
+void gemm_tiles_of(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
   if (row_end - row_begin >= kBlockedMinRows && a.chunks_per_group * kChunkK <= kBlockedMaxGroup) {
-    blocked_tiles(a, row_begin, row_end, tile_begin, tile_end);
+    blocked_tiles<kBits>(a, row_begin, row_end, tile_begin, tile_end);
   } else {
-    stream_tiles(a, row_begin, row_end, tile_begin, tile_end);
+    stream_tiles<kBits>(a, row_begin, row_end, tile_begin, tile_end);
+  }
+}
+
+// TileKernels::gemm_tiles: the weight format is chosen once per task.
+void gemm_tiles_avx512(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
+  if (a.weight_bits == 8) {
+    gemm_tiles_of<8>(a, row_begin, row_end, tile_begin, tile_end);
+  } else {
+    gemm_tiles_of<4>(a, row_begin, row_end, tile_begin, tile_end);
   }
 }
 

@@ -10,18 +10,21 @@ namespace {
 struct GenericIsa {
   struct IntAcc { int32_t v[kTileN]; };
   struct FloatAcc { float v[kTileN]; };
-  // Unpacked chunk: lo[4 * j + i] = u[j, i], hi[4 * j + i] = u[j, 4 + i].
-  struct Weights { uint8_t lo[kChunkBytes]; uint8_t hi[kChunkBytes]; };
+  // Unpacked chunk, the two quads: lo[4 * j + i] = u[j, i], hi[4 * j + i] = u[j, 4 + i].
+  struct Weights { uint8_t lo[kQuadBytes]; uint8_t hi[kQuadBytes]; };
   struct Group { const uint8_t* z; const float* s; };
 
   static IntAcc int_zero() { return IntAcc{}; }
   static FloatAcc float_zero() { return FloatAcc{}; }
 
+  // 4 bits: the quads are the low and high nibbles of the 64 bytes; 8 bits: the 128 bytes are
+  // the quads already.
+  template <int kBits>
   static Weights load_weights(const uint8_t* chunk) {
     Weights w;
-    for (int b = 0; b < kChunkBytes; ++b) {
-      w.lo[b] = chunk[b] & 0x0f;
-      w.hi[b] = chunk[b] >> 4;
+    for (int b = 0; b < kQuadBytes; ++b) {
+      w.lo[b] = kBits == 8 ? chunk[b] : chunk[b] & 0x0f;
+      w.hi[b] = kBits == 8 ? chunk[kQuadBytes + b] : chunk[b] >> 4;
     }
     return w;
   }
@@ -34,6 +37,7 @@ struct GenericIsa {
     }
   }
 
+  template <int kBits>
   static Group load_group(const uint8_t* z16, const float* s16) { return Group{z16, s16}; }
 
   static void accumulate(FloatAcc& y, const IntAcc& acc, const Group& g, int32_t q_sum) {

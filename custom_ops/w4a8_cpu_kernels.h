@@ -3,14 +3,19 @@
 //
 // Packed weight layout, per tile of kTileN = 16 output channels n0 .. n0 + 15 and per group g,
 // in chunks of kChunkK = 8 positions p of the group padded to group_padded (p >= group_size is
-// padding with u = 0). Chunk c is 64 bytes; byte 4 * j + i (channel j, i in 0..3) holds
-//   low nibble:  u[n0 + j, g * group_size + 8c + i]
-//   high nibble: u[n0 + j, g * group_size + 8c + 4 + i]
-// so masking the low nibbles of a chunk gives, per channel, 4 consecutive k as 4 bytes: the
-// operand shape of vpdpbusd / vpmaddubsw, which multiply unsigned bytes (u in 0..15) by
-// signed bytes (q in -127..127) and add groups of 4 (resp. 2) products into int32 (int16).
+// padding with u = 0). The unit of the kernels is a "quad": 64 bytes, byte 4 * j + i (channel
+// j, i in 0..3) holding the weight of 4 consecutive k per channel, the operand shape of
+// vpdpbusd / vpmaddubsw, which multiply unsigned bytes (u) by signed bytes (q in -127..127)
+// and add groups of 4 (resp. 2) products into int32 (int16). A chunk holds two quads, lo
+// (k = 8c + i) and hi (k = 8c + 4 + i):
+//   4-bit weights (W4A8MatMul), a chunk is 64 bytes, the quads in the nibbles of one:
+//     byte 4 * j + i: low nibble u[n0 + j, g * group_size + 8c + i], high nibble ... + 4 + i
+//     (masking the low nibbles gives quad lo, the high nibbles quad hi);
+//   8-bit weights (W8A8MatMul), a chunk is 128 bytes, the two quads one after the other:
+//     byte 4 * j + i: u[n0 + j, g * group_size + 8c + i];  byte 64 + 4 * j + i: ... + 4 + i
+//     (no unpacking at all: what a 4-bit chunk unpacks to, stored).
 // Quantized activations q use the same padded positions (padding q = 0), so a group is
-// always a whole number of chunks.
+// always a whole number of chunks, whatever the weight width.
 #pragma once
 
 #include <cstdint>
@@ -19,8 +24,11 @@ namespace fptq {
 namespace cpu {
 
 constexpr int kTileN = 16;      // output channels per tile: one AVX-512 int32 register
-constexpr int kChunkK = 8;      // k positions per chunk: 4 in the low nibbles, 4 in the high
-constexpr int kChunkBytes = 64; // kTileN * kChunkK / 2
+constexpr int kChunkK = 8;      // k positions per chunk: quads lo and hi
+constexpr int kQuadBytes = 64;  // kTileN channels x 4 k, one byte each: one AVX-512 register
+
+// Bytes of one packed chunk for weight_bits-bit weights: 64 (4 bits) or 128 (8 bits).
+constexpr int64_t chunk_bytes(int64_t weight_bits) { return kTileN * kChunkK * weight_bits / 8; }
 constexpr int kRowBlock = 4;    // rows of X per register block (weights loaded once for these)
 
 // Inputs of the activation quantizer for rows [row_begin, row_end) of X.
@@ -40,10 +48,11 @@ struct QuantizeArgs {
 
 // Inputs of the tile kernel for tiles [tile_begin, tile_end) x rows [row_begin, row_end).
 struct GemmArgs {
-  const uint8_t* nibbles;      // uint8 [tiles, G, group_padded / 8, 64] (layout above)
+  const uint8_t* weights;      // uint8 [tiles, G, group_padded / 8, chunk_bytes(weight_bits)] (layout above)
+  int64_t weight_bits;         // 4 or 8: the chunk format
   const float* scales;         // float32 [tiles, G, 16]
   const uint8_t* zero_points;  // uint8 [tiles, G, 16]
-  int32_t max_zero_point;      // largest of zero_points (15 or less in every model we write)
+  int32_t max_zero_point;      // largest of zero_points (15 or less in every 4-bit model we write)
   int64_t n;                   // N (tile channels >= N are not stored)
   int64_t groups;              // G
   int64_t chunks_per_group;    // group_padded / kChunkK
@@ -61,7 +70,8 @@ struct TileKernels {
   int64_t rows_per_task;
   // Quantizes rows [row_begin, row_end) of args.x.
   void (*quantize_rows)(const QuantizeArgs& args, int64_t row_begin, int64_t row_end);
-  // Writes Y for rows [row_begin, row_end) and the channels of tiles [tile_begin, tile_end).
+  // Writes Y for rows [row_begin, row_end) and the channels of tiles [tile_begin, tile_end),
+  // for either weight format (args.weight_bits).
   void (*gemm_tiles)(const GemmArgs& args, int64_t row_begin, int64_t row_end, int64_t tile_begin,
                      int64_t tile_end);
 };

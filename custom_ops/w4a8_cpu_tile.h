@@ -9,13 +9,15 @@
 // linkage could otherwise be shared by the linker across files and run AVX-512 code on a CPU
 // without it (the classic multi-ISA ODR trap).
 //
-// An Isa provides, for one tile of kTileN = 16 output channels:
-//   IntAcc, FloatAcc, Weights, Group          register types (int32 x16, float x16, ...)
+// An Isa provides, for one tile of kTileN = 16 output channels and kBits-bit weights (4 or 8):
+//   IntAcc, FloatAcc, Group                   register types (int32 x16, float x16, ...)
 //   IntAcc int_zero();  FloatAcc float_zero();
-//   Weights load_weights(const uint8_t* chunk)       unpack one 64-byte chunk (lo/hi nibbles)
-//   void dot(IntAcc& acc, const Weights& w, const int8_t* q8)
-//        acc[j] += sum_{i<4} u[j, i] * q8[i] + u[j, 4 + i] * q8[4 + i]   (q8: 8 int8)
-//   Group load_group(const uint8_t* z16, const float* s16)
+//   auto load_weights<kBits>(const uint8_t* chunk)   one packed chunk, ready for dot (the
+//        4-bit one unpacked from its nibbles; the type may differ per kBits)
+//   void dot(IntAcc& acc, const <weights>& w, const int8_t* q8)
+//        acc[j] += sum_{i<4} u[j, i] * q8[i] + u[j, 4 + i] * q8[4 + i]   (q8: 8 int8),
+//        or that sum minus a constant c * sum_i q8[i] that load_group folds into z
+//   Group load_group<kBits>(const uint8_t* z16, const float* s16)
 //   void accumulate(FloatAcc& y, const IntAcc& acc, const Group& g, int32_t q_sum)
 //        y[j] += s[j] * float(acc[j] - z[j] * q_sum)     (the zero-point correction)
 //   void store(float* y, const FloatAcc& acc, float row_scale, int valid)
@@ -128,13 +130,14 @@ void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end) {
   }
 }
 
-// Y for kRows rows starting at `row` and one tile: the weights of each chunk are unpacked
-// once and used for all kRows rows, whose accumulators stay in registers.
-// a: the kernel arguments; tile: tile index; row: first row (row + kRows <= M).
-template <class Isa, int kRows>
+// Y for kRows rows starting at `row` and one tile of kBits-bit weights: the weights of each
+// chunk are loaded (unpacked) once and used for all kRows rows, whose accumulators stay in
+// registers. a: the kernel arguments; tile: tile index; row: first row (row + kRows <= M).
+template <class Isa, int kBits, int kRows>
 void gemm_block(const GemmArgs& a, int64_t tile, int64_t row) {
+  constexpr int64_t kBytes = chunk_bytes(kBits);
   const int64_t chunks_per_tile = a.groups * a.chunks_per_group;
-  const uint8_t* w_tile = a.nibbles + tile * chunks_per_tile * kChunkBytes;
+  const uint8_t* w_tile = a.weights + tile * chunks_per_tile * kBytes;
   const float* s_tile = a.scales + tile * a.groups * kTileN;
   const uint8_t* z_tile = a.zero_points + tile * a.groups * kTileN;
   const int8_t* q = a.q + row * a.q_stride;
@@ -146,11 +149,11 @@ void gemm_block(const GemmArgs& a, int64_t tile, int64_t row) {
     typename Isa::IntAcc acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = Isa::int_zero();
     for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
-      const typename Isa::Weights w = Isa::load_weights(w_tile + c * kChunkBytes);
+      const auto w = Isa::template load_weights<kBits>(w_tile + c * kBytes);
       for (int r = 0; r < kRows; ++r) Isa::dot(acc[r], w, q + r * a.q_stride + c * kChunkK);
     }
     // Stage 2: zero-point correction and group scale, in float.
-    const typename Isa::Group group = Isa::load_group(z_tile + g * kTileN, s_tile + g * kTileN);
+    const typename Isa::Group group = Isa::template load_group<kBits>(z_tile + g * kTileN, s_tile + g * kTileN);
     for (int r = 0; r < kRows; ++r) Isa::accumulate(y[r], acc[r], group, a.q_group_sums[(row + r) * a.groups + g]);
   }
   // Stage 3: row scale a_m, and only the channels that exist.
@@ -159,19 +162,29 @@ void gemm_block(const GemmArgs& a, int64_t tile, int64_t row) {
   for (int r = 0; r < kRows; ++r) Isa::store(a.y + (row + r) * a.n + n0, y[r], a.row_scales[row + r], valid);
 }
 
-// TileKernels::gemm_tiles: rows in blocks of kRowBlock, then a 1-3 row remainder.
-template <class Isa>
-void gemm_tiles(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
+// Rows in blocks of kRowBlock, then a 1-3 row remainder, for kBits-bit weights.
+template <class Isa, int kBits>
+void gemm_tiles_of(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
   static_assert(kRowBlock == 4, "the remainder switch below assumes blocks of 4 rows");
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     int64_t row = row_begin;
-    for (; row + kRowBlock <= row_end; row += kRowBlock) gemm_block<Isa, kRowBlock>(a, tile, row);
+    for (; row + kRowBlock <= row_end; row += kRowBlock) gemm_block<Isa, kBits, kRowBlock>(a, tile, row);
     switch (row_end - row) {
-      case 3: gemm_block<Isa, 3>(a, tile, row); break;
-      case 2: gemm_block<Isa, 2>(a, tile, row); break;
-      case 1: gemm_block<Isa, 1>(a, tile, row); break;
+      case 3: gemm_block<Isa, kBits, 3>(a, tile, row); break;
+      case 2: gemm_block<Isa, kBits, 2>(a, tile, row); break;
+      case 1: gemm_block<Isa, kBits, 1>(a, tile, row); break;
       default: break;
     }
+  }
+}
+
+// TileKernels::gemm_tiles: the weight format is chosen once per task, not per chunk.
+template <class Isa>
+void gemm_tiles(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
+  if (a.weight_bits == 8) {
+    gemm_tiles_of<Isa, 8>(a, row_begin, row_end, tile_begin, tile_end);
+  } else {
+    gemm_tiles_of<Isa, 4>(a, row_begin, row_end, tile_begin, tile_end);
   }
 }
 

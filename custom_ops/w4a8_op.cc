@@ -1,4 +1,4 @@
-// Attribute and input checks of ai.fptq::W4A8MatMul (see w4a8_op.h), shared by all kernels.
+// Attribute and input checks of ai.fptq::W4A8MatMul and W8A8MatMul (see w4a8_op.h), shared by all kernels.
 #include "w4a8_op.h"
 
 #include <sstream>
@@ -16,38 +16,41 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
-// Reads the int attribute `name` of the node. info: kernel info; node: name for messages.
-int64_t int_attribute(const Ort::ConstKernelInfo& info, const char* name, const std::string& node) {
+// Reads the int attribute `name` of the node. info: kernel info; op_type, node: for messages.
+int64_t int_attribute(const Ort::ConstKernelInfo& info, const char* name, const char* op_type,
+                      const std::string& node) {
   try {
     return info.GetAttribute<int64_t>(name);
   } catch (const Ort::Exception&) {
     // ORT's own message does not say which op wants it.
-    fail_invalid(node, std::string("missing int attribute '") + name + "'");
+    fail_invalid(op_type, node, std::string("missing int attribute '") + name + "'");
   }
 }
 
 // The checked shape of input `index`. context: kernel context; name: input name for messages.
-std::vector<int64_t> input_shape(Ort::KernelContext& context, int index, const char* name,
+std::vector<int64_t> input_shape(Ort::KernelContext& context, int index, const char* name, const char* op_type,
                                  const std::string& node) {
   Ort::ConstValue value = context.GetInput(index);
-  if (value == nullptr || !value.IsTensor()) fail_invalid(node, std::string("input ") + name + " is not a tensor");
+  if (value == nullptr || !value.IsTensor()) {
+    fail_invalid(op_type, node, std::string("input ") + name + " is not a tensor");
+  }
   return value.GetTensorTypeAndShapeInfo().GetShape();
 }
 
 // Fails unless `shape` equals `expected`. name: input name; why: how `expected` follows from
 // the attributes, for the message.
 void expect_shape(const std::vector<int64_t>& shape, const std::vector<int64_t>& expected, const char* name,
-                  const char* why, const std::string& node) {
+                  const char* why, const char* op_type, const std::string& node) {
   if (shape != expected) {
-    fail_invalid(node, std::string(name) + " has shape " + shape_str(shape) + ", expected " + shape_str(expected) +
+    fail_invalid(op_type, node, std::string(name) + " has shape " + shape_str(shape) + ", expected " + shape_str(expected) +
                            " (" + why + ")");
   }
 }
 
 }  // namespace
 
-void fail_invalid(const std::string& node, const std::string& message) {
-  throw Ort::Exception(std::string(kOpType) + " node '" + node + "': " + message, ORT_INVALID_ARGUMENT);
+void fail_invalid(const char* op_type, const std::string& node, const std::string& message) {
+  throw Ort::Exception(std::string(op_type) + " node '" + node + "': " + message, ORT_INVALID_ARGUMENT);
 }
 
 bool inputs_constant(const Ort::ConstKernelInfo& info, std::initializer_list<int> inputs) {
@@ -63,13 +66,15 @@ bool inputs_constant(const Ort::ConstKernelInfo& info, std::initializer_list<int
   return true;
 }
 
-W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info) {
+W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info, int64_t weight_bits) {
   const std::string node = info.GetNodeName();
+  const char* op_type = op_type_for_bits(weight_bits);
   W4A8Attrs attrs;
-  attrs.K = int_attribute(info, "K", node);
-  attrs.N = int_attribute(info, "N", node);
-  attrs.group_size = int_attribute(info, "group_size", node);
-  attrs.act_mode = int_attribute(info, "act_mode", node);
+  attrs.weight_bits = weight_bits;
+  attrs.K = int_attribute(info, "K", op_type, node);
+  attrs.N = int_attribute(info, "N", op_type, node);
+  attrs.group_size = int_attribute(info, "group_size", op_type, node);
+  attrs.act_mode = int_attribute(info, "act_mode", op_type, node);
 
   // Bounds keep every size product (N * K, M * K) far from int64 overflow.
   constexpr int64_t kMaxDim = int64_t{1} << 31;
@@ -84,28 +89,33 @@ W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info) {
     why << "act_mode=" << attrs.act_mode << " must be " << kActPerTensorStatic << " (per-tensor static) or "
         << kActPerTokenDynamic << " (per-token dynamic)";
   }
-  if (!why.str().empty()) fail_invalid(node, why.str());
+  if (!why.str().empty()) fail_invalid(op_type, node, why.str());
   return attrs;
 }
 
 W4A8Tensors bind_tensors(Ort::KernelContext& context, const W4A8Attrs& attrs, const std::string& node) {
-  const std::vector<int64_t> x_shape = input_shape(context, kInX, "X", node);
+  const char* op_type = op_type_for_bits(attrs.weight_bits);
+  const std::vector<int64_t> x_shape = input_shape(context, kInX, "X", op_type, node);
   const ONNXTensorElementDataType x_type = context.GetInput(kInX).GetTensorTypeAndShapeInfo().GetElementType();
   if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
-    fail_invalid(node, "X must be float32 or float16, its element type is " + std::to_string(x_type));
+    fail_invalid(op_type, node, "X must be float32 or float16, its element type is " + std::to_string(x_type));
   }
   if (x_shape.empty() || x_shape.back() != attrs.K) {
-    fail_invalid(node, "X has shape " + shape_str(x_shape) + ", its last dim must be K=" + std::to_string(attrs.K));
+    fail_invalid(op_type, node,
+                 "X has shape " + shape_str(x_shape) + ", its last dim must be K=" + std::to_string(attrs.K));
   }
   const std::vector<int64_t> grouped = {attrs.N, attrs.groups()};
-  expect_shape(input_shape(context, kInB, "B", node), {attrs.N, attrs.K / 2}, "B", "[N, K/2]", node);
-  expect_shape(input_shape(context, kInScales, "scales", node), grouped, "scales", "[N, K/group_size]", node);
-  expect_shape(input_shape(context, kInZeroPoints, "zero_points", node), grouped, "zero_points",
-               "[N, K/group_size]", node);
+  const bool bytes = attrs.weight_bits == 8;  // one weight per byte of B, else two
+  expect_shape(input_shape(context, kInB, "B", op_type, node), {attrs.N, bytes ? attrs.K : attrs.K / 2}, "B",
+               bytes ? "[N, K]" : "[N, K/2]", op_type, node);
+  expect_shape(input_shape(context, kInScales, "scales", op_type, node), grouped, "scales", "[N, K/group_size]",
+               op_type, node);
+  expect_shape(input_shape(context, kInZeroPoints, "zero_points", op_type, node), grouped, "zero_points",
+               "[N, K/group_size]", op_type, node);
   int64_t act_scale_count = 1;
-  for (int64_t d : input_shape(context, kInActScale, "act_scale", node)) act_scale_count *= d;
+  for (int64_t d : input_shape(context, kInActScale, "act_scale", op_type, node)) act_scale_count *= d;
   if (act_scale_count != 1) {
-    fail_invalid(node, "act_scale must hold exactly one element, it holds " + std::to_string(act_scale_count));
+    fail_invalid(op_type, node, "act_scale must hold exactly one element, it holds " + std::to_string(act_scale_count));
   }
 
   W4A8Tensors t;

@@ -1,10 +1,11 @@
-// ONNX Runtime glue of ai.fptq::W4A8MatMul shared by every execution provider's kernel.
+// ONNX Runtime glue of ai.fptq::W4A8MatMul and W8A8MatMul shared by every execution provider's kernel.
 //
 // A kernel for one execution provider (CPU: cpu_op.cc; CUDA: cuda_op.cc) is a class
 //
 //   struct MyKernel {
 //     static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
 //     static constexpr ONNXTensorElementDataType kXType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // X and Y
+//     static constexpr int kWeightBits = 4;   // 4: W4A8MatMul, 8: W8A8MatMul (same inputs, B one byte per weight)
 //     static OrtMemType InputMemoryType(size_t input);   // where ORT places each input
 //     MyKernel(const OrtApi& api, const OrtKernelInfo* info);   // may throw
 //     void Compute(OrtKernelContext* context);                   // may throw; called concurrently
@@ -30,12 +31,14 @@
 namespace fptq {
 
 // Throws the error that reaches the user: Ort::Exception(ORT_INVALID_ARGUMENT) whose message
-// names the op and the node. node: the node's name (may be empty); message: what is wrong.
-[[noreturn]] void fail_invalid(const std::string& node, const std::string& message);
+// names the op and the node. op_type: kOpType or kW8OpType (op_type_for_bits); node: the node's
+// name (may be empty); message: what is wrong.
+[[noreturn]] void fail_invalid(const char* op_type, const std::string& node, const std::string& message);
 
-// Reads and checks the attributes K, N, group_size and act_mode (docs/ops.md).
+// Reads and checks the attributes K, N, group_size and act_mode (docs/ops.md) of a node of the
+// op for weight_bits-bit weights (4 or 8; stored in the result).
 // info: the kernel info of the node. Throws (fail_invalid) on a missing or out-of-range one.
-W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info);
+W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info, int64_t weight_bits);
 
 // The tensors of one call, checked against the attributes. Pointers are in the memory ORT
 // gave the kernel for each input (host memory for the CPU kernel).
@@ -43,7 +46,7 @@ struct W4A8Tensors {
   W4A8Problem problem;          // M, K, N, group_size, act_mode
   ONNXTensorElementDataType x_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // of X and Y: FLOAT or FLOAT16
   const void* x = nullptr;            // x_type [M, K] (X flattened over its leading dims)
-  const uint8_t* b = nullptr;         // uint8 [N, K/2], two 4-bit weights per byte
+  const uint8_t* b = nullptr;         // uint8 [N, K/2], two 4-bit weights per byte (8 bits: [N, K])
   const float* scales = nullptr;      // float32 [N, K/group_size]
   const uint8_t* zero_points = nullptr;  // uint8 [N, K/group_size]
   const float* act_scale = nullptr;   // float32, one element
@@ -130,17 +133,22 @@ class GuardedKernel {
   Kernel kernel_;
 };
 
-// The OrtCustomOp for ai.fptq::W4A8MatMul (since version 1) on Kernel's execution provider.
+// The OrtCustomOp for ai.fptq::W4A8MatMul (since version 1) or, for Kernel::kWeightBits = 8,
+// W8A8MatMul (since version 2) on Kernel's execution provider.
 template <class Kernel>
 struct W4A8CustomOp : Ort::CustomOpBase<W4A8CustomOp<Kernel>, GuardedKernel<Kernel>, /*WithStatus=*/true> {
+  static_assert(Kernel::kWeightBits == 4 || Kernel::kWeightBits == 8, "4- or 8-bit weights");
   // api_version: the OrtApi version RegisterCustomOps negotiated; an older runtime rejects
   // an op struct that claims a newer version than its own.
-  explicit W4A8CustomOp(uint32_t api_version) { this->version = api_version; }
+  explicit W4A8CustomOp(uint32_t api_version) {
+    this->version = api_version;
+    this->start_ver_ = Kernel::kWeightBits == 8 ? kW8OpSinceVersion : kOpSinceVersion;
+  }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     return run_guarded(api, [&] { *kernel = new GuardedKernel<Kernel>(api, info); });
   }
-  const char* GetName() const { return kOpType; }
+  const char* GetName() const { return op_type_for_bits(Kernel::kWeightBits); }
   const char* GetExecutionProviderType() const { return Kernel::kExecutionProvider; }
 
   size_t GetInputTypeCount() const { return kNumInputs; }

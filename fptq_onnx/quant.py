@@ -13,6 +13,8 @@ Conventions
   ``-q`` is always representable and the kernels' zero-point algebra stays exact.
 * 4-bit weights are stored as unsigned nibbles ``u`` in [0, 15] with a zero point ``z`` per
   group: ``w ~= (u - z) * scale``. Symmetric quantization is the special case ``z = 8``.
+  8-bit weights (mixed-precision layers, ``W8A8MatMul``) are the same with one byte per weight:
+  ``u`` in [0, 255], symmetric ``z = 128``.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import numpy as np
 INT8_MAX = 127
 INT4_LEVELS = 15  # unsigned nibble u in [0, 15]
 SYMMETRIC_ZERO_POINT = 8
+UINT8_LEVELS = 255  # 8-bit weights: unsigned byte u in [0, 255]
+SYMMETRIC_ZERO_POINT_UINT8 = 128
 
 
 def quantize_activation_per_tensor(x: np.ndarray, scale: float) -> np.ndarray:
@@ -61,6 +65,26 @@ def quantize_activation_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8), scale
 
 
+def _grid(bits: int) -> tuple[int, int]:
+    """``(levels, symmetric zero point)`` of the ``bits``-bit weight grid: (15, 8) or (255, 128)."""
+    if bits not in (4, 8):
+        raise ValueError(f"weights are 4 or 8 bits, not {bits}")
+    return (INT4_LEVELS, SYMMETRIC_ZERO_POINT) if bits == 4 else (UINT8_LEVELS, SYMMETRIC_ZERO_POINT_UINT8)
+
+
+def _quantize_groups(w: np.ndarray, group_size: int, symmetric: bool, clip_ratio, bits: int):
+    """The group-wise quantizer of both widths: ``(u[N, K] uint8, scales[N, G], zero_points[N, G])``
+    (formulas in :func:`quantize_weight_groupwise` and :func:`quantize_weight_groupwise_int8`)."""
+    k, n = w.shape
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    levels, _ = _grid(bits)
+    groups = np.asarray(w, np.float64).T.reshape(n, k // group_size, group_size)
+    scale, zero_point = group_scale_zero_point(groups, symmetric, clip_ratio, bits)
+    u = np.clip(np.rint(groups / scale[..., None]) + zero_point[..., None], 0, levels)
+    return u.reshape(n, k).astype(np.uint8), scale, zero_point.astype(np.uint8)
+
+
 def quantize_weight_groupwise(
     w: np.ndarray, group_size: int, symmetric: bool, clip_ratio: np.ndarray | float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -82,29 +106,57 @@ def quantize_weight_groupwise(
     >>> u.tolist(), s.tolist(), z.tolist()
     ([[1, 15]], [[1.0]], [[8]])
     """
-    k, n = w.shape
-    if k % group_size:
-        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
-    groups = np.asarray(w, np.float64).T.reshape(n, k // group_size, group_size)
-    scale, zero_point = group_scale_zero_point(groups, symmetric, clip_ratio)
-    u = np.clip(np.rint(groups / scale[..., None]) + zero_point[..., None], 0, INT4_LEVELS)
-    return u.reshape(n, k).astype(np.uint8), scale, zero_point.astype(np.uint8)
+    return _quantize_groups(w, group_size, symmetric, clip_ratio, bits=4)
 
 
-def group_scale_zero_point(groups: np.ndarray, symmetric: bool,
-                           clip_ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """``(scale float32, zero point float64)`` of each group ``groups[..., g]`` (the formulas of
-    :func:`quantize_weight_groupwise`); ``clip_ratio`` broadcasts against ``groups.shape[:-1]``."""
+def quantize_weight_groupwise_int8(w: np.ndarray, group_size: int,
+                                   symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8-bit group-wise weight quantization along K (``W8A8MatMul``, mixed-precision layers).
+
+    The 4-bit scheme of :func:`quantize_weight_groupwise` on the byte grid, per group ``w_g`` of
+    ``G = K / group_size`` consecutive rows of column n (``group_size = K``: per channel):
+
+    * symmetric:  ``scale = max|w_g| / 127``, ``z = 128``, so ``u = clip(rint(w / scale), -127, 127) + 128``
+      (in [1, 255]: 0 is never used, as -128 is not for activations);
+    * asymmetric: ``lo = min(w_g, 0)``, ``hi = max(w_g, 0)``, ``scale = (hi - lo) / 255``,
+      ``z = clip(rint(-lo / scale), 0, 255)``, ``u = clip(rint(w / scale) + z, 0, 255)``.
+
+    An all-zero group gets ``scale = 1``. Returns ``(u[N, K] uint8, scales[N, G] float32,
+    zero_points[N, G] uint8)``; ``u`` is the op's ``B`` as it is (one byte per weight, row n =
+    output channel n).
+
+    >>> u, s, z = quantize_weight_groupwise_int8(np.array([[-127.0], [63.5]]), 2, symmetric=True)
+    >>> u.tolist(), s.tolist(), z.tolist()
+    ([[1, 192]], [[1.0]], [[128]])
+    """
+    return _quantize_groups(w, group_size, symmetric, 1.0, bits=8)
+
+
+def group_scale_zero_point(groups: np.ndarray, symmetric: bool, clip_ratio: np.ndarray | float = 1.0,
+                           bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale float32, zero point float64)`` of each group ``groups[..., g]`` on the ``bits``-bit
+    grid (the formulas of :func:`quantize_weight_groupwise`, :func:`quantize_weight_groupwise_int8`:
+    symmetric ``scale = c max|w| / (z - 1)``, asymmetric ``(hi - lo) / levels``); ``clip_ratio``
+    broadcasts against ``groups.shape[:-1]``."""
+    levels, symmetric_zero_point = _grid(bits)
     ratio = np.broadcast_to(np.asarray(clip_ratio, np.float64), groups.shape[:-1])
     if symmetric:
-        scale = ratio * np.max(np.abs(groups), axis=-1) / 7.0
-        zero_point = np.full_like(scale, SYMMETRIC_ZERO_POINT)
+        scale = ratio * np.max(np.abs(groups), axis=-1) / (symmetric_zero_point - 1)
+        zero_point = np.full_like(scale, symmetric_zero_point)
     else:
         lo = ratio * np.minimum(groups.min(axis=-1), 0.0)
         hi = ratio * np.maximum(groups.max(axis=-1), 0.0)
-        scale = (hi - lo) / INT4_LEVELS
-        zero_point = np.clip(np.rint(-lo / np.where(scale == 0, 1.0, scale)), 0, INT4_LEVELS)
+        scale = (hi - lo) / levels
+        zero_point = np.clip(np.rint(-lo / np.where(scale == 0, 1.0, scale)), 0, levels)
     return np.where(scale == 0, 1.0, scale).astype(np.float32), zero_point
+
+
+def relative_weight_error(w: np.ndarray, u: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> float:
+    """``||w - dequantize(u)||_F / ||w||_F`` over the ``K`` rows of ``w[K, N]`` (``u`` may hold more,
+    a zero-padded K'); 0 for an all-zero ``w``."""
+    restored = dequantize_weight(u, scales, zero_points)[: w.shape[0]]
+    norm = float(np.linalg.norm(w))
+    return float(np.linalg.norm(w - restored)) / norm if norm else 0.0
 
 
 CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.55, 19), 4))  # 1.0, 0.975, ..., 0.55
@@ -292,12 +344,26 @@ def w4a8_matmul_reference(
 
     ``Y[m, n] = a_m * sum_k q[m, k] * (u[n, k] - z[n, g(k)]) * scale[n, g(k)]`` where ``q, a``
     come from :func:`quantize_activation_per_tensor` (``a_m = act_scale``) or
-    :func:`quantize_activation_per_token`. ``x[..., K]`` -> ``Y[..., N]`` (float64).
+    :func:`quantize_activation_per_token`, and ``u`` from :func:`unpack_int4` of
+    ``packed_weight[N, K/2]``. ``x[..., K]`` -> ``Y[..., N]`` (float64).
     Rows :func:`poisoned_rows` marks give NaN rows (docs/ops.md "NaN and Inf").
     """
+    return _grouped_matmul_reference(x, unpack_int4(packed_weight), scales, zero_points, act_scale, act_mode)
+
+
+def w8a8_matmul_reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
+                          act_scale: float, act_mode: int) -> np.ndarray:
+    """float64 reference of the ``W8A8MatMul`` op (``docs/ops.md``): :func:`w4a8_matmul_reference`'s
+    formula with ``u = weight[N, K]`` itself (uint8, one byte per weight, from
+    :func:`quantize_weight_groupwise_int8`), ``z`` up to 255."""
+    return _grouped_matmul_reference(x, np.asarray(weight, np.uint8), scales, zero_points, act_scale, act_mode)
+
+
+def _grouped_matmul_reference(x, u, scales, zero_points, act_scale, act_mode) -> np.ndarray:
+    """Both ops' reference on the unpacked weights ``u[N, K]``."""
     poisoned = poisoned_rows(x, act_mode)
     q, a = quantize_activation(np.where(poisoned[..., None], np.float32(0), x), act_scale, act_mode)
-    w = dequantize_weight(unpack_int4(packed_weight), scales, zero_points)
+    w = dequantize_weight(u, scales, zero_points)
     y = (q.astype(np.float64) @ w) * a
     y[poisoned] = np.nan
     return y
@@ -314,21 +380,6 @@ def poisoned_rows(x: np.ndarray, act_mode: int) -> np.ndarray:
     return poisoned
 
 
-def quantize_weight_per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric 8-bit weights per output channel (mixed-precision layers).
-
-    ``scale[n] = max_k |w[k, n]| / 127`` (1 for an all-zero column), ``W8[k, n] =
-    clip(rint(w[k, n] / scale[n]), -127, 127)``. Returns ``(W8[K, N] int8, scale[N] float32)``.
-
-    >>> quantize_weight_per_channel_int8(np.array([[127.0, 0.5], [-63.5, 0.0]]))[0].tolist()
-    [[127, 127], [-64, 0]]
-    """
-    w = np.asarray(w, np.float64)
-    scale = np.max(np.abs(w), axis=0) / INT8_MAX
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    return np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8), scale
-
-
 def quantize_activation(x: np.ndarray, act_scale: float, act_mode: int) -> tuple[np.ndarray, np.ndarray]:
     """``(q int8, a float64)`` of the op's activation scheme (``act_mode`` 0 static, 1 per token)."""
     x = np.asarray(x, np.float32)
@@ -338,13 +389,6 @@ def quantize_activation(x: np.ndarray, act_scale: float, act_mode: int) -> tuple
         q, a = quantize_activation_per_token(x)
         return q, a.astype(np.float64)
     raise ValueError(f"unknown act_mode {act_mode}")
-
-
-def w8a8_matmul_reference(x: np.ndarray, weight_int8: np.ndarray, weight_scales: np.ndarray, act_scale: float,
-                          act_mode: int) -> np.ndarray:
-    """float64 reference of ``W8A8MatMul``: ``Y[m, n] = a_m * w_scale[n] * sum_k q[m, k] * W8[k, n]``."""
-    q, a = quantize_activation(x, act_scale, act_mode)
-    return (q.astype(np.float64) @ weight_int8.astype(np.float64)) * a * weight_scales.astype(np.float64)
 
 
 def lae_scales(channel_max_abs: np.ndarray) -> np.ndarray:

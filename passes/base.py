@@ -45,10 +45,10 @@ class LinearLayer:
     weight_error: float | None = None  # ||W - Q(W)||_F / ||W||_F
     rounding: str | None = None  # "rtn" or "gptq"
     clipped: bool | None = None  # group ranges clipped by output error
-    packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (B, scales, zero_points)
+    # the op's (B, scales, zero_points): B uint8 [N, K'/2] packed nibbles, [N, K'] bytes when weight_bits == 8
+    packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     replaced_by: str | None = None  # name of the W4A8 node
-    weight_bits: int = 4  # 8 for layers kept at 8-bit weights (mixed precision)
-    weight_int8: tuple[np.ndarray, np.ndarray] | None = None  # (W8[K, N] int8, scales[N]) when weight_bits == 8
+    weight_bits: int = 4  # 8 for layers kept at 8-bit weights (mixed precision: W8A8MatMul)
     w4_output_error: float | None = None  # the W4A8 output error of a layer moved to 8 bits
     output_error: float | None = None  # ||X W - Y_w4a8||_F / ||X W||_F on sampled calibration rows
 

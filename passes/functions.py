@@ -12,8 +12,8 @@ and the kernels are tested against it. The body follows ``docs/ops.md`` step by 
   ``a_m`` is below 2^-126, where ``1 / a_m`` would overflow);
 * ``Y = (q * a) @ W``, cast back to the type of X.
 
-Layers kept at 8-bit weights (mixed precision, ``W8A8MatMul``) share the activation part and
-multiply int8 by int8 with ``MatMulInteger``.
+Layers kept at 8-bit weights (mixed precision, ``W8A8MatMul``: the same contract with ``u`` the
+bytes of ``B[N, K]``) share everything but the unpacking of ``B``.
 
 Both activation paths are computed and one is selected with ``Where`` on the ``act_mode``
 attribute: a function body cannot branch on an attribute otherwise, and the fallback path is
@@ -27,7 +27,12 @@ import onnx.parser
 
 OP_DOMAIN = "ai.fptq"
 OP_TYPE = "W4A8MatMul"
-OP_VERSION = 1
+W8A8_OP_TYPE = "W8A8MatMul"
+# Version of the ai.fptq domain the models import. 2: W8A8MatMul with W4A8MatMul's inputs
+# (docs/ops.md); version 1 (sessions 4-5) had int8 W[K, N] with per-channel scales. Our kernel
+# serves W8A8MatMul from version 2 only, so version-1 models still run their own function body.
+# W4A8MatMul is unchanged since version 1.
+OP_VERSION = 2
 MIN_OPSET = 15  # CastLike
 
 # Activation quantization shared by both functions: ``x`` (float32) -> ``q`` (integer-valued
@@ -63,33 +68,26 @@ _ACTIVATION_TEXT = """
     a = Where (is_dynamic, token_scale, static_scale)
 """
 
-_W4A8_TEXT = """
+# Both ops' body: activations, the op's own unpacking of B into u_nk (float32 [N, K], the
+# integers u), then W = (u - z) * scale per group and the float MatMul.
+_BODY_TEXT = """
 <domain: "{OP_DOMAIN}", opset_import: ["" : {opset}]>
 {OP_TYPE} <K, N, group_size, act_mode> (X, B, scales, zero_points, act_scale) => (Y)
 {{
 {activation}
-    packed_f = Cast <to = 1> (B)
-    sixteen = Constant <value = float {{16.0}}> ()
-    inv_sixteen = Constant <value = float {{0.0625}}> ()
-    high_scaled = Mul (packed_f, inv_sixteen)
-    u_odd_f = Floor (high_scaled)
-    high_part = Mul (u_odd_f, sixteen)
-    u_even_f = Sub (packed_f, high_part)
-    u_even_3d = Unsqueeze (u_even_f, last_axis)
-    u_odd_3d = Unsqueeze (u_odd_f, last_axis)
-    u_pairs = Concat <axis = -1> (u_even_3d, u_odd_3d)
+    keep_n_rest = Constant <value_ints = [0, -1]> ()
+{unpack}
     group_size_scalar = Constant <value_int: int = @group_size> ()
     group_size_1d = Unsqueeze (group_size_scalar, last_axis)
-    keep_n_any_g = Constant <value_ints = [0, -1]> ()
-    grouped_shape = Concat <axis = 0> (keep_n_any_g, group_size_1d)
-    u_grouped = Reshape (u_pairs, grouped_shape)
+    grouped_shape = Concat <axis = 0> (keep_n_rest, group_size_1d)
+    u_grouped = Reshape (u_nk, grouped_shape)
     zero_points_f = Cast <to = 1> (zero_points)
     zero_points_3d = Unsqueeze (zero_points_f, last_axis)
     scales_f = Cast <to = 1> (scales)
     scales_3d = Unsqueeze (scales_f, last_axis)
     centered = Sub (u_grouped, zero_points_3d)
     w_grouped = Mul (centered, scales_3d)
-    w_nk = Reshape (w_grouped, keep_n_any_g)
+    w_nk = Reshape (w_grouped, keep_n_rest)
     w_kn = Transpose <perm = [1, 0]> (w_nk)
 
     x_dq = Mul (q, a)
@@ -98,48 +96,51 @@ _W4A8_TEXT = """
 }}
 """
 
-# W8A8 (mixed precision): int8 weights W[K, N] with per-output-channel scales, the same int8
-# activations; an integer MatMulInteger, then both scales: Y = (q @ W) * a * w_scale.
-_W8A8_TEXT = """
-<domain: "{OP_DOMAIN}", opset_import: ["" : {opset}]>
-{OP_TYPE} <act_mode> (X, W, w_scales, act_scale) => (Y)
-{{
-{activation}
-    q_int8 = Cast <to = 3> (q)
-    acc = MatMulInteger (q_int8, W)
-    acc_f = Cast <to = 1> (acc)
-    w_scales_f = Cast <to = 1> (w_scales)
-    y_tokens = Mul (acc_f, a)
-    y = Mul (y_tokens, w_scales_f)
-    Y = CastLike (y, X)
-}}
+# W4A8MatMul: B[N, K/2], u of even k the low nibble, of odd k the high one (byte = lo + 16 hi).
+_UNPACK_NIBBLES_TEXT = """
+    packed_f = Cast <to = 1> (B)
+    sixteen = Constant <value = float {16.0}> ()
+    inv_sixteen = Constant <value = float {0.0625}> ()
+    high_scaled = Mul (packed_f, inv_sixteen)
+    u_odd_f = Floor (high_scaled)
+    high_part = Mul (u_odd_f, sixteen)
+    u_even_f = Sub (packed_f, high_part)
+    u_even_3d = Unsqueeze (u_even_f, last_axis)
+    u_odd_3d = Unsqueeze (u_odd_f, last_axis)
+    u_pairs = Concat <axis = -1> (u_even_3d, u_odd_3d)
+    u_nk = Reshape (u_pairs, keep_n_rest)
 """
-W8A8_OP_TYPE = "W8A8MatMul"
+
+# W8A8MatMul: B[N, K] holds u itself.
+_UNPACK_BYTES_TEXT = """
+    u_nk = Cast <to = 1> (B)
+"""
 
 
-def _function(text: str, op_type: str, opset: int) -> onnx.FunctionProto:
+def _function(op_type: str, unpack: str, opset: int) -> onnx.FunctionProto:
     if opset < MIN_OPSET:
         raise ValueError(f"the {op_type} function body needs ONNX opset >= {MIN_OPSET}, the model has {opset}")
     token_amax = ("token_amax = ReduceMax <keepdims = 1> (x_abs, last_axis)" if opset >= 18
                   else "token_amax = ReduceMax <keepdims = 1, axes = [-1]> (x_abs)")
     activation = _ACTIVATION_TEXT.format(token_amax=token_amax)
-    return onnx.parser.parse_function(text.format(OP_DOMAIN=OP_DOMAIN, OP_TYPE=op_type, opset=opset,
-                                                  activation=activation))
+    return onnx.parser.parse_function(_BODY_TEXT.format(OP_DOMAIN=OP_DOMAIN, OP_TYPE=op_type, opset=opset,
+                                                        activation=activation, unpack=unpack))
 
 
 def w4a8_function(opset: int = 18) -> onnx.FunctionProto:
-    """A fresh copy of the W4A8MatMul function (``ai.fptq``, version 1) for ONNX ``opset``.
+    """A fresh copy of the W4A8MatMul function (``ai.fptq``, since version 1) for ONNX ``opset``.
 
     The body imports the model's own default opset (ONNX requires functions and model to agree);
     only ReduceMax differs across opsets (axes became an input in 18).
     """
-    return _function(_W4A8_TEXT, OP_TYPE, opset)
+    return _function(OP_TYPE, _UNPACK_NIBBLES_TEXT, opset)
 
 
 def w8a8_function(opset: int = 18) -> onnx.FunctionProto:
-    """The W8A8MatMul function (mixed precision layers); no kernel of ours, ONNX Runtime inlines
-    it and runs its integer MatMulInteger."""
-    return _function(_W8A8_TEXT, W8A8_OP_TYPE, opset)
+    """The W8A8MatMul function (mixed-precision layers, ``ai.fptq`` since version 2): W4A8MatMul's
+    body with ``u`` the bytes of ``B[N, K]``. ONNX Runtime runs it where our kernel is not
+    loaded."""
+    return _function(W8A8_OP_TYPE, _UNPACK_BYTES_TEXT, opset)
 
 
 def add_w4a8_function(model: onnx.ModelProto) -> None:
@@ -163,22 +164,24 @@ def add_w4a8_function(model: onnx.ModelProto) -> None:
 
 def single_op_model(weights: dict, act_scale, *, k: int, n: int, group_size: int, act_mode: int, x_rank: int = 2,
                     graph_inputs=(), attrs: dict | None = None, function: onnx.FunctionProto | None = None,
-                    x_type: int = onnx.TensorProto.FLOAT) -> bytes:
-    """A serialized model of one W4A8MatMul node ``Y = op(X, B, S, Z, A)`` and the op's
-    function: what the kernel tests and GPU benchmarks run on each backend.
+                    x_type: int = onnx.TensorProto.FLOAT, op_type: str = OP_TYPE) -> bytes:
+    """A serialized model of one W4A8MatMul (or W8A8MatMul) node ``Y = op(X, B, S, Z, A)`` and the
+    op's function: what the kernel tests and benchmarks run on each backend.
 
     weights: ``{"B": uint8 [N, K/2], "S": float32 [N, G], "Z": uint8 [N, G]}``
-    (``quant.pack_int4`` / ``quantize_weight_groupwise``); act_scale: the ``A`` input;
+    (``quant.pack_int4`` / ``quantize_weight_groupwise``; for W8A8MatMul B is uint8 [N, K] from
+    ``quantize_weight_groupwise_int8``); act_scale: the ``A`` input;
     k, n, group_size, act_mode: the node's attributes (``attrs`` replaces them all, for
     invalid-attribute tests); x_rank: rank of X, every dim dynamic (so that the kernel, not
     ORT's graph-input check, sees a wrong last dim); graph_inputs: names among B, S, Z, A fed at
     run time instead of stored as initializers; function: a FunctionProto added before the stock
-    body (which then is not added); x_type: element type of X and Y.
+    body (which then is not added); x_type: element type of X and Y; op_type: ``OP_TYPE`` or
+    ``W8A8_OP_TYPE`` (the node is named "w4a8" or "w8a8").
     """
     from onnx import TensorProto, helper, numpy_helper
 
     values = {**weights, "A": np.asarray(act_scale, np.float32)}
-    node = helper.make_node(OP_TYPE, ["X", "B", "S", "Z", "A"], ["Y"], name="w4a8", domain=OP_DOMAIN,
+    node = helper.make_node(op_type, ["X", "B", "S", "Z", "A"], ["Y"], name=op_type[:4].lower(), domain=OP_DOMAIN,
                             **(attrs if attrs is not None else
                                dict(K=k, N=n, group_size=group_size, act_mode=act_mode)))
     dtypes = {"B": TensorProto.UINT8, "S": TensorProto.FLOAT, "Z": TensorProto.UINT8, "A": TensorProto.FLOAT}

@@ -2,10 +2,10 @@
 
 W4A8's error is mostly weight error (``docs/accuracy.md``), and it is concentrated: on SmolLM2 a
 handful of layers have output errors several times the median. Giving those layers 8-bit weights
-(per output channel, symmetric; ``quant.quantize_weight_per_channel_int8``) removes most of their
-error for a small size cost. Activations stay int8 with the layer's scheme, so the layer is
-W8A8 and runs as an integer ``MatMulInteger`` (the function body of ``W8A8MatMul``,
-``passes/functions.py``).
+(group-wise like their 4-bit weights: the same group size, K' and symmetry;
+``quant.quantize_weight_groupwise_int8``) removes most of their error for a small size cost.
+Activations stay int8 with the layer's scheme, so the layer is W8A8: ``W8A8MatMul``, W4A8MatMul's
+contract with one byte per weight (``docs/ops.md``), which our CPU kernel runs.
 
 Ranking: the measured W4A8 output error (``layer_error.LayerOutputErrorPass`` must have run).
 Budget: ``count`` layers and/or ``fraction`` of all quantized weights (a size budget: each chosen
@@ -14,7 +14,7 @@ layer adds 4 bits per weight); a layer is taken while either budget has room.
 from __future__ import annotations
 
 from fptq_onnx.layer_error import layer_output_error
-from fptq_onnx.quant import quantize_weight_per_channel_int8
+from fptq_onnx.quant import pad_to_group_multiple, quantize_weight_groupwise_int8, relative_weight_error
 
 from .base import ConversionContext, Pass, PassPreconditionError
 
@@ -33,6 +33,8 @@ class MixedPrecisionPass(Pass):
         if any(layer.output_error is None for layer in ctx.layers):
             raise PassPreconditionError(f"{self.name}: needs every layer's output error; run output_error first "
                                         "(calibration with error rows > 0)")
+        if any(layer.group_size is None for layer in ctx.layers):
+            raise PassPreconditionError(f"{self.name}: needs the 4-bit group size; run quantize_weights first")
 
     def call(self, ctx: ConversionContext) -> bool:
         total = sum(layer.k * layer.n for layer in ctx.layers)
@@ -44,7 +46,10 @@ class MixedPrecisionPass(Pass):
             if chosen >= self.count and weights + size > self.fraction * total:
                 break
             layer.w4_output_error = layer.output_error
-            layer.weight_int8 = quantize_weight_per_channel_int8(layer.weight)
+            u, scales, zero_points = quantize_weight_groupwise_int8(
+                pad_to_group_multiple(layer.weight, layer.group_size), layer.group_size, layer.symmetric)
+            layer.packed = (u, scales, zero_points)  # the op's B [N, K'] as it is
+            layer.weight_error = relative_weight_error(layer.weight, u, scales, zero_points)
             layer.weight_bits = 8
             layer.output_error = layer_output_error(group.sample_rows, layer, group.lae_scales)
             chosen, weights = chosen + 1, weights + size

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from fptq_onnx.external_data import release_pages
-from fptq_onnx.quant import (dequantize_weight, gptq_factor, gptq_quantize_weight, output_error_clip_ratios,
-                             pack_int4, pad_to_group_multiple, quantize_weight_groupwise)
+from fptq_onnx.quant import (gptq_factor, gptq_quantize_weight, output_error_clip_ratios, pack_int4,
+                             pad_to_group_multiple, quantize_weight_groupwise, relative_weight_error)
 
 from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
 
@@ -74,9 +74,7 @@ class QuantizeWeightsPass(Pass):
                                                                   ratio, factor=factor)
                 else:
                     u, scales, zero_points = quantize_weight_groupwise(padded, self.group_size, self.symmetric, ratio)
-                restored = dequantize_weight(u, scales, zero_points)[: layer.k]
-                norm = float(np.linalg.norm(layer.weight))
-                layer.weight_error = float(np.linalg.norm(layer.weight - restored)) / norm if norm else 0.0
+                layer.weight_error = relative_weight_error(layer.weight, u, scales, zero_points)
                 layer.packed = (pack_int4(u), scales, zero_points)
                 layer.group_size = self.group_size
                 layer.k_padded = padded.shape[0]

@@ -1,5 +1,6 @@
 """Replace each quantized MatMul/Gemm with the W4A8 op (``ai.fptq::W4A8MatMul``), or, for the
-layers mixed precision kept at 8-bit weights, with ``ai.fptq::W8A8MatMul``.
+layers mixed precision kept at 8-bit weights, with ``ai.fptq::W8A8MatMul`` (the same inputs and
+attributes, B one byte per weight).
 
 The new node reads the layer's original input, the packed weights, group scales, zero points
 and the static activation scale, and writes the original output tensor, so nothing downstream
@@ -49,24 +50,17 @@ class ReplaceMatMulPass(Pass):
         name = layer.name
         activation = node.inputs[0]
         act_scale = gs.Constant(f"{name}.act_scale", np.array(layer.act_scale, np.float32))
-        if layer.weight_bits == 8:  # mixed precision: int8 weights need no padding
-            weight_int8, weight_scales = layer.weight_int8
-            op_type, suffix, attrs = W8A8_OP_TYPE, "w8a8_matmul", {"act_mode": ACT_MODE_CODES[layer.act_mode]}
-            inputs = [activation, gs.Constant(f"{name}.weight_int8", weight_int8),
-                      gs.Constant(f"{name}.weight_scales", weight_scales), act_scale]
-        else:
-            packed, scales, zero_points = layer.packed
-            if layer.k_padded != layer.k:
-                if activation.name not in padded_inputs:
-                    padded_inputs[activation.name] = _pad_last_axis(ctx, group.name, activation,
-                                                                    layer.k_padded - layer.k)
-                activation = padded_inputs[activation.name]
-            op_type, suffix = OP_TYPE, "w4a8_matmul"
-            attrs = {"K": layer.k_padded, "N": layer.n, "group_size": layer.group_size,
-                     "act_mode": ACT_MODE_CODES[layer.act_mode]}
-            inputs = [activation, gs.Constant(f"{name}.weight_packed", packed),
-                      gs.Constant(f"{name}.weight_scales", scales.astype(np.float32)),
-                      gs.Constant(f"{name}.weight_zero_points", zero_points), act_scale]
+        packed, scales, zero_points = layer.packed  # B: nibbles, or bytes for 8-bit weights
+        if layer.k_padded != layer.k:
+            if activation.name not in padded_inputs:
+                padded_inputs[activation.name] = _pad_last_axis(ctx, group.name, activation, layer.k_padded - layer.k)
+            activation = padded_inputs[activation.name]
+        op_type, suffix = (W8A8_OP_TYPE, "w8a8_matmul") if layer.weight_bits == 8 else (OP_TYPE, "w4a8_matmul")
+        attrs = {"K": layer.k_padded, "N": layer.n, "group_size": layer.group_size,
+                 "act_mode": ACT_MODE_CODES[layer.act_mode]}
+        inputs = [activation, gs.Constant(f"{name}.weight_packed", packed),
+                  gs.Constant(f"{name}.weight_scales", scales.astype(np.float32)),
+                  gs.Constant(f"{name}.weight_zero_points", zero_points), act_scale]
         node.outputs.clear()
         node.inputs.clear()
         result = output

@@ -4,12 +4,11 @@ fails when the option does nothing."""
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from fptq_onnx import quant
 from fptq_onnx.calibration import SecondMoment, slac_windows
 from fptq_onnx.passes.auto_thresholds import best_split
-from fptq_onnx.passes.functions import OP_DOMAIN, W8A8_OP_TYPE, add_w4a8_function
+from fptq_onnx.passes.functions import W8A8_OP_TYPE, single_op_model
 from fptq_onnx.pipeline import ConvertConfig, convert
 from fptq_onnx.calibration import CalibrationConfig
 from fptq_onnx.session import InferenceSession
@@ -156,27 +155,23 @@ def test_best_split_prefers_static_within_tolerance():
     assert best_split(errors, 0.02) == (4, 0)  # 1% worse but no dynamic layer: all static
 
 
-def w8a8_model(k, n, act_mode, rng):
-    w8, scales = quant.quantize_weight_per_channel_int8(rng.standard_normal((k, n)))
-    node = helper.make_node(W8A8_OP_TYPE, ["X", "W", "S", "A"], ["Y"], domain=OP_DOMAIN, act_mode=act_mode)
-    graph = helper.make_graph([node], "w8a8", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])],
-                              [numpy_helper.from_array(w8, "W"), numpy_helper.from_array(scales, "S"),
-                               numpy_helper.from_array(np.array(0.04, np.float32), "A")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    add_w4a8_function(model)
+def w8a8_model(k, n, group_size, symmetric, act_mode, rng):
+    u, scales, zeros = quant.quantize_weight_groupwise_int8(rng.standard_normal((k, n)), group_size, symmetric)
+    model = onnx.load_from_string(single_op_model({"B": u, "S": scales, "Z": zeros}, 0.04, k=k, n=n,
+                                                  group_size=group_size, act_mode=act_mode, op_type=W8A8_OP_TYPE))
     onnx.checker.check_model(model, full_check=True)
-    return model, w8, scales
+    return model, (u, scales, zeros)
 
 
 @pytest.mark.parametrize("act_mode", [0, 1])
-def test_w8a8_function_body_matches_reference(rng, act_mode):
-    model, w8, scales = w8a8_model(96, 24, act_mode, rng)
+@pytest.mark.parametrize("group_size, symmetric", [pytest.param(32, False, id="g32-asym"),
+                                                   pytest.param(96, True, id="per-channel-sym")])
+def test_w8a8_function_body_matches_reference(rng, act_mode, group_size, symmetric):
+    model, weights = w8a8_model(96, 24, group_size, symmetric, act_mode, rng)
     x = rng.standard_normal((7, 96)).astype(np.float32) * 2
-    ref = quant.w8a8_matmul_reference(x, w8, scales, 0.04, act_mode)
+    ref = quant.w8a8_matmul_reference(x, *weights, 0.04, act_mode)
     for got in (run_model(model, {"X": x})[0],  # stock ORT: the body
-                InferenceSession(model.SerializeToString()).run(None, {"X": x})[0]):  # with our library loaded
+                InferenceSession(model.SerializeToString()).run(None, {"X": x})[0]):  # with our library: the kernel
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
@@ -200,14 +195,24 @@ def test_mixed_precision_moves_the_worst_layer_to_8_bits(tiny_workdir):
     assert moved.name == worst.name
     assert moved.w4_output_error == pytest.approx(worst.output_error)
     assert moved.output_error < 0.5 * worst.output_error
-    nodes = {n.name: n.op_type for n in onnx.load(str(tiny_workdir / "w8.onnx")).graph.node}
+    converted = onnx.load(str(tiny_workdir / "w8.onnx"))
+    nodes = {n.name: n.op_type for n in converted.graph.node}
     assert nodes[f"{moved.name}/w8a8_matmul"] == W8A8_OP_TYPE
     assert sum(op == "W4A8MatMul" for op in nodes.values()) == 2
+    # W4A8MatMul's contract with one byte per weight: B uint8 [N, K], the 4-bit layers' groups
+    node = next(n for n in converted.graph.node if n.op_type == W8A8_OP_TYPE)
+    shapes = {t.name: (tuple(t.dims), t.data_type) for t in converted.graph.initializer}
+    assert shapes[node.input[1]] == ((moved.n, moved.k), onnx.TensorProto.UINT8)
+    assert shapes[node.input[2]][0] == shapes[node.input[3]][0] == (moved.n, moved.k // 64)
+    assert {a.name: a.i for a in node.attribute if a.name != "act_mode"} == {"K": moved.k, "N": moved.n,
+                                                                             "group_size": 64}
     x = outlier_inputs(np.random.default_rng(7), (1, 16, 128))
     ref = run_model(str(tiny_workdir / "model.onnx"), {"x": x})[0]
     got = InferenceSession(str(tiny_workdir / "w8.onnx")).run(None, {"x": x})[0]
     w4 = InferenceSession(str(tiny_workdir / "w4.onnx")).run(None, {"x": x})[0]
     assert np.linalg.norm(got - ref) < np.linalg.norm(w4 - ref)
+    body = run_model(str(tiny_workdir / "w8.onnx"), {"x": x})[0]  # stock ORT: the function bodies
+    np.testing.assert_allclose(got, body, rtol=0, atol=1e-4 * np.abs(body).max())
 
 
 def test_mixed_precision_size_budget(tiny_workdir):

@@ -1,11 +1,12 @@
-"""Hypothesis fuzz test of the CPU kernel of ai.fptq::W4A8MatMul against the float64 reference
-and the function body (stock ONNX Runtime), and of its refusals of malformed inputs.
+"""Hypothesis fuzz test of the CPU kernels of ai.fptq::W4A8MatMul and W8A8MatMul against the
+float64 reference and the function body (stock ONNX Runtime), and of their refusals of
+malformed inputs.
 
 Shapes (M from 0, K as groups of 2 to 128, N odd and even around the 16-channel tiles), both
-activation modes, every ISA this CPU runs, and values from float32's subnormals to 1e25 with
+weight widths, both activation modes, every ISA this CPU runs, and values from float32's subnormals to 1e25 with
 outliers, all-zero rows, NaN and +-Inf rows (docs/ops.md, "NaN and Inf"). Weights, scales and zero points
 are fed as graph inputs, so one session per (ISA, K, N, group_size, act_mode) serves every
-example of that shape. ``FPTQ_FUZZ_EXAMPLES`` (default 2000) sets the number of examples
+example of that shape and op. ``FPTQ_FUZZ_EXAMPLES`` (default 2000) sets the number of examples
 (.ci/sanitize runs fewer under AddressSanitizer).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, I
 
 from fptq_onnx import quant
 
-from test_kernel_cpu import ISAS, kernel_session, stock_session, w4a8_model
+from test_kernel_cpu import ISAS, kernel_session, op_model, stock_session, w4a8_model
 
 EXAMPLES = int(os.environ.get("FPTQ_FUZZ_EXAMPLES", "2000"))
 WEIGHT_INPUTS = ("B", "S", "Z", "A")
@@ -44,13 +45,14 @@ def _unknown_shapes(model_bytes: bytes) -> bytes:
 
 
 @functools.cache
-def sessions(isa: str, k: int, n: int, group_size: int, act_mode: int):
-    """(kernel session with $FPTQ_CPU_ISA=isa, stock session running the body) for one shape."""
+def sessions(isa: str, k: int, n: int, group_size: int, act_mode: int, bits: int = 4):
+    """(kernel session with $FPTQ_CPU_ISA=isa, stock session running the body) for one shape of
+    the op for bits-bit weights."""
     groups = k // group_size
-    placeholder = {"B": np.zeros((n, k // 2), np.uint8), "S": np.ones((n, groups), np.float32),
+    placeholder = {"B": np.zeros((n, k * bits // 8), np.uint8), "S": np.ones((n, groups), np.float32),
                    "Z": np.zeros((n, groups), np.uint8)}
-    model = _unknown_shapes(w4a8_model(placeholder, 1.0, k=k, n=n, group_size=group_size, act_mode=act_mode,
-                                       graph_inputs=WEIGHT_INPUTS))
+    model = _unknown_shapes(op_model(placeholder, 1.0, bits, k=k, n=n, group_size=group_size, act_mode=act_mode,
+                                     graph_inputs=WEIGHT_INPUTS))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FPTQ_CPU_ISA", isa)
         kernel = kernel_session(model)
@@ -73,14 +75,18 @@ def supported_isas() -> tuple[str, ...]:
 # --- data ---------------------------------------------------------------------------------
 
 
-def random_weights(rng: np.random.Generator, k: int, n: int, group_size: int, symmetric: bool, scale_exp: int):
-    """Op inputs B, S, Z of random nibbles (not necessarily from quantizing anything): any u and
-    z in [0, 15] (z = 8 when symmetric) and positive scales around 10**scale_exp."""
+def random_weights(rng: np.random.Generator, k: int, n: int, group_size: int, symmetric: bool, scale_exp: int,
+                   bits: int = 4):
+    """Op inputs B, S, Z of random weights (not necessarily from quantizing anything): any u and
+    z in [0, 2^bits - 1] (z = 2^(bits - 1) when symmetric) and positive scales around 10**scale_exp.
+    B: the nibbles packed (4 bits) or u itself (8 bits)."""
     groups = k // group_size
-    u = rng.integers(0, 16, (n, k), dtype=np.uint8)
-    z = np.full((n, groups), 8, np.uint8) if symmetric else rng.integers(0, 16, (n, groups), dtype=np.uint8)
+    levels = 2**bits
+    u = rng.integers(0, levels, (n, k), dtype=np.uint8)
+    z = (np.full((n, groups), levels // 2, np.uint8) if symmetric
+         else rng.integers(0, levels, (n, groups), dtype=np.uint8))
     s = (rng.uniform(0.5, 2.0, (n, groups)) * 10.0**scale_exp).astype(np.float32)
-    return {"B": quant.pack_int4(u), "S": s, "Z": z}
+    return {"B": quant.pack_int4(u) if bits == 4 else u, "S": s, "Z": z}
 
 
 def random_activations(rng: np.random.Generator, m: int, k: int, exp: int, spread: int, specials: bool) -> np.ndarray:
@@ -99,12 +105,13 @@ def random_activations(rng: np.random.Generator, m: int, k: int, exp: int, sprea
     return x
 
 
-def expected_output(x, weights, act_scale, act_mode) -> np.ndarray:
+def expected_output(x, weights, act_scale, act_mode, bits=4) -> np.ndarray:
     """The float64 reference, docs/ops.md's NaN policy included (``quant.poisoned_rows``)."""
-    return quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], act_scale, act_mode)
+    of = quant.w8a8_matmul_reference if bits == 8 else quant.w4a8_matmul_reference
+    return of(x, weights["B"], weights["S"], weights["Z"], act_scale, act_mode)
 
 
-def error_bounds(x, weights, act_scale, act_mode, group_size):
+def error_bounds(x, weights, act_scale, act_mode, group_size, bits=4):
     """Elementwise bounds on |Y - reference| for the kernel and for the function body.
 
     Quantization is exact in both: q[m, k] = clip(rint(x * (1 / a_m)), -127, 127) comes from
@@ -112,7 +119,7 @@ def error_bounds(x, weights, act_scale, act_mode, group_size):
     multiply; no sum, so no FMA contraction and no order dependence). A q one step off at a
     rounding boundary would therefore be a bug, and the bounds allow for none. What differs is
     the float32 arithmetic after the exact int32 group sums D_g = sum_{k in g} q (u - z)
-    (|D_g| < 2^24, so float(D_g) is exact):
+    (|D_g| < 2^24, so float(D_g) is exact: 127 * 255 * 128 < 2^23 for 8-bit weights too):
 
     * kernel: Y = a_m * sum_g s_g * D_g, summed in float32 over G groups, one rounding per
       product (or none with FMA) and per addition, one for the final * a_m. Standard summation
@@ -130,7 +137,7 @@ def error_bounds(x, weights, act_scale, act_mode, group_size):
     else:
         q = quant.quantize_activation_per_tensor(np.where(np.isinf(x), x, x64).astype(np.float32), act_scale)
         a = np.float64(np.float32(act_scale))
-    u = quant.unpack_int4(weights["B"]).astype(np.int64)  # [N, K]
+    u = (quant.unpack_int4(weights["B"]) if bits == 4 else weights["B"]).astype(np.int64)  # [N, K]
     n, k = u.shape
     groups = k // group_size
     centered = (u.reshape(n, groups, group_size) - weights["Z"][..., None].astype(np.int64))  # [N, G, g]
@@ -159,6 +166,7 @@ def assert_matches(name, got, expected, bound):
 
 problems = st.fixed_dictionaries({
     "isa": st.sampled_from(ISAS),  # one not supported here is replaced below
+    "bits": st.sampled_from([4, 8]),
     "act_mode": st.sampled_from([quant.ACT_PER_TENSOR_STATIC, quant.ACT_PER_TOKEN_DYNAMIC]),
     "group_size": st.sampled_from(GROUP_SIZES),
     "groups": st.integers(1, 3),
@@ -184,16 +192,16 @@ def test_kernel_matches_reference_and_body(p):
     k = p["group_size"] * p["groups"]
     spread = min(p["spread"], 25 - p["x_exp"])  # magnitudes up to 1e25 (below 1e-45: zeros)
     x = random_activations(rng, p["m"], k, p["x_exp"], spread, p["specials"])
-    weights = random_weights(rng, k, p["n"], p["group_size"], p["symmetric"], p["scale_exp"])
+    weights = random_weights(rng, k, p["n"], p["group_size"], p["symmetric"], p["scale_exp"], p["bits"])
     finite_max = float(np.abs(np.where(np.isfinite(x), x, 0)).max(initial=0.0))
     act_scale = np.float32(max(finite_max / 127 * 2.0 ** p["act_scale_log2"], np.finfo(np.float32).tiny)
                            if finite_max else 1.0)
     feeds = {"X": x, **weights, "A": np.asarray(act_scale, np.float32)}
 
-    kernel, body = sessions(isa, k, p["n"], p["group_size"], p["act_mode"])
-    expected = expected_output(x, weights, act_scale, p["act_mode"])
-    kernel_bound, body_bound = error_bounds(x, weights, act_scale, p["act_mode"], p["group_size"])
-    assert_matches(f"kernel ({isa})", kernel.run(None, feeds)[0], expected, kernel_bound)
+    kernel, body = sessions(isa, k, p["n"], p["group_size"], p["act_mode"], p["bits"])
+    expected = expected_output(x, weights, act_scale, p["act_mode"], p["bits"])
+    kernel_bound, body_bound = error_bounds(x, weights, act_scale, p["act_mode"], p["group_size"], p["bits"])
+    assert_matches(f"kernel ({isa}, {p['bits']}-bit weights)", kernel.run(None, feeds)[0], expected, kernel_bound)
     assert_matches("function body", body.run(None, feeds)[0], expected, body_bound)
 
 
@@ -226,6 +234,24 @@ def test_malformed_inputs_fail_the_run(change, match):
     kernel, _ = sessions("generic", 64, 7, 32, quant.ACT_PER_TENSOR_STATIC)
     with pytest.raises(InvalidArgument, match=match):
         kernel.run(None, {**_good_feeds(), **change})
+
+
+W8_MALFORMED = [
+    pytest.param({"B": np.zeros((7, 32), np.uint8)}, "B has shape \\[7, 32\\], expected \\[7, 64\\]", id="B-4-bit-shape"),
+    pytest.param({"B": np.zeros((7, 64, 1), np.uint8)}, "B has shape", id="B-rank-3"),
+    pytest.param({"S": np.ones((7, 1), np.float32)}, "scales has shape", id="scales-wrong-groups"),
+    pytest.param({"X": np.zeros((0, 65), np.float32)}, "X has shape", id="X-no-rows-wrong-K"),
+]
+
+
+@pytest.mark.parametrize("change, match", W8_MALFORMED)
+def test_w8_malformed_inputs_fail_the_run(change, match):
+    kernel, _ = sessions("generic", 64, 7, 32, quant.ACT_PER_TOKEN_DYNAMIC, 8)
+    rng = np.random.default_rng(0)
+    feeds = {"X": rng.standard_normal((3, 64)).astype(np.float32), **random_weights(rng, 64, 7, 32, False, 0, 8),
+             "A": np.asarray(1.0, np.float32)}
+    with pytest.raises(InvalidArgument, match=f"W8A8MatMul node 'w8a8': {match}"):
+        kernel.run(None, {**feeds, **change})
 
 
 @pytest.mark.parametrize("name, dtype", [

@@ -1,5 +1,7 @@
-"""The CPU kernel of ai.fptq::W4A8MatMul (libfptq_ops.so) against the function body and the
-float64 reference (docs/ops.md), plus its error paths, thread safety and the Python loader.
+"""The CPU kernels of ai.fptq::W4A8MatMul and W8A8MatMul (libfptq_ops.so) against the function
+body and the float64 reference (docs/ops.md), plus their error paths, thread safety and the
+Python loader. Tests taking ``bits`` run both ops: 4-bit (W4A8MatMul) and 8-bit (W8A8MatMul)
+weights, one kernel with two weight formats.
 
 Numerics bound: |Y_kernel - Y_expected| <= 1e-5 * max|Y_expected| elementwise, where the
 expected output is the float64 reference or the function body run by stock ONNX Runtime.
@@ -12,6 +14,7 @@ import threading
 
 import numpy as np
 import onnx
+import onnx.parser
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -19,23 +22,39 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, Runtime
 
 import fptq_onnx
 from fptq_onnx import quant
-from fptq_onnx.passes.functions import single_op_model, w4a8_function
+from fptq_onnx.passes.functions import OP_TYPE, W8A8_OP_TYPE, single_op_model, w4a8_function, w8a8_function
 
 REL_TOL = 1e-5
 ISAS = ["generic", "avx2", "avx512vnni", "amx"]
+WIDTHS = [pytest.param(4, id="w4"), pytest.param(8, id="w8")]  # weight bits: W4A8MatMul, W8A8MatMul
 
 
 # --- model building -----------------------------------------------------------------------
 
 
-def quantized_weights(rng, k, n, group_size, symmetric):
-    """Op inputs of a random [K, N] weight: dict B uint8 [N, K/2], S float32 [N, G], Z uint8 [N, G]."""
+def quantized_weights(rng, k, n, group_size, symmetric, bits=4):
+    """Op inputs of a random [K, N] weight: dict B uint8 [N, K/2] (8 bits: [N, K]), S float32
+    [N, G], Z uint8 [N, G]."""
     w = rng.standard_normal((k, n)).astype(np.float32)
+    if bits == 8:
+        u, scales, zeros = quant.quantize_weight_groupwise_int8(w, group_size, symmetric)
+        return {"B": u, "S": scales, "Z": zeros}
     u, scales, zeros = quant.quantize_weight_groupwise(w, group_size, symmetric)
     return {"B": quant.pack_int4(u), "S": scales, "Z": zeros}
 
 
 w4a8_model = single_op_model  # the one-node model every kernel test runs
+
+
+def op_model(weights, act_scale, bits=4, **kwargs):
+    """single_op_model of the op for ``bits``-bit weights."""
+    return single_op_model(weights, act_scale, op_type=W8A8_OP_TYPE if bits == 8 else OP_TYPE, **kwargs)
+
+
+def reference(x, weights, act_scale, act_mode, bits=4):
+    """The float64 reference of the op for ``bits``-bit weights on the inputs of quantized_weights()."""
+    of = quant.w8a8_matmul_reference if bits == 8 else quant.w4a8_matmul_reference
+    return of(x, weights["B"], weights["S"], weights["Z"], act_scale, act_mode)
 
 
 def stock_session(model_bytes):
@@ -102,21 +121,41 @@ CASES = [
     pytest.param(7, 4096, 20, 2048, 1, False, id="dynamic-asym-M7-g2048-large-group"),
     # K so large that a task's q rows are capped to fit L2 (48 rows per task, not 64 or 256).
     pytest.param(100, 16384, 20, 128, 1, False, id="dynamic-asym-M100-K16384-rows-per-task-capped"),
+    # One group per channel (group_size = K: the quantized language-model head), streaming and blocked.
+    pytest.param(1, 576, 200, 576, 1, True, id="dynamic-sym-M1-per-channel-K576"),
+    pytest.param(37, 576, 70, 576, 0, False, id="static-asym-M37-per-channel-K576"),
+    pytest.param(512, 192, 33, 64, 1, False, id="dynamic-asym-M512"),
 ]
 
 
+@pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("m, k, n, group_size, act_mode, symmetric", CASES)
-def test_kernel_matches_function_body_and_reference(isa, m, k, n, group_size, act_mode, symmetric):
+def test_kernel_matches_function_body_and_reference(isa, bits, m, k, n, group_size, act_mode, symmetric):
     rng = np.random.default_rng(m * 1000 + k + n)
-    weights = quantized_weights(rng, k, n, group_size, symmetric)
+    weights = quantized_weights(rng, k, n, group_size, symmetric, bits)
     x = (rng.standard_normal((m, k)) * 3.0).astype(np.float32)
     act_scale = np.float32(np.abs(x).max() / 127.0)
-    model = w4a8_model(weights, act_scale, k=k, n=n, group_size=group_size, act_mode=act_mode)
-    reference = quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], act_scale, act_mode)
+    model = op_model(weights, act_scale, bits, k=k, n=n, group_size=group_size, act_mode=act_mode)
     got = kernel_session(model).run(None, {"X": x})[0]
     assert got.dtype == np.float32
-    assert_close(got, reference)
+    assert_close(got, reference(x, weights, act_scale, act_mode, bits))
     assert_close(got, stock_session(model).run(None, {"X": x})[0].astype(np.float64))
+
+
+@pytest.mark.parametrize("symmetric", [pytest.param(True, id="sym"), pytest.param(False, id="asym")])
+def test_w8_extreme_bytes_match_the_reference(isa, symmetric):
+    """u = 0 and 255 against z = 0 and 255 (|u - z| = 255, the int16 limit of the AVX2 trick) with
+    |q| = 127 everywhere: the exact int32 sums of the 8-bit path, every ISA."""
+    rng = np.random.default_rng(47)
+    k, n, group_size = 256, 37, 64
+    u = rng.choice(np.array([0, 1, 127, 128, 254, 255], np.uint8), (n, k))
+    z = np.full((n, k // group_size), 128, np.uint8) if symmetric else rng.choice(
+        np.array([0, 255, 128], np.uint8), (n, k // group_size))
+    weights = {"B": u, "S": rng.uniform(0.5, 2, (n, k // group_size)).astype(np.float32), "Z": z}
+    x = np.where(rng.random((9, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    model = op_model(weights, 1.0 / 127, 8, k=k, n=n, group_size=group_size, act_mode=0)
+    got = kernel_session(model).run(None, {"X": x})[0]
+    assert_close(got, reference(x, weights, np.float32(1.0 / 127), 0, 8))
 
 
 @pytest.mark.parametrize("shape", [
@@ -125,36 +164,39 @@ def test_kernel_matches_function_body_and_reference(isa, m, k, n, group_size, ac
     pytest.param((128,), id="1d"),
 ])
 @pytest.mark.parametrize("act_mode", [pytest.param(0, id="static"), pytest.param(1, id="dynamic")])
-def test_leading_dims_are_flattened(shape, act_mode):
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_leading_dims_are_flattened(shape, act_mode, bits):
     rng = np.random.default_rng(7)
-    weights = quantized_weights(rng, 128, 11, 64, False)
+    weights = quantized_weights(rng, 128, 11, 64, False, bits)
     x = rng.standard_normal(shape).astype(np.float32)
-    model = w4a8_model(weights, 0.02, k=128, n=11, group_size=64, act_mode=act_mode, x_rank=len(shape))
+    model = op_model(weights, 0.02, bits, k=128, n=11, group_size=64, act_mode=act_mode, x_rank=len(shape))
     got = kernel_session(model).run(None, {"X": x})[0]
     assert got.shape == shape[:-1] + (11,)
-    assert_close(got, quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 0.02, act_mode))
+    assert_close(got, reference(x, weights, 0.02, act_mode, bits))
 
 
 @pytest.mark.parametrize("shape", [pytest.param((0, 128), id="2d"), pytest.param((2, 0, 128), id="3d")])
-def test_zero_rows_give_an_empty_output(shape):
-    weights = quantized_weights(np.random.default_rng(3), 128, 9, 32, True)
-    model = w4a8_model(weights, 0.05, k=128, n=9, group_size=32, act_mode=1, x_rank=len(shape))
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_zero_rows_give_an_empty_output(shape, bits):
+    weights = quantized_weights(np.random.default_rng(3), 128, 9, 32, True, bits)
+    model = op_model(weights, 0.05, bits, k=128, n=9, group_size=32, act_mode=1, x_rank=len(shape))
     x = np.zeros(shape, np.float32)
     got = kernel_session(model).run(None, {"X": x})[0]
     assert got.shape == shape[:-1] + (9,)
     assert got.shape == stock_session(model).run(None, {"X": x})[0].shape
 
 
-def test_all_zero_row_gives_zero_output_row(isa):
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_all_zero_row_gives_zero_output_row(isa, bits):
     """Dynamic mode: a_m = 1 for an all-zero row (no division by zero), so its Y row is exactly 0."""
     rng = np.random.default_rng(5)
-    weights = quantized_weights(rng, 128, 37, 32, False)
+    weights = quantized_weights(rng, 128, 37, 32, False, bits)
     x = rng.standard_normal((4, 128)).astype(np.float32)
     x[2] = 0.0
-    model = w4a8_model(weights, 1.0, k=128, n=37, group_size=32, act_mode=1)
+    model = op_model(weights, 1.0, bits, k=128, n=37, group_size=32, act_mode=1)
     got = kernel_session(model).run(None, {"X": x})[0]
     assert not got[2].any()
-    assert_close(got, quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 1.0, 1))
+    assert_close(got, reference(x, weights, 1.0, 1, bits))
 
 
 def test_dynamic_scale_below_2_to_the_minus_126_counts_as_zero(isa):
@@ -210,23 +252,23 @@ def test_ties_round_half_to_even(isa):
 
 
 @pytest.mark.parametrize("act_mode", [pytest.param(0, id="static"), pytest.param(1, id="dynamic")])
-def test_nan_and_inf_rows_follow_the_policy(isa, act_mode):
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_nan_and_inf_rows_follow_the_policy(isa, act_mode, bits):
     """docs/ops.md "NaN and Inf", as the function body does: a NaN makes its Y row NaN in both
     modes; an Inf makes it NaN in dynamic mode (a_m = Inf) and saturates to +-127 in static mode.
     Other rows are untouched. (tests/test_fuzz_kernel.py covers this over random shapes.)"""
     rng = np.random.default_rng(29)
-    weights = quantized_weights(rng, 128, 21, 32, False)
+    weights = quantized_weights(rng, 128, 21, 32, False, bits)
     x = rng.standard_normal((4, 128)).astype(np.float32)
     x[1, 5], x[2, 7], x[3, 9] = np.nan, np.inf, -np.inf
-    model = w4a8_model(weights, 0.05, k=128, n=21, group_size=32, act_mode=act_mode)
+    model = op_model(weights, 0.05, bits, k=128, n=21, group_size=32, act_mode=act_mode)
     got = kernel_session(model).run(None, {"X": x})[0]
     nan_rows = [1, 2, 3] if act_mode == 1 else [1]
     np.testing.assert_array_equal(np.isnan(got).all(axis=1), [i in nan_rows for i in range(4)])
     np.testing.assert_array_equal(np.isnan(got), np.isnan(stock_session(model).run(None, {"X": x})[0]))
     # the other rows: +-Inf quantizes to +-127 in static mode, like any |x| > 127 * act_scale
     rows = [i for i in range(4) if i not in nan_rows]
-    assert_close(got[rows], quant.w4a8_matmul_reference(x[rows], weights["B"], weights["S"], weights["Z"],
-                                                        0.05, act_mode))
+    assert_close(got[rows], reference(x[rows], weights, 0.05, act_mode, bits))
 
 
 def test_zero_points_beyond_15_match_the_reference(isa):
@@ -243,12 +285,13 @@ def test_zero_points_beyond_15_match_the_reference(isa):
     assert_close(got, quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 1.0, 1))
 
 
-def test_isas_agree():
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_isas_agree(bits):
     """Every ISA this CPU has computes the same Y (up to float32 rounding of the group sums)."""
     rng = np.random.default_rng(13)
-    weights = quantized_weights(rng, 384, 45, 64, False)
+    weights = quantized_weights(rng, 384, 45, 64, False, bits)
     x = rng.standard_normal((9, 384)).astype(np.float32)
-    model = w4a8_model(weights, 1.0, k=384, n=45, group_size=64, act_mode=1)
+    model = op_model(weights, 1.0, bits, k=384, n=45, group_size=64, act_mode=1)
     results = {}
     with pytest.MonkeyPatch.context() as mp:
         for name in ISAS:
@@ -267,39 +310,42 @@ def test_isas_agree():
     pytest.param(70, 37, 32, id="M70-N37-g32-two-row-blocks"),
     pytest.param(53, 37, 128, id="M53-N37-g128-amx-blocks-of-32-and-16"),
 ])
-def test_rows_do_not_depend_on_the_batch(isa, m, n, group_size):
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_rows_do_not_depend_on_the_batch(isa, m, n, group_size, bits):
     """Dynamic mode: row i of Y(X) is bit for bit Y(X[i]) run alone, so a token's output does not
     depend on what it is batched with, although the kernels take other paths for one row
     (streaming) than for many (register blocks over unpacked weights; AMX tiles for whole
     blocks of 16 rows)."""
     rng = np.random.default_rng(37)
-    weights = quantized_weights(rng, 384, n, group_size, False)
+    weights = quantized_weights(rng, 384, n, group_size, False, bits)
     x = rng.standard_normal((m, 384)).astype(np.float32)
-    session = kernel_session(w4a8_model(weights, 1.0, k=384, n=n, group_size=group_size, act_mode=1))
+    session = kernel_session(op_model(weights, 1.0, bits, k=384, n=n, group_size=group_size, act_mode=1))
     batched = session.run(None, {"X": x})[0]
     for i in range(m):
         np.testing.assert_array_equal(batched[i:i + 1], session.run(None, {"X": x[i:i + 1]})[0])
 
 
-def test_weights_fed_as_graph_inputs_are_not_cached():
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_weights_fed_as_graph_inputs_are_not_cached(bits):
     """Non-constant weights are packed per run: a second run with other weights sees them."""
     rng = np.random.default_rng(17)
-    first, second = (quantized_weights(rng, 128, 7, 32, False) for _ in range(2))
+    first, second = (quantized_weights(rng, 128, 7, 32, False, bits) for _ in range(2))
     x = rng.standard_normal((3, 128)).astype(np.float32)
-    model = w4a8_model(first, 1.0, k=128, n=7, group_size=32, act_mode=1, graph_inputs=("B", "S", "Z"))
+    model = op_model(first, 1.0, bits, k=128, n=7, group_size=32, act_mode=1, graph_inputs=("B", "S", "Z"))
     session = kernel_session(model)
     for weights in (first, second, first):
         got = session.run(None, {"X": x, **weights})[0]
-        assert_close(got, quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 1.0, 1))
+        assert_close(got, reference(x, weights, 1.0, 1, bits))
 
 
 @pytest.mark.parametrize("x_type", [pytest.param(TensorProto.FLOAT, id="float32"),
                                     pytest.param(TensorProto.FLOAT16, id="float16")])
-def test_library_kernel_replaces_the_function_body(x_type):
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_library_kernel_replaces_the_function_body(x_type, bits):
     """A model whose function body doubles Y: stock ORT doubles, the library's kernel does not."""
     rng = np.random.default_rng(19)
-    weights = quantized_weights(rng, 128, 5, 64, True)
-    doubled = w4a8_function()
+    weights = quantized_weights(rng, 128, 5, 64, True, bits)
+    doubled = w8a8_function() if bits == 8 else w4a8_function()
     # Double the body's float32 MatMul product, before the cast back to X's type.
     index, matmul = next((i, node) for i, node in enumerate(doubled.node) if node.op_type == "MatMul")
     product = matmul.output[0]
@@ -307,30 +353,66 @@ def test_library_kernel_replaces_the_function_body(x_type):
     doubled.node.insert(index + 1, helper.make_node(
         "Constant", [], [product + "_two"], value=numpy_helper.from_array(np.array(2.0, np.float32))))
     doubled.node.insert(index + 2, helper.make_node("Mul", [product + "_once", product + "_two"], [product]))
-    model = w4a8_model(weights, 1.0, k=128, n=5, group_size=64, act_mode=1, function=doubled, x_type=x_type)
+    model = op_model(weights, 1.0, bits, k=128, n=5, group_size=64, act_mode=1, function=doubled, x_type=x_type)
     x = rng.standard_normal((2, 128)).astype(helper.tensor_dtype_to_np_dtype(x_type))
-    reference = quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 1.0, 1)
+    expected = reference(x, weights, 1.0, 1, bits)
     # float16 Y: within half an ulp of the float32 result (2^-11 relative), far from 2x.
-    tolerance = 2.0**-10 * np.abs(reference) + 1e-5 * np.abs(reference).max()
-    assert np.all(np.abs(stock_session(model).run(None, {"X": x})[0] - 2 * reference) <= 2 * tolerance)
-    assert np.all(np.abs(kernel_session(model).run(None, {"X": x})[0] - reference) <= tolerance)
+    tolerance = 2.0**-10 * np.abs(expected) + 1e-5 * np.abs(expected).max()
+    assert np.all(np.abs(stock_session(model).run(None, {"X": x})[0] - 2 * expected) <= 2 * tolerance)
+    assert np.all(np.abs(kernel_session(model).run(None, {"X": x})[0] - expected) <= tolerance)
 
 
 @pytest.mark.parametrize("act_mode", [pytest.param(0, id="static"), pytest.param(1, id="dynamic")])
-def test_float16_x_matches_function_body(act_mode):
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_float16_x_matches_function_body(act_mode, bits):
     """float16 X/Y: the same float32 math between a widening and a narrowing cast, as in the body."""
     rng = np.random.default_rng(31)
-    weights = quantized_weights(rng, 384, 37, 64, False)
+    weights = quantized_weights(rng, 384, 37, 64, False, bits)
     x = (rng.standard_normal((2, 9, 384)) * 3).astype(np.float16)
-    model = w4a8_model(weights, 0.05, k=384, n=37, group_size=64, act_mode=act_mode, x_rank=3,
-                       x_type=TensorProto.FLOAT16)
+    model = op_model(weights, 0.05, bits, k=384, n=37, group_size=64, act_mode=act_mode, x_rank=3,
+                     x_type=TensorProto.FLOAT16)
     got = kernel_session(model).run(None, {"X": x})[0]
     expected = stock_session(model).run(None, {"X": x})[0]
     assert got.dtype == np.float16 and got.shape == (2, 9, 37)
-    reference = quant.w4a8_matmul_reference(x, weights["B"], weights["S"], weights["Z"], 0.05, act_mode)
-    tolerance = 2.0**-10 * np.abs(reference) + 1e-5 * np.abs(reference).max()
-    assert np.all(np.abs(got - reference) <= tolerance)
+    exact = reference(x, weights, 0.05, act_mode, bits)
+    tolerance = 2.0**-10 * np.abs(exact) + 1e-5 * np.abs(exact).max()
+    assert np.all(np.abs(got - exact) <= tolerance)
     assert np.all(np.abs(got.astype(np.float64) - expected) <= 2 * tolerance)
+
+
+def test_version_1_w8a8_models_still_run_their_function_body():
+    """ai.fptq version 1 (sessions 4-5) had another W8A8MatMul: int8 W[K, N] and per-channel
+    scales. Our kernel serves W8A8MatMul from version 2 on, so such a model, with the library
+    loaded, runs its own body (here the old contract's: Y = (q @ W) * a * w_scale) instead of
+    failing on input types."""
+    old_body = onnx.parser.parse_function("""
+        <domain: "ai.fptq", opset_import: ["" : 18]>
+        W8A8MatMul <act_mode> (X, W, w_scales, act_scale) => (Y)
+        {
+            inv = Reciprocal (act_scale)
+            scaled = Mul (X, inv)
+            q = Round (scaled)
+            q_int8 = Cast <to = 3> (q)
+            acc = MatMulInteger (q_int8, W)
+            acc_f = Cast <to = 1> (acc)
+            y_tokens = Mul (acc_f, act_scale)
+            Y = Mul (y_tokens, w_scales)
+        }
+    """)
+    rng = np.random.default_rng(53)
+    w8 = rng.integers(-127, 128, (32, 6), dtype=np.int8)
+    w_scales = rng.uniform(0.5, 2, 6).astype(np.float32)
+    node = helper.make_node(W8A8_OP_TYPE, ["X", "W", "S", "A"], ["Y"], domain="ai.fptq", act_mode=0)
+    graph = helper.make_graph([node], "v1", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", 32])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", 6])],
+                              [numpy_helper.from_array(w8, "W"), numpy_helper.from_array(w_scales, "S"),
+                               numpy_helper.from_array(np.float32(0.5), "A")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.fptq", 1)],
+                              ir_version=10, functions=[old_body])
+    x = np.round(rng.standard_normal((3, 32)) * 8).astype(np.float32) / 2  # multiples of the scale 0.5
+    expected = (x / 0.5) @ w8.astype(np.float64) * 0.5 * w_scales
+    np.testing.assert_allclose(kernel_session(model.SerializeToString()).run(None, {"X": x})[0], expected,
+                               rtol=1e-6)
 
 
 # --- concurrency --------------------------------------------------------------------------
@@ -419,6 +501,34 @@ def test_bad_attributes_fail_the_session(attrs, match):
         kernel_session(model)
 
 
+def _weights8(n=8, k=128, groups=4):
+    return {"B": np.zeros((n, k), np.uint8), "S": np.ones((n, groups), np.float32),
+            "Z": np.full((n, groups), 128, np.uint8)}
+
+
+W8_RUN_ERRORS = [
+    pytest.param({**_weights8(), "B": np.zeros((8, 64), np.uint8)}, (2, 128),
+                 "B has shape \\[8, 64\\], expected \\[8, 128\\] \\(\\[N, K\\]\\)", id="B-packed-like-4-bits"),
+    pytest.param(_weights8(n=7), (2, 128), "B has shape \\[7, 128\\], expected \\[8, 128\\]", id="B-rows-not-N"),
+    pytest.param({**_weights8(), "Z": np.full((8, 5), 128, np.uint8)}, (2, 128), "zero_points has shape",
+                 id="zero-points-groups"),
+    pytest.param(_weights8(), (2, 127), "X has shape \\[2, 127\\], its last dim must be K=128", id="X-last-dim"),
+]
+
+
+@pytest.mark.parametrize("weights, x_shape, match", W8_RUN_ERRORS)
+def test_w8_bad_inputs_fail_the_run(weights, x_shape, match):
+    session = kernel_session(op_model(weights, 1.0, 8, **GOOD))
+    with pytest.raises(InvalidArgument, match=f"W8A8MatMul node 'w8a8': {match}"):
+        session.run(None, {"X": np.ones(x_shape, np.float32)})
+
+
+@pytest.mark.parametrize("attrs, match", ATTRIBUTE_ERRORS[:3])
+def test_w8_bad_attributes_fail_the_session(attrs, match):
+    with pytest.raises(RuntimeException, match=f"W8A8MatMul node 'w8a8': {match}"):
+        kernel_session(op_model(_weights8(), 1.0, 8, **GOOD, attrs=attrs))
+
+
 def test_unknown_isa_request_fails_the_session(monkeypatch):
     monkeypatch.setenv("FPTQ_CPU_ISA", "sse9")
     with pytest.raises(RuntimeException, match="FPTQ_CPU_ISA=sse9: unknown"):
@@ -457,3 +567,4 @@ def test_session_options_can_be_reused(tmp_path):
 
 def test_checker_accepts_the_test_models():
     onnx.checker.check_model(onnx.load_from_string(w4a8_model(_weights(), 1.0, **GOOD)), full_check=True)
+    onnx.checker.check_model(onnx.load_from_string(op_model(_weights8(), 1.0, 8, **GOOD)), full_check=True)

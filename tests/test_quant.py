@@ -27,8 +27,17 @@ def test_per_token_scales_and_zero_row():
     assert q.tolist() == [[0, 0, 0], [0, -127, 64]]  # 127 / 2 = 63.5 rounds to even 64
 
 
-def _loop_quantize(w, group_size, symmetric):
-    """Element-by-element reference of the group-wise rule in quant.quantize_weight_groupwise."""
+BITS = [pytest.param(4, id="4-bit"), pytest.param(8, id="8-bit")]
+
+
+def _quantizer(bits):
+    return quant.quantize_weight_groupwise if bits == 4 else quant.quantize_weight_groupwise_int8
+
+
+def _loop_quantize(w, group_size, symmetric, bits=4):
+    """Element-by-element reference of the group-wise rule in quant.quantize_weight_groupwise
+    (bits 4) and quant.quantize_weight_groupwise_int8 (bits 8)."""
+    levels, half = 2**bits - 1, 2 ** (bits - 1)
     k, n = w.shape
     u = np.zeros((n, k), np.uint8)
     scales = np.zeros((n, k // group_size))
@@ -37,37 +46,50 @@ def _loop_quantize(w, group_size, symmetric):
         for g in range(k // group_size):
             block = w[g * group_size:(g + 1) * group_size, col].astype(np.float64)
             if symmetric:
-                scale, zero = max(abs(block.max()), abs(block.min())) / 7.0, 8
+                scale, zero = max(abs(block.max()), abs(block.min())) / (half - 1), half
             else:
                 lo, hi = min(block.min(), 0.0), max(block.max(), 0.0)
-                scale = (hi - lo) / 15.0
-                zero = min(max(round(-lo / scale), 0), 15) if scale else 0
+                scale = (hi - lo) / levels
+                zero = min(max(round(-lo / scale), 0), levels) if scale else 0
             scale = float(np.float32(scale)) or 1.0
             scales[col, g], zeros[col, g] = scale, zero
             for i, value in enumerate(block):
-                u[col, g * group_size + i] = min(max(int(np.rint(value / scale)) + zero, 0), 15)
+                u[col, g * group_size + i] = min(max(int(np.rint(value / scale)) + zero, 0), levels)
     return u, scales, zeros
 
 
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("symmetric", [pytest.param(True, id="symmetric"), pytest.param(False, id="asymmetric")])
-def test_weight_quantization_matches_loop_reference(rng, symmetric):
+def test_weight_quantization_matches_loop_reference(rng, symmetric, bits):
     w = rng.standard_normal((64, 5)).astype(np.float32)
     w[:16, 0] = np.abs(w[:16, 0])  # an all-positive group: asymmetric range starts at 0
     w[16:32, 1] = 0.0  # an all-zero group: scale 1
-    u, scales, zeros = quant.quantize_weight_groupwise(w, 16, symmetric)
-    ref_u, ref_scales, ref_zeros = _loop_quantize(w, 16, symmetric)
+    u, scales, zeros = _quantizer(bits)(w, 16, symmetric)
+    ref_u, ref_scales, ref_zeros = _loop_quantize(w, 16, symmetric, bits)
     np.testing.assert_array_equal(u, ref_u)
     np.testing.assert_allclose(scales, ref_scales, rtol=1e-6)
     np.testing.assert_array_equal(zeros, ref_zeros)
 
 
+def test_int8_symmetric_weights_never_use_byte_0(rng):
+    """Symmetric 8-bit: u = clip(rint(w / s), -127, 127) + 128 in [1, 255], the extremes of each
+    group at 1 or 255; per channel (group_size = K) one scale per column."""
+    w = rng.standard_normal((96, 6))
+    u, scales, zeros = quant.quantize_weight_groupwise_int8(w, 96, symmetric=True)
+    assert u.min() >= 1 and scales.shape == (6, 1) and np.all(zeros == 128)
+    np.testing.assert_array_equal(np.abs(u.astype(int) - 128).max(axis=1), 127)
+
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("symmetric", [pytest.param(True, id="symmetric"), pytest.param(False, id="asymmetric")])
-def test_weight_error_is_at_most_half_a_step(rng, symmetric):
+def test_weight_error_is_at_most_half_a_step(rng, symmetric, bits):
     w = rng.standard_normal((256, 7)).astype(np.float32)
-    u, scales, zeros = quant.quantize_weight_groupwise(w, 128, symmetric=symmetric)
+    u, scales, zeros = _quantizer(bits)(w, 128, symmetric=symmetric)
     error = np.abs(quant.dequantize_weight(u, scales, zeros) - w)
     step = np.repeat(scales, 128, axis=1).T
     assert np.all(error <= 0.5 * step * (1 + 1e-5) + 1e-7)
+    assert quant.relative_weight_error(w, u, scales, zeros) == pytest.approx(
+        np.linalg.norm(error) / np.linalg.norm(w), rel=1e-9)
 
 
 def test_pack_layout_low_nibble_first():
@@ -83,14 +105,19 @@ def test_lae_scales_formula():
     np.testing.assert_allclose(quant.lae_scales(m), expected, rtol=1e-6)
 
 
-def test_reference_matmul_matches_explicit_sum(rng):
-    """w4a8_matmul_reference against the contract's sum written out per group with integers."""
+@pytest.mark.parametrize("bits", BITS)
+def test_reference_matmul_matches_explicit_sum(rng, bits):
+    """w4a8_matmul_reference (w8a8_matmul_reference) against the contract's sum written out per
+    group with integers."""
     k, n, group = 64, 3, 32
     w = rng.standard_normal((k, n)).astype(np.float32)
-    u, scales, zeros = quant.quantize_weight_groupwise(w, group, symmetric=False)
+    u, scales, zeros = _quantizer(bits)(w, group, symmetric=False)
     x = rng.standard_normal((2, k)).astype(np.float32) * 4
     for mode in (quant.ACT_PER_TENSOR_STATIC, quant.ACT_PER_TOKEN_DYNAMIC):
-        got = quant.w4a8_matmul_reference(x, quant.pack_int4(u), scales, zeros, 0.05, mode)
+        if bits == 4:
+            got = quant.w4a8_matmul_reference(x, quant.pack_int4(u), scales, zeros, 0.05, mode)
+        else:
+            got = quant.w8a8_matmul_reference(x, u, scales, zeros, 0.05, mode)
         for m in range(2):
             if mode == quant.ACT_PER_TENSOR_STATIC:
                 a = np.float32(0.05)
