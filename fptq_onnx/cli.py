@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--layers", action="store_true", help="also list every W4A8 layer")
 
     evaluate = commands.add_parser("eval", help="perplexity (and agreement with a reference model) on text")
-    evaluate.add_argument("model", type=Path)
+    evaluate.add_argument("model", type=Path, help=".onnx model, or an onnxruntime-genai folder (scored through "
+                                                    "GenAI's own logits)")
     evaluate.add_argument("--text", required=True, type=Path)
     evaluate.add_argument("--reference", type=Path, help="FP32 model: adds top-1 agreement and KL")
     evaluate.add_argument("--max-tokens", type=int)
@@ -289,8 +290,16 @@ def _run_eval(args) -> None:
     if not args.text.is_file():
         raise UserError(f"text file {args.text} does not exist")
     text = args.text.read_text(encoding="utf-8", errors="replace")
-    result = evaluate(args.model, text, tokenizer_dir=args.tokenizer, reference_path=args.reference,
-                      max_tokens=args.max_tokens, session_factory=InferenceSession, progress=not args.quiet)
+    if args.model.is_dir() and (args.model / "genai_config.json").is_file():
+        if args.reference is not None or args.tokenizer is not None:
+            raise UserError("a GenAI folder is scored alone with its own tokenizer: --reference and --tokenizer "
+                            "take .onnx models")
+        from .evaluate import evaluate_genai
+
+        result = evaluate_genai(args.model, text, max_tokens=args.max_tokens, progress=not args.quiet)
+    else:
+        result = evaluate(args.model, text, tokenizer_dir=args.tokenizer, reference_path=args.reference,
+                          max_tokens=args.max_tokens, session_factory=InferenceSession, progress=not args.quiet)
     if args.json:
         print(json.dumps(result))
         return

@@ -139,3 +139,14 @@ def test_perplexity_through_genai_equals_ours(tiny, builder_model):
         genai = evaluate_genai(model_path.parent, text, window=64, progress=False)
         assert genai["tokens"] == ours["tokens"] > 0 and ours["tokens"] % 63 == 0  # whole windows
         assert genai["perplexity"] == pytest.approx(ours["perplexity"], rel=1e-4)
+
+
+def test_eval_takes_a_genai_folder(tiny, builder_model, capsys):
+    from fptq_onnx.evaluate import evaluate
+
+    root, _ = tiny
+    (root / "eval.txt").write_text(tiny_text(1500, seed=5))
+    code, out, err = run_cli(capsys, "eval", builder_model.parent, "--text", root / "eval.txt", "--json")
+    assert code == 0, err
+    expected = evaluate(builder_model, (root / "eval.txt").read_text(), progress=False)
+    assert json.loads(out)["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
