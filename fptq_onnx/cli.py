@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text", required=True, type=Path)
     evaluate.add_argument("--reference", type=Path, help="FP32 model: adds top-1 agreement and KL")
     evaluate.add_argument("--max-tokens", type=int)
+    evaluate.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
     evaluate.add_argument("--tokenizer", type=Path)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -296,10 +297,12 @@ def _run_eval(args) -> None:
                             "take .onnx models")
         from .evaluate import evaluate_genai
 
-        result = evaluate_genai(args.model, text, max_tokens=args.max_tokens, progress=not args.quiet)
+        result = evaluate_genai(args.model, text, max_tokens=args.max_tokens, window=args.window,
+                                progress=not args.quiet)
     else:
         result = evaluate(args.model, text, tokenizer_dir=args.tokenizer, reference_path=args.reference,
-                          max_tokens=args.max_tokens, session_factory=InferenceSession, progress=not args.quiet)
+                          max_tokens=args.max_tokens, window=args.window, session_factory=InferenceSession,
+                          progress=not args.quiet)
     if args.json:
         print(json.dumps(result))
         return

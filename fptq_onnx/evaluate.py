@@ -36,7 +36,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
-from .generate import numpy_type, empty_past, top2_gap
+from .genai import read_config
+from .generate import empty_past, numpy_type, top2_gap
 from .progress import progress_bar
 from .tokenizer import TextTokenizer, find_tokenizer, load_tokenizer
 
@@ -316,6 +317,9 @@ def evaluate_genai(folder: str | os.PathLike, text: str, max_tokens: int | None 
     except ImportError:
         raise UserError("evaluating a GenAI folder needs onnxruntime-genai: pip install onnxruntime-genai") from None
     folder = Path(folder)
+    context = (read_config(folder / "genai_config.json") or {}).get("model", {}).get("context_length")
+    if context and window > context:
+        raise UserError(f"a window of {window} tokens exceeds the model's context length {context}: pass a smaller window")
     tokenizer = load_tokenizer(folder)
     windows = tokenizer.windows(encode(tokenizer, text, max_tokens), window)
     if not windows:
@@ -325,7 +329,7 @@ def evaluate_genai(folder: str | os.PathLike, text: str, max_tokens: int | None 
     for x in progress_bar([np.asarray(w, dtype=np.int64) for w in windows], desc="evaluating", unit="window",
                           enabled=progress):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(x) + 1, do_sample=False)
+        params.set_search_options(max_length=len(x), do_sample=False)
         generator = og.Generator(model, params)
         generator.append_tokens(x.astype(np.int32))
         logits = np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(len(x), -1)

@@ -146,7 +146,8 @@ def test_eval_takes_a_genai_folder(tiny, builder_model, capsys):
 
     root, _ = tiny
     (root / "eval.txt").write_text(tiny_text(1500, seed=5))
-    code, out, err = run_cli(capsys, "eval", builder_model.parent, "--text", root / "eval.txt", "--json")
+    code, out, err = run_cli(capsys, "eval", builder_model.parent, "--text", root / "eval.txt", "--window", "128",
+                             "--json")
     assert code == 0, err
-    expected = evaluate(builder_model, (root / "eval.txt").read_text(), progress=False)
+    expected = evaluate(builder_model, (root / "eval.txt").read_text(), window=128, progress=False)
     assert json.loads(out)["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
