@@ -252,7 +252,7 @@ def w8_models(k: int, n: int, group: int, seed: int) -> tuple[dict[str, bytes], 
     u4, s4, z4 = quant.quantize_weight_groupwise(w, group, symmetric=False)
     b4 = quant.pack_int4(u4)
     models, weight_bytes = {}, {}
-    dense = {"w8": quant.dequantize_weight(u8, s8, z8), "w4": quant.dequantize_weight(u4, s4, z4), "fp32": w}
+    dense = {"w8": quant.dequantize_weight(u8, s8, z8, group), "w4": quant.dequantize_weight(u4, s4, z4, group), "fp32": w}
     for name, op_type, b, scales, zeros in (("w8", W8A8_OP_TYPE, u8, s8, z8), ("w4", OP_TYPE, b4, s4, z4)):
         node = helper.make_node(op_type, ["X", "B", "S", "Z", "A"], ["Y"], domain=OP_DOMAIN,
                                 K=k, N=n, group_size=group, act_mode=1)

@@ -164,6 +164,11 @@ void check_cuda_limits(const W4A8Attrs& attrs, const std::string& node) {
                            " is not supported by the CUDA kernel (it supports 32, 64 and multiples of 128); "
                            "run this model with CPUExecutionProvider or re-quantize it with a supported group size");
   }
+  if (attrs.K % gs != 0) {  // the launchers have no partial groups; padding X and B here is untested (no GPU)
+    fail_invalid(kOpType, node, "K=" + std::to_string(attrs.K) + " is not a multiple of group_size=" +
+                           std::to_string(gs) + ", which the CUDA kernel does not support yet; run this model with "
+                           "CPUExecutionProvider or re-quantize it with a group size that divides K");
+  }
   if (attrs.K > kCudaMaxK) {
     fail_invalid(kOpType, node, "K=" + std::to_string(attrs.K) + " exceeds the CUDA kernel's limit of " +
                            std::to_string(kCudaMaxK));

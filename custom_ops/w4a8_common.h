@@ -45,12 +45,14 @@ constexpr int64_t kMaxGroupSize = int64_t{1} << 16;
 // Both ops have them; weight_bits is not an attribute but the op's identity (4: W4A8MatMul,
 // 8: W8A8MatMul), set by the kernel class.
 struct W4A8Attrs {
-  int64_t K = 0;           // reduction size; even, K % group_size == 0
+  int64_t K = 0;           // reduction size; any K >= 1 (the last group may be partial)
   int64_t N = 0;           // output channels
   int64_t group_size = 0;  // weights per (n, group) along K; even
   int64_t act_mode = 0;    // kActPerTensorStatic or kActPerTokenDynamic
   int64_t weight_bits = 4; // 4 (B: two weights per byte) or 8 (B: one byte per weight)
-  int64_t groups() const { return group_size > 0 ? K / group_size : 0; }
+  // G = ceil(K / group_size): a K that is not a multiple of group_size ends in a partial group
+  // (ONNX Runtime's MatMulNBits does the same).
+  int64_t groups() const { return group_size > 0 ? (K + group_size - 1) / group_size : 0; }
 };
 
 // Shapes of one call after checking: X viewed as [M, K], Y as [M, N].

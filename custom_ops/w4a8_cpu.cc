@@ -109,8 +109,9 @@ int64_t max_tasks() {
   return count;
 }
 
-// Bytes of one row of B: K / 2 for 4-bit weights (two per byte), K for 8-bit ones.
-int64_t b_row_bytes(int64_t weight_bits, int64_t k_total) { return weight_bits == 8 ? k_total : k_total / 2; }
+// Bytes of one row of B: ceil(K / 2) for 4-bit weights (two per byte; an odd K's last high
+// nibble is unused), K for 8-bit ones.
+int64_t b_row_bytes(int64_t weight_bits, int64_t k_total) { return weight_bits == 8 ? k_total : (k_total + 1) / 2; }
 
 // u[n, k] of weight (k, n) in B (docs/ops.md): 4 bits, the nibble of B[n, k / 2] (even k low,
 // odd k high); 8 bits, the byte B[n, k].
@@ -231,6 +232,9 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
       // Padded channels (j >= channels) keep u = z = s = 0: they add nothing.
       for (int64_t g = 0; g < w.groups; ++g) {
         const int64_t tile_group = tile * w.groups + g;
+        // Weights of the group that exist: group_size, less in a last partial group, whose
+        // missing positions are padding exactly like those past group_size (u = 0, q = 0).
+        const int64_t group_len = std::min(w.group_size, w.k - g * w.group_size);
         for (int j = 0; j < channels; ++j) {
           const int64_t n = tile * kTileN + j;
           w.scales[tile_group * kTileN + j] = scales[n * w.groups + g];
@@ -238,7 +242,7 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
         }
         for (int64_t c = 0; c < chunks_per_group; ++c) {
           uint8_t* chunk = &w.weights[(tile_group * chunks_per_group + c) * bytes_per_chunk];
-          const bool whole = c * kChunkK + kChunkK <= w.group_size;
+          const bool whole = c * kChunkK + kChunkK <= group_len;
           const int64_t k0 = g * w.group_size + c * kChunkK;  // the chunk's first k
           for (int j = 0; j < channels; ++j) {
             const int64_t n = tile * kTileN + j;
@@ -256,10 +260,10 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
               continue;
             }
             for (int i = 0; i < 4; ++i) {
-              // Positions p of the padded group; p >= group_size is padding (u = 0).
+              // Positions p of the padded group; p >= group_len is padding (u = 0).
               const int64_t p_lo = c * kChunkK + i, p_hi = p_lo + 4;
-              const uint8_t lo = p_lo < w.group_size ? weight_at(b, w.weight_bits, w.k, n, k0 + i) : 0;
-              const uint8_t hi = p_hi < w.group_size ? weight_at(b, w.weight_bits, w.k, n, k0 + 4 + i) : 0;
+              const uint8_t lo = p_lo < group_len ? weight_at(b, w.weight_bits, w.k, n, k0 + i) : 0;
+              const uint8_t hi = p_hi < group_len ? weight_at(b, w.weight_bits, w.k, n, k0 + 4 + i) : 0;
               if (w.weight_bits == 8) {
                 chunk[4 * j + i] = lo;
                 chunk[kQuadBytes + 4 * j + i] = hi;

@@ -43,7 +43,7 @@ struct PackedWeights {
   int64_t n = 0;              // output channels N
   int64_t k = 0;              // reduction size K
   int64_t group_size = 0;     // weights per group along K
-  int64_t groups = 0;         // G = K / group_size
+  int64_t groups = 0;         // G = ceil(K / group_size); the last group may be partial (padding)
   int64_t group_padded = 0;   // group_size rounded up to a multiple of 8
   int64_t tiles = 0;          // ceil(N / 16)
   int64_t weight_bits = 4;    // 4 or 8: the chunk format (chunk_bytes(weight_bits) bytes per chunk)
@@ -61,7 +61,7 @@ using ParallelFor = std::function<void(size_t count, const std::function<void(si
 void serial_for(size_t count, const std::function<void(size_t)>& task);
 
 // Repacks one node's weights (docs/ops.md layout) for the tile kernels.
-// b: uint8 [N, K/2], even k in the low nibble (attrs.weight_bits 4), or uint8 [N, K] (8);
+// b: uint8 [N, ceil(K/2)], even k in the low nibble (attrs.weight_bits 4), or uint8 [N, K] (8);
 // scales: float32 [N, G]; zero_points: uint8 [N, G]; attrs: the node's checked attributes
 // (K, N, group_size, weight_bits); parallel_for: splits the work.
 PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t* zero_points, const W4A8Attrs& attrs,

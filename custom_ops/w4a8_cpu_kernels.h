@@ -3,7 +3,8 @@
 //
 // Packed weight layout, per tile of kTileN = 16 output channels n0 .. n0 + 15 and per group g,
 // in chunks of kChunkK = 8 positions p of the group padded to group_padded (p >= group_size is
-// padding with u = 0). The unit of the kernels is a "quad": 64 bytes, byte 4 * j + i (channel
+// padding with u = 0, and so is p >= K - g * group_size in a last partial group: a K that
+// group_size does not divide needs no code path of its own). The unit of the kernels is a "quad": 64 bytes, byte 4 * j + i (channel
 // j, i in 0..3) holding the weight of 4 consecutive k per channel, the operand shape of
 // vpdpbusd / vpmaddubsw, which multiply unsigned bytes (u) by signed bytes (q in -127..127)
 // and add groups of 4 (resp. 2) products into int32 (int16). A chunk holds two quads, lo

@@ -118,9 +118,11 @@ void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end) {
     const float inv = 1.0f / scale;
     int8_t* q = a.q + m * a.q_stride;
     for (int64_t g = 0; g < a.groups; ++g) {
+      // A last partial group (K % group_size != 0) has fewer values; the rest is padding.
+      const int64_t len = a.k - g * a.group_size < a.group_size ? a.k - g * a.group_size : a.group_size;
       int8_t* q_group = q + g * a.group_padded;
-      a.q_group_sums[m * a.groups + g] = quantize_span(x + g * a.group_size, a.group_size, inv, q_group);
-      for (int64_t p = a.group_size; p < a.group_padded; ++p) q_group[p] = 0;
+      a.q_group_sums[m * a.groups + g] = quantize_span(x + g * a.group_size, len, inv, q_group);
+      for (int64_t p = len; p < a.group_padded; ++p) q_group[p] = 0;
     }
     // docs/ops.md "NaN and Inf", as in the function body: a NaN in the row (either mode) or an
     // infinite a_m (dynamic mode, an Inf in the row) makes the whole Y row NaN; the NaN row

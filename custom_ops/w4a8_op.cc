@@ -81,8 +81,8 @@ W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info, int64_t weight_bits)
   std::ostringstream why;
   if (attrs.group_size <= 0 || attrs.group_size % 2 || attrs.group_size > kMaxGroupSize) {
     why << "group_size=" << attrs.group_size << " must be even and in [2, " << kMaxGroupSize << "]";
-  } else if (attrs.K <= 0 || attrs.K >= kMaxDim || attrs.K % attrs.group_size) {
-    why << "K=" << attrs.K << " must be a positive multiple of group_size=" << attrs.group_size;
+  } else if (attrs.K <= 0 || attrs.K >= kMaxDim) {
+    why << "K=" << attrs.K << " must be positive";
   } else if (attrs.N <= 0 || attrs.N >= kMaxDim) {
     why << "N=" << attrs.N << " must be positive";
   } else if (attrs.act_mode != kActPerTensorStatic && attrs.act_mode != kActPerTokenDynamic) {
@@ -106,12 +106,12 @@ W4A8Tensors bind_tensors(Ort::KernelContext& context, const W4A8Attrs& attrs, co
   }
   const std::vector<int64_t> grouped = {attrs.N, attrs.groups()};
   const bool bytes = attrs.weight_bits == 8;  // one weight per byte of B, else two
-  expect_shape(input_shape(context, kInB, "B", op_type, node), {attrs.N, bytes ? attrs.K : attrs.K / 2}, "B",
-               bytes ? "[N, K]" : "[N, K/2]", op_type, node);
-  expect_shape(input_shape(context, kInScales, "scales", op_type, node), grouped, "scales", "[N, K/group_size]",
-               op_type, node);
+  expect_shape(input_shape(context, kInB, "B", op_type, node), {attrs.N, bytes ? attrs.K : (attrs.K + 1) / 2}, "B",
+               bytes ? "[N, K]" : "[N, ceil(K/2)]", op_type, node);
+  expect_shape(input_shape(context, kInScales, "scales", op_type, node), grouped, "scales",
+               "[N, ceil(K/group_size)]", op_type, node);
   expect_shape(input_shape(context, kInZeroPoints, "zero_points", op_type, node), grouped, "zero_points",
-               "[N, K/group_size]", op_type, node);
+               "[N, ceil(K/group_size)]", op_type, node);
   int64_t act_scale_count = 1;
   for (int64_t d : input_shape(context, kInActScale, "act_scale", op_type, node)) act_scale_count *= d;
   if (act_scale_count != 1) {

@@ -46,9 +46,9 @@ struct W4A8Tensors {
   W4A8Problem problem;          // M, K, N, group_size, act_mode
   ONNXTensorElementDataType x_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // of X and Y: FLOAT or FLOAT16
   const void* x = nullptr;            // x_type [M, K] (X flattened over its leading dims)
-  const uint8_t* b = nullptr;         // uint8 [N, K/2], two 4-bit weights per byte (8 bits: [N, K])
-  const float* scales = nullptr;      // float32 [N, K/group_size]
-  const uint8_t* zero_points = nullptr;  // uint8 [N, K/group_size]
+  const uint8_t* b = nullptr;         // uint8 [N, ceil(K/2)], two 4-bit weights per byte (8 bits: [N, K])
+  const float* scales = nullptr;      // float32 [N, G], G = ceil(K/group_size)
+  const uint8_t* zero_points = nullptr;  // uint8 [N, G]
   const float* act_scale = nullptr;   // float32, one element
   void* y = nullptr;                  // x_type [M, N], allocated here with shape [..., N]
 };

@@ -10,9 +10,8 @@ For each converted layer with M sampled calibration rows ``X[M, K]`` of its inpu
   original up to one float32 rounding (6e-8 relative), instead of keeping a second copy of every
   weight in memory. A Gemm's bias is left out on both sides (it is added exactly).
 * ``Y_w4a8`` is the op's float64 reference (``quant.w4a8_matmul_reference``) on the rows as the
-  op sees them: ``X / s`` (float32) for LAE groups, zero-padded to ``K'`` when K was padded to the
-  group size, with the layer's activation scheme and static scale (``w8a8_matmul_reference`` for
-  layers kept at 8-bit weights, ``W8A8MatMul``).
+  op sees them: ``X / s`` (float32) for LAE groups, with the layer's activation scheme and static
+  scale (``w8a8_matmul_reference`` for layers kept at 8-bit weights, ``W8A8MatMul``).
 
 It measures the layer alone on the float model's activations (errors of earlier layers do not
 propagate), so the worst layers are the ones to exclude (``--nodes-to-exclude``) or to look at.
@@ -38,10 +37,8 @@ def layer_output_error(rows: np.ndarray, layer: LinearLayer, lae_scales: np.ndar
         seen = x / lae_scales
     reference = x.astype(np.float64) @ weight
     mode = ACT_PER_TOKEN_DYNAMIC if layer.act_mode == PER_TOKEN_DYNAMIC else ACT_PER_TENSOR_STATIC
-    if layer.k_padded and layer.k_padded != layer.k:
-        seen = np.concatenate([seen, np.zeros((len(seen), layer.k_padded - layer.k), np.float32)], axis=1)
     reference_of = w8a8_matmul_reference if layer.weight_bits == 8 else w4a8_matmul_reference
-    quantized = reference_of(seen, *layer.packed, layer.act_scale, mode)
+    quantized = reference_of(seen, *layer.packed, layer.act_scale, mode, layer.group_size)
     norm = float(np.linalg.norm(reference))
     return float(np.linalg.norm(reference - quantized)) / norm if norm else 0.0
 

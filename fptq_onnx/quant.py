@@ -74,15 +74,17 @@ def _grid(bits: int) -> tuple[int, int]:
 
 def _quantize_groups(w: np.ndarray, group_size: int, symmetric: bool, clip_ratio, bits: int):
     """The group-wise quantizer of both widths: ``(u[N, K] uint8, scales[N, G], zero_points[N, G])``
-    (formulas in :func:`quantize_weight_groupwise` and :func:`quantize_weight_groupwise_int8`)."""
+    (formulas in :func:`quantize_weight_groupwise` and :func:`quantize_weight_groupwise_int8`).
+    A last partial group is quantized on the weights zero-padded to ``G * group_size``, then the
+    padding is dropped: padding with zeros leaves every group's range as it is (both schemes
+    include 0), so this is the partial group quantized on its own."""
     k, n = w.shape
-    if k % group_size:
-        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
     levels, _ = _grid(bits)
-    groups = np.asarray(w, np.float64).T.reshape(n, k // group_size, group_size)
+    padded = pad_to_group_multiple(np.asarray(w, np.float64), group_size)
+    groups = padded.T.reshape(n, -1, group_size)
     scale, zero_point = group_scale_zero_point(groups, symmetric, clip_ratio, bits)
     u = np.clip(np.rint(groups / scale[..., None]) + zero_point[..., None], 0, levels)
-    return u.reshape(n, k).astype(np.uint8), scale, zero_point.astype(np.uint8)
+    return u.reshape(n, -1)[:, :k].astype(np.uint8), scale, zero_point.astype(np.uint8)
 
 
 def quantize_weight_groupwise(
@@ -90,7 +92,8 @@ def quantize_weight_groupwise(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """4-bit group-wise weight quantization along K.
 
-    ``w[K, N]`` is cut into ``G = K / group_size`` groups of consecutive rows per column n.
+    ``w[K, N]`` is cut into ``G = ceil(K / group_size)`` groups of consecutive rows per column n
+    (the last one partial when ``K % group_size != 0``, as in ONNX Runtime's MatMulNBits).
     For group g of column n with values ``w_g`` (optionally shrunk by ``clip_ratio`` c):
 
     * symmetric:  ``scale = c * max|w_g| / 7``, ``z = 8``
@@ -114,7 +117,8 @@ def quantize_weight_groupwise_int8(w: np.ndarray, group_size: int,
     """8-bit group-wise weight quantization along K (``W8A8MatMul``, mixed-precision layers).
 
     The 4-bit scheme of :func:`quantize_weight_groupwise` on the byte grid, per group ``w_g`` of
-    ``G = K / group_size`` consecutive rows of column n (``group_size = K``: per channel):
+    consecutive rows of column n (``G = ceil(K / group_size)``, the last one maybe partial;
+    ``group_size = K``: per channel):
 
     * symmetric:  ``scale = max|w_g| / 127``, ``z = 128``, so ``u = clip(rint(w / scale), -127, 127) + 128``
       (in [1, 255]: 0 is never used, as -128 is not for activations);
@@ -151,10 +155,11 @@ def group_scale_zero_point(groups: np.ndarray, symmetric: bool, clip_ratio: np.n
     return np.where(scale == 0, 1.0, scale).astype(np.float32), zero_point
 
 
-def relative_weight_error(w: np.ndarray, u: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> float:
-    """``||w - dequantize(u)||_F / ||w||_F`` over the ``K`` rows of ``w[K, N]`` (``u`` may hold more,
-    a zero-padded K'); 0 for an all-zero ``w``."""
-    restored = dequantize_weight(u, scales, zero_points)[: w.shape[0]]
+def relative_weight_error(w: np.ndarray, u: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
+                          group_size: int) -> float:
+    """``||w - dequantize(u)||_F / ||w||_F`` for ``w[K, N]`` and its quantization ``u[N, K]``; 0 for
+    an all-zero ``w``."""
+    restored = dequantize_weight(u, scales, zero_points, group_size)
     norm = float(np.linalg.norm(w))
     return float(np.linalg.norm(w - restored)) / norm if norm else 0.0
 
@@ -281,10 +286,10 @@ def gptq_quantize_weight(w: np.ndarray, hessian: np.ndarray | None, group_size: 
 def pad_to_group_multiple(w: np.ndarray, group_size: int) -> np.ndarray:
     """``w[K, N]`` with zero rows appended up to ``K' = ceil(K / group_size) * group_size``.
 
-    The op then sees X padded with zeros to K' (``0 * anything = 0``), and the last group
-    quantizes exactly like a partial group of ``K % group_size`` real weights: both schemes
-    include 0 in every group's range, and a zero weight maps exactly to the zero point. This is
-    how a model with K = 576 (SmolLM2) keeps group size 128.
+    A last partial group quantizes on these rows exactly like its ``K % group_size`` real
+    weights alone: both schemes include 0 in every group's range, and a zero weight maps exactly
+    to the zero point. The quantizers (and the clip search and GPTQ, which want whole groups)
+    work on K' and drop the padding afterwards; the ops take the partial group as it is.
 
     >>> pad_to_group_multiple(np.ones((3, 2)), 4).shape
     (4, 2)
@@ -296,35 +301,49 @@ def pad_to_group_multiple(w: np.ndarray, group_size: int) -> np.ndarray:
     return np.concatenate([w, np.zeros((padded_k - k,) + w.shape[1:], w.dtype)], axis=0)
 
 
-def dequantize_weight(u: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> np.ndarray:
-    """``w[k, n] = (u[n, k] - z[n, g]) * scale[n, g]`` with ``g = k // group_size``, float64 ``[K, N]``."""
+def dequantize_weight(u: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
+                      group_size: int | None = None) -> np.ndarray:
+    """``w[k, n] = (u[n, k] - z[n, g]) * scale[n, g]`` with ``g = k // group_size``, float64 ``[K, N]``.
+
+    ``group_size`` may be left out when it divides K: it is then taken as ``K / G`` (which a
+    partial last group would make wrong without an error where G happens to divide K, so pass
+    it whenever the op's group size may not divide K; ``ceil(K / group_size) = G`` is checked).
+    """
     n, k = u.shape
-    group_size = k // scales.shape[1]
-    groups = u.reshape(n, -1, group_size).astype(np.float64) - zero_points[..., None]
-    return (groups * scales[..., None].astype(np.float64)).reshape(n, k).T
+    count = scales.shape[1]
+    if group_size is None:
+        if k % count:
+            raise ValueError(f"K={k} is not a multiple of the {count} groups: pass group_size")
+        group_size = k // count
+    if -(-k // group_size) != count:
+        raise ValueError(f"K={k} with group size {group_size} has {-(-k // group_size)} groups, not {count}")
+    group_of_k = np.arange(k) // group_size
+    centered = u.astype(np.float64) - zero_points[:, group_of_k]
+    return (centered * scales[:, group_of_k].astype(np.float64)).T
 
 
 def pack_int4(u: np.ndarray) -> np.ndarray:
-    """Pack nibbles ``u[N, K]`` into bytes ``B[N, K/2]``: even k in the low nibble, odd k in the high.
+    """Pack nibbles ``u[N, K]`` into bytes ``B[N, ceil(K/2)]``: even k in the low nibble, odd k in
+    the high; an odd K's last high nibble is 0.
 
     This is ONNX Runtime MatMulNBits' layout with its ``[N, blocks, blob]`` flattened.
 
-    >>> pack_int4(np.array([[1, 2, 15, 0]], np.uint8)).tolist()
-    [[33, 15]]
+    >>> pack_int4(np.array([[1, 2, 15, 0, 7]], np.uint8)).tolist()
+    [[33, 15, 7]]
     """
     u = np.asarray(u, np.uint8)
     if u.shape[-1] % 2:
-        raise ValueError("K must be even to pack two 4-bit values per byte")
+        u = np.concatenate([u, np.zeros(u.shape[:-1] + (1,), np.uint8)], axis=-1)
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
-def unpack_int4(packed: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`pack_int4`: ``B[N, K/2]`` -> ``u[N, K]``."""
+def unpack_int4(packed: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: ``B[N, ceil(K/2)]`` -> ``u[N, K]`` (``k`` defaults to ``2 * B.shape[-1]``)."""
     packed = np.asarray(packed, np.uint8)
     u = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
     u[..., 0::2] = packed & 0x0F
     u[..., 1::2] = packed >> 4
-    return u
+    return u if k is None else u[..., :k]
 
 
 ACT_PER_TENSOR_STATIC = 0
@@ -339,31 +358,35 @@ def w4a8_matmul_reference(
     zero_points: np.ndarray,
     act_scale: float,
     act_mode: int,
+    group_size: int | None = None,
 ) -> np.ndarray:
     """float64 reference of the W4A8 op (``docs/ops.md``).
 
     ``Y[m, n] = a_m * sum_k q[m, k] * (u[n, k] - z[n, g(k)]) * scale[n, g(k)]`` where ``q, a``
     come from :func:`quantize_activation_per_tensor` (``a_m = act_scale``) or
     :func:`quantize_activation_per_token`, and ``u`` from :func:`unpack_int4` of
-    ``packed_weight[N, K/2]``. ``x[..., K]`` -> ``Y[..., N]`` (float64).
+    ``packed_weight[N, ceil(K/2)]``. ``x[..., K]`` -> ``Y[..., N]`` (float64). ``group_size``: the
+    op's attribute, needed only when it does not divide K (see :func:`dequantize_weight`).
     Rows :func:`poisoned_rows` marks give NaN rows (docs/ops.md "NaN and Inf").
     """
-    return _grouped_matmul_reference(x, unpack_int4(packed_weight), scales, zero_points, act_scale, act_mode)
+    u = unpack_int4(packed_weight, np.shape(x)[-1])
+    return _grouped_matmul_reference(x, u, scales, zero_points, act_scale, act_mode, group_size)
 
 
 def w8a8_matmul_reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
-                          act_scale: float, act_mode: int) -> np.ndarray:
+                          act_scale: float, act_mode: int, group_size: int | None = None) -> np.ndarray:
     """float64 reference of the ``W8A8MatMul`` op (``docs/ops.md``): :func:`w4a8_matmul_reference`'s
     formula with ``u = weight[N, K]`` itself (uint8, one byte per weight, from
     :func:`quantize_weight_groupwise_int8`), ``z`` up to 255."""
-    return _grouped_matmul_reference(x, np.asarray(weight, np.uint8), scales, zero_points, act_scale, act_mode)
+    return _grouped_matmul_reference(x, np.asarray(weight, np.uint8), scales, zero_points, act_scale, act_mode,
+                                     group_size)
 
 
-def _grouped_matmul_reference(x, u, scales, zero_points, act_scale, act_mode) -> np.ndarray:
+def _grouped_matmul_reference(x, u, scales, zero_points, act_scale, act_mode, group_size=None) -> np.ndarray:
     """Both ops' reference on the unpacked weights ``u[N, K]``."""
     poisoned = poisoned_rows(x, act_mode)
     q, a = quantize_activation(np.where(poisoned[..., None], np.float32(0), x), act_scale, act_mode)
-    w = dequantize_weight(u, scales, zero_points)
+    w = dequantize_weight(u, scales, zero_points, group_size)
     y = (q.astype(np.float64) @ w) * a
     y[poisoned] = np.nan
     return y

@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 
 from fptq_onnx.layer_error import layer_output_error
-from fptq_onnx.quant import lae_scales, pack_int4, pad_to_group_multiple, quantize_weight_groupwise
+from fptq_onnx.quant import lae_scales, pack_int4, quantize_weight_groupwise
 
 from .act_scales import static_activation_scale
 from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
@@ -42,10 +42,9 @@ def band_errors(group: LayerGroup, lae_bands: frozenset[str], group_size: int, s
         total = 0.0
         for layer in group.layers:
             weight = layer.weight * scales[:, None] if equalized else layer.weight
-            padded = pad_to_group_multiple(weight, group_size)
-            u, s, z = quantize_weight_groupwise(padded, group_size, symmetric)
-            trial = dataclasses.replace(layer, weight=weight, packed=(pack_int4(u), s, z), k_padded=padded.shape[0],
-                                        act_mode=mode, act_scale=act_scale, weight_bits=4)
+            u, s, z = quantize_weight_groupwise(weight, group_size, symmetric)
+            trial = dataclasses.replace(layer, weight=weight, packed=(pack_int4(u), s, z), k_padded=layer.k,
+                                        group_size=group_size, act_mode=mode, act_scale=act_scale, weight_bits=4)
             total += layer_output_error(group.sample_rows, trial, scales if equalized else None)
         errors[band] = total
     return errors

@@ -40,12 +40,14 @@ class LinearLayer:
     lae_scale_range: tuple[float, float] | None = None
     lae_folded_into: str | None = None  # node name whose constant absorbed 1/s, or the Mul we made
     group_size: int | None = None
-    k_padded: int | None = None  # K rounded up to the group size; the op reads X padded with zeros
+    # K as the op sees it: K itself since the ops take a partial last group (models converted
+    # before that padded X with a Pad node to ceil(K / group_size) * group_size)
+    k_padded: int | None = None
     symmetric: bool | None = None
     weight_error: float | None = None  # ||W - Q(W)||_F / ||W||_F
     rounding: str | None = None  # "rtn" or "gptq"
     clipped: bool | None = None  # group ranges clipped by output error
-    # the op's (B, scales, zero_points): B uint8 [N, K'/2] packed nibbles, [N, K'] bytes when weight_bits == 8
+    # the op's (B, scales, zero_points): B uint8 [N, ceil(K/2)] packed nibbles, [N, K] bytes when weight_bits == 8
     packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     replaced_by: str | None = None  # name of the W4A8 node
     weight_bits: int = 4  # 8 for layers kept at 8-bit weights (mixed precision: W8A8MatMul)

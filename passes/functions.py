@@ -4,8 +4,9 @@ Every converted model carries this function, so stock ONNX Runtime runs the mode
 op library (it inlines the body where no kernel is registered for ``ai.fptq::W4A8MatMul``),
 and the kernels are tested against it. The body follows ``docs/ops.md`` step by step:
 
-* weights: ``u`` = low nibble (even k) / high nibble (odd k) of ``B[N, K/2]``;
-  ``W[k, n] = (u[n, k] - z[n, g]) * scale[n, g]``;
+* weights: ``u`` = low nibble (even k) / high nibble (odd k) of ``B[N, ceil(K/2)]``;
+  ``W[k, n] = (u[n, k] - z[n, g]) * scale[n, g]``; a last partial group (``K % group_size != 0``)
+  is padded to a whole group inside the body and the padding cut off W again;
 * activations, computed in float32: ``q = clip(round_half_even(x * (1 / a)), -127, 127)`` with
   ``a = act_scale`` (``act_mode = 0``, per-tensor static) or ``a_m = max_k |x[m, k]| / 127``
   (``act_mode = 1``, per-token dynamic, ``a_m = 1`` for an all-zero row, or any row whose
@@ -68,8 +69,10 @@ _ACTIVATION_TEXT = """
     a = Where (is_dynamic, token_scale, static_scale)
 """
 
-# Both ops' body: activations, the op's own unpacking of B into u_nk (float32 [N, K], the
-# integers u), then W = (u - z) * scale per group and the float MatMul.
+# Both ops' body: activations, the op's own unpacking of B into u_nk (float32 [N, K or K + 1],
+# the integers u), then W = (u - z) * scale per group and the float MatMul. u_nk is padded to
+# G * group_size (G from scales' shape) so that it reshapes into whole groups, and W is cut back
+# to its first K rows: what the padding held never reaches Y.
 _BODY_TEXT = """
 <domain: "{OP_DOMAIN}", opset_import: ["" : {opset}]>
 {OP_TYPE} <K, N, group_size, act_mode> (X, B, scales, zero_points, act_scale) => (Y)
@@ -79,15 +82,27 @@ _BODY_TEXT = """
 {unpack}
     group_size_scalar = Constant <value_int: int = @group_size> ()
     group_size_1d = Unsqueeze (group_size_scalar, last_axis)
+    groups_1d = Shape <start = 1, end = 2> (scales)
+    whole_k_1d = Mul (groups_1d, group_size_1d)
+    stored_k_1d = Shape <start = 1, end = 2> (u_nk)
+    pad_k_1d = Sub (whole_k_1d, stored_k_1d)
+    no_pad_3 = Constant <value_ints = [0, 0, 0]> ()
+    u_pads = Concat <axis = 0> (no_pad_3, pad_k_1d)
+    u_whole = Pad (u_nk, u_pads)
     grouped_shape = Concat <axis = 0> (keep_n_rest, group_size_1d)
-    u_grouped = Reshape (u_nk, grouped_shape)
+    u_grouped = Reshape (u_whole, grouped_shape)
     zero_points_f = Cast <to = 1> (zero_points)
     zero_points_3d = Unsqueeze (zero_points_f, last_axis)
     scales_f = Cast <to = 1> (scales)
     scales_3d = Unsqueeze (scales_f, last_axis)
     centered = Sub (u_grouped, zero_points_3d)
     w_grouped = Mul (centered, scales_3d)
-    w_nk = Reshape (w_grouped, keep_n_rest)
+    w_whole = Reshape (w_grouped, keep_n_rest)
+    k_scalar = Constant <value_int: int = @K> ()
+    k_1d = Unsqueeze (k_scalar, last_axis)
+    zero_1d = Constant <value_ints = [0]> ()
+    one_1d = Constant <value_ints = [1]> ()
+    w_nk = Slice (w_whole, zero_1d, k_1d, one_1d)
     w_kn = Transpose <perm = [1, 0]> (w_nk)
 
     x_dq = Mul (q, a)

@@ -2,7 +2,7 @@
 
 W4A8's error is mostly weight error (``docs/accuracy.md``), and it is concentrated: on SmolLM2 a
 handful of layers have output errors several times the median. Giving those layers 8-bit weights
-(group-wise like their 4-bit weights: the same group size, K' and symmetry;
+(group-wise like their 4-bit weights: the same group size and symmetry;
 ``quant.quantize_weight_groupwise_int8``) removes most of their error for a small size cost.
 Activations stay int8 with the layer's scheme, so the layer is W8A8: ``W8A8MatMul``, W4A8MatMul's
 contract with one byte per weight (``docs/ops.md``), which our CPU kernel runs.
@@ -14,7 +14,7 @@ layer adds 4 bits per weight); a layer is taken while either budget has room.
 from __future__ import annotations
 
 from fptq_onnx.layer_error import layer_output_error
-from fptq_onnx.quant import pad_to_group_multiple, quantize_weight_groupwise_int8, relative_weight_error
+from fptq_onnx.quant import quantize_weight_groupwise_int8, relative_weight_error
 
 from .base import ConversionContext, Pass, PassPreconditionError
 
@@ -46,10 +46,9 @@ class MixedPrecisionPass(Pass):
             if chosen >= self.count and weights + size > self.fraction * total:
                 break
             layer.w4_output_error = layer.output_error
-            u, scales, zero_points = quantize_weight_groupwise_int8(
-                pad_to_group_multiple(layer.weight, layer.group_size), layer.group_size, layer.symmetric)
-            layer.packed = (u, scales, zero_points)  # the op's B [N, K'] as it is
-            layer.weight_error = relative_weight_error(layer.weight, u, scales, zero_points)
+            u, scales, zero_points = quantize_weight_groupwise_int8(layer.weight, layer.group_size, layer.symmetric)
+            layer.packed = (u, scales, zero_points)  # the op's B [N, K] as it is
+            layer.weight_error = relative_weight_error(layer.weight, u, scales, zero_points, layer.group_size)
             layer.weight_bits = 8
             layer.output_error = layer_output_error(group.sample_rows, layer, group.lae_scales)
             chosen, weights = chosen + 1, weights + size

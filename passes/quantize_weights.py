@@ -1,10 +1,11 @@
 """4-bit group-wise weight quantization along K (``fptq_onnx.quant``).
 
 Each layer's ``[K, N]`` weight (already multiplied by its LAE scales) becomes packed nibbles
-``B[N, K/2]``, ``scales[N, K/g]`` and ``zero_points[N, K/g]`` (the op's layout, ``docs/ops.md``).
-A K that is not a multiple of the group size is padded with zero rows (``K'``); the
-replacement pass pads X to match. The relative weight error ``||W - Q(W)||_F / ||W||_F`` (over
-the real rows) is recorded on the layer.
+``B[N, ceil(K/2)]``, ``scales[N, G]`` and ``zero_points[N, G]``, ``G = ceil(K/g)`` (the op's
+layout, ``docs/ops.md``). A K that is not a multiple of the group size ends in a partial group,
+which the ops take as it is (no Pad of X); the rounding below works on the weight zero-padded to
+whole groups (``quant.pad_to_group_multiple``), and the padding is dropped. The relative weight
+error ``||W - Q(W)||_F / ||W||_F`` is recorded on the layer.
 
 Rounding, from the calibration second moment ``H = mean x x^T`` of the input the layer sees
 (``X / s`` after LAE, so ``H / (s s^T)``):
@@ -74,10 +75,11 @@ class QuantizeWeightsPass(Pass):
                                                                   ratio, factor=factor)
                 else:
                     u, scales, zero_points = quantize_weight_groupwise(padded, self.group_size, self.symmetric, ratio)
-                layer.weight_error = relative_weight_error(layer.weight, u, scales, zero_points)
+                u = u[:, : layer.k]  # the padding rows quantized to the zero point: dropped
+                layer.weight_error = relative_weight_error(layer.weight, u, scales, zero_points, self.group_size)
                 layer.packed = (pack_int4(u), scales, zero_points)
                 layer.group_size = self.group_size
-                layer.k_padded = padded.shape[0]
+                layer.k_padded = layer.k  # the ops take a partial last group: nothing is padded
                 layer.symmetric = self.symmetric
                 layer.rounding = "gptq" if self.gptq else "rtn"
                 layer.clipped = self.clip == "output"

@@ -4,9 +4,9 @@ attributes, B one byte per weight).
 
 The new node reads the layer's original input, the packed weights, group scales, zero points
 and the static activation scale, and writes the original output tensor, so nothing downstream
-changes. A Gemm bias becomes an ``Add`` after the op. A layer whose K was padded to the group
-size reads its input through a ``Pad`` node (``<group>/pad_k``, zeros on the last axis), shared
-by the layers of one input. Node and initializer names derive from
+changes. A Gemm bias becomes an ``Add`` after the op. A K that is not a multiple of the group
+size needs nothing: the ops take a partial last group (``docs/ops.md``; models converted before
+read X through a ``Pad`` to whole groups). Node and initializer names derive from
 the layer name (``model.layers.3.mlp.down_proj/w4a8_matmul``) so a user finds them in Netron.
 The op's function body is attached when the model is exported (``functions.add_w4a8_function``).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from fptq_onnx.errors import UserError
 from fptq_onnx.quant import ACT_PER_TENSOR_STATIC, ACT_PER_TOKEN_DYNAMIC
 
 from .base import ConversionContext, Pass, PassPreconditionError
@@ -37,26 +36,20 @@ class ReplaceMatMulPass(Pass):
             raise PassPreconditionError(f"{self.name}: layers without an activation scale; run act_scales first")
 
     def call(self, ctx: ConversionContext) -> bool:
-        padded_inputs: dict[str, gs.Variable] = {}
-        for group in ctx.groups:
-            for layer in group.layers:
-                self._replace(ctx, group, layer, padded_inputs)
+        for layer in ctx.layers:
+            self._replace(ctx, layer)
         if ctx.layers:
             ctx.graph.cleanup().toposort()
         return bool(ctx.layers)
 
-    def _replace(self, ctx: ConversionContext, group, layer, padded_inputs: dict[str, gs.Variable]) -> None:
+    def _replace(self, ctx: ConversionContext, layer) -> None:
         node, output = layer.node, layer.node.outputs[0]
         name = layer.name
         activation = node.inputs[0]
         act_scale = gs.Constant(f"{name}.act_scale", np.array(layer.act_scale, np.float32))
         packed, scales, zero_points = layer.packed  # B: nibbles, or bytes for 8-bit weights
-        if layer.k_padded != layer.k:
-            if activation.name not in padded_inputs:
-                padded_inputs[activation.name] = _pad_last_axis(ctx, group.name, activation, layer.k_padded - layer.k)
-            activation = padded_inputs[activation.name]
         op_type, suffix = (W8A8_OP_TYPE, "w8a8_matmul") if layer.weight_bits == 8 else (OP_TYPE, "w4a8_matmul")
-        attrs = {"K": layer.k_padded, "N": layer.n, "group_size": layer.group_size,
+        attrs = {"K": layer.k, "N": layer.n, "group_size": layer.group_size,
                  "act_mode": ACT_MODE_CODES[layer.act_mode]}
         inputs = [activation, gs.Constant(f"{name}.weight_packed", packed),
                   gs.Constant(f"{name}.weight_scales", scales.astype(np.float32)),
@@ -74,24 +67,3 @@ class ReplaceMatMulPass(Pass):
         layer.node = replacement
         layer.replaced_by = replacement.name
 
-
-def _pad_last_axis(ctx: ConversionContext, group_name: str, tensor: gs.Variable, amount: int) -> gs.Variable:
-    """``Pad(tensor)`` with ``amount`` zeros at the end of the last axis.
-
-    Opset 18 names the axis (``axes = [-1]``), so any rank works; older opsets need the rank.
-    """
-    name = f"{group_name}/pad_k"
-    if ctx.graph.opset >= 18:
-        pads, axes = [0, amount], [gs.Constant(f"{name}/axes", np.array([-1], np.int64))]
-    elif tensor.shape is not None:
-        rank = len(tensor.shape)
-        pads, axes = [0] * (2 * rank - 1) + [amount], []
-    else:
-        raise UserError(f"{group_name}: K is not a multiple of the group size and the input rank is unknown "
-                        "(opset < 18): re-export with opset 18 or choose a group size that divides K")
-    shape = None if tensor.shape is None else list(tensor.shape[:-1]) + [
-        tensor.shape[-1] + amount if isinstance(tensor.shape[-1], int) else None]
-    padded = gs.Variable(f"{name}/output", dtype=tensor.dtype, shape=shape)
-    inputs = [tensor, gs.Constant(f"{name}/pads", np.array(pads, np.int64)), gs.Variable.empty(), *axes]
-    ctx.graph.nodes.append(gs.Node("Pad", name=name, inputs=inputs, outputs=[padded]))
-    return padded

@@ -2,7 +2,8 @@
 float64 reference and the function body (stock ONNX Runtime), and of their refusals of
 malformed inputs.
 
-Shapes (M from 0, K as groups of 2 to 128, N odd and even around the 16-channel tiles), both
+Shapes (M from 0, K as groups of 2 to 128, the last one maybe partial, N odd and even around
+the 16-channel tiles), both
 weight widths, both activation modes, every ISA this CPU runs, and values from float32's subnormals to 1e25 with
 outliers, all-zero rows, NaN and +-Inf rows (docs/ops.md, "NaN and Inf"). Weights, scales and zero points
 are fed as graph inputs, so one session per (ISA, K, N, group_size, act_mode) serves every
@@ -48,8 +49,8 @@ def _unknown_shapes(model_bytes: bytes) -> bytes:
 def sessions(isa: str, k: int, n: int, group_size: int, act_mode: int, bits: int = 4):
     """(kernel session with $FPTQ_CPU_ISA=isa, stock session running the body) for one shape of
     the op for bits-bit weights."""
-    groups = k // group_size
-    placeholder = {"B": np.zeros((n, k * bits // 8), np.uint8), "S": np.ones((n, groups), np.float32),
+    groups = -(-k // group_size)
+    placeholder = {"B": np.zeros((n, -(-k * bits // 8)), np.uint8), "S": np.ones((n, groups), np.float32),
                    "Z": np.zeros((n, groups), np.uint8)}
     model = _unknown_shapes(op_model(placeholder, 1.0, bits, k=k, n=n, group_size=group_size, act_mode=act_mode,
                                      graph_inputs=WEIGHT_INPUTS))
@@ -80,7 +81,7 @@ def random_weights(rng: np.random.Generator, k: int, n: int, group_size: int, sy
     """Op inputs B, S, Z of random weights (not necessarily from quantizing anything): any u and
     z in [0, 2^bits - 1] (z = 2^(bits - 1) when symmetric) and positive scales around 10**scale_exp.
     B: the nibbles packed (4 bits) or u itself (8 bits)."""
-    groups = k // group_size
+    groups = -(-k // group_size)
     levels = 2**bits
     u = rng.integers(0, levels, (n, k), dtype=np.uint8)
     z = (np.full((n, groups), levels // 2, np.uint8) if symmetric
@@ -105,10 +106,10 @@ def random_activations(rng: np.random.Generator, m: int, k: int, exp: int, sprea
     return x
 
 
-def expected_output(x, weights, act_scale, act_mode, bits=4) -> np.ndarray:
+def expected_output(x, weights, act_scale, act_mode, group_size, bits=4) -> np.ndarray:
     """The float64 reference, docs/ops.md's NaN policy included (``quant.poisoned_rows``)."""
     of = quant.w8a8_matmul_reference if bits == 8 else quant.w4a8_matmul_reference
-    return of(x, weights["B"], weights["S"], weights["Z"], act_scale, act_mode)
+    return of(x, weights["B"], weights["S"], weights["Z"], act_scale, act_mode, group_size)
 
 
 def error_bounds(x, weights, act_scale, act_mode, group_size, bits=4):
@@ -137,16 +138,19 @@ def error_bounds(x, weights, act_scale, act_mode, group_size, bits=4):
     else:
         q = quant.quantize_activation_per_tensor(np.where(np.isinf(x), x, x64).astype(np.float32), act_scale)
         a = np.float64(np.float32(act_scale))
-    u = (quant.unpack_int4(weights["B"]) if bits == 4 else weights["B"]).astype(np.int64)  # [N, K]
-    n, k = u.shape
-    groups = k // group_size
-    centered = (u.reshape(n, groups, group_size) - weights["Z"][..., None].astype(np.int64))  # [N, G, g]
-    q_grouped = q.astype(np.int64).reshape(-1, groups, group_size)  # [M, G, g]
+    k = x.shape[-1]
+    u = (quant.unpack_int4(weights["B"], k) if bits == 4 else weights["B"]).astype(np.int64)  # [N, K]
+    n = u.shape[0]
+    groups = -(-k // group_size)
+    pad = groups * group_size - k  # a partial last group: zeros in q and u add nothing to D_g
+    centered = (np.pad(u, ((0, 0), (0, pad))).reshape(n, groups, group_size)
+                - weights["Z"][..., None].astype(np.int64))  # [N, G, g]
+    q_grouped = np.pad(q.astype(np.int64), ((0, 0), (0, pad))).reshape(-1, groups, group_size)  # [M, G, g]
     d = np.einsum("mgj,ngj->mng", q_grouped, centered).astype(np.float64)  # exact D_g
     s = weights["S"].astype(np.float64)  # [N, G]
     kernel_terms = np.abs(d * s[None]).sum(axis=-1) * a  # a_m * sum_g |s_g D_g|
     kernel = (groups + 2) * U * kernel_terms + a * (groups + 1) * SUBNORMAL_ULP + SUBNORMAL_ULP
-    w_abs = np.abs(centered.reshape(n, k) * np.repeat(s, group_size, axis=1))  # |w[n, k]|
+    w_abs = np.abs(centered.reshape(n, -1) * np.repeat(s, group_size, axis=1))[:, :k]  # |w[n, k]|
     body_terms = (np.abs(q.astype(np.float64)) * a) @ w_abs.T
     body = (k + 3) * U * body_terms + (k + 2) * SUBNORMAL_ULP
     return kernel, body
@@ -170,6 +174,7 @@ problems = st.fixed_dictionaries({
     "act_mode": st.sampled_from([quant.ACT_PER_TENSOR_STATIC, quant.ACT_PER_TOKEN_DYNAMIC]),
     "group_size": st.sampled_from(GROUP_SIZES),
     "groups": st.integers(1, 3),
+    "trim": st.integers(0, 127),  # K = group_size * groups - trim % group_size: a partial last group
     "n": st.sampled_from(N_VALUES),
     "m": st.one_of(st.sampled_from([0, 1]), st.integers(2, 70)),  # 70: several AMX row blocks
     "symmetric": st.booleans(),
@@ -189,7 +194,7 @@ def test_kernel_matches_reference_and_body(p):
     isas = supported_isas()
     isa = p["isa"] if p["isa"] in isas else isas[0]
     rng = np.random.default_rng(p["seed"])
-    k = p["group_size"] * p["groups"]
+    k = p["group_size"] * p["groups"] - p["trim"] % p["group_size"]
     spread = min(p["spread"], 25 - p["x_exp"])  # magnitudes up to 1e25 (below 1e-45: zeros)
     x = random_activations(rng, p["m"], k, p["x_exp"], spread, p["specials"])
     weights = random_weights(rng, k, p["n"], p["group_size"], p["symmetric"], p["scale_exp"], p["bits"])
@@ -199,7 +204,7 @@ def test_kernel_matches_reference_and_body(p):
     feeds = {"X": x, **weights, "A": np.asarray(act_scale, np.float32)}
 
     kernel, body = sessions(isa, k, p["n"], p["group_size"], p["act_mode"], p["bits"])
-    expected = expected_output(x, weights, act_scale, p["act_mode"], p["bits"])
+    expected = expected_output(x, weights, act_scale, p["act_mode"], p["group_size"], p["bits"])
     kernel_bound, body_bound = error_bounds(x, weights, act_scale, p["act_mode"], p["group_size"], p["bits"])
     assert_matches(f"kernel ({isa}, {p['bits']}-bit weights)", kernel.run(None, feeds)[0], expected, kernel_bound)
     assert_matches("function body", body.run(None, feeds)[0], expected, body_bound)

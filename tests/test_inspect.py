@@ -86,8 +86,8 @@ def test_inspect_json_bytes_match_the_initializers(models, capsys):
 def test_inspect_padded_gemm(models):
     info = inspect_model(models["gemm"].output)
     assert info["by_scheme"] == {"per_tensor_static": 2} and info["group_sizes"] == [64]
-    assert [(layer["K"], layer["K_op"]) for layer in info["layers"]] == [(96, 128), (96, 128)]
-    assert info["inserted_nodes"]["pad_k"] == ["fc1/pad_k"] and info["inserted_nodes"]["bias"] == ["fc1/bias"]
+    assert [(layer["K"], layer["K_op"]) for layer in info["layers"]] == [(96, 96), (96, 96)]  # no Pad: partial group
+    assert info["inserted_nodes"]["pad_k"] == [] and info["inserted_nodes"]["bias"] == ["fc1/bias"]
     assert info["replaced_fp32_bytes"] == 2 * 4 * 96 * 8 and info["packed_bytes"] == packed_bytes_of(
         models["gemm"].output)
 

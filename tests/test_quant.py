@@ -88,8 +88,36 @@ def test_weight_error_is_at_most_half_a_step(rng, symmetric, bits):
     error = np.abs(quant.dequantize_weight(u, scales, zeros) - w)
     step = np.repeat(scales, 128, axis=1).T
     assert np.all(error <= 0.5 * step * (1 + 1e-5) + 1e-7)
-    assert quant.relative_weight_error(w, u, scales, zeros) == pytest.approx(
+    assert quant.relative_weight_error(w, u, scales, zeros, 128) == pytest.approx(
         np.linalg.norm(error) / np.linalg.norm(w), rel=1e-9)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k, group_size", [pytest.param(576, 128, id="K576-g128"), pytest.param(100, 32, id="K100-g32"),
+                                           pytest.param(130, 128, id="K130-g128")])
+def test_partial_last_group_is_the_group_quantized_alone(rng, bits, k, group_size):
+    """K % group_size != 0: G = ceil(K / group_size), and the last group's scale, zero point and
+    u are those of its K % group_size weights quantized on their own."""
+    w = rng.standard_normal((k, 5)).astype(np.float32)
+    u, scales, zeros = _quantizer(bits)(w, group_size, symmetric=False)
+    count = -(-k // group_size)
+    assert u.shape == (5, k) and scales.shape == zeros.shape == (5, count)
+    first = (count - 1) * group_size
+    tail_u, tail_scales, tail_zeros = _loop_quantize(w[first:], k - first, False, bits)
+    np.testing.assert_array_equal(u[:, first:], tail_u)
+    np.testing.assert_allclose(scales[:, -1:], tail_scales, rtol=1e-6)
+    np.testing.assert_array_equal(zeros[:, -1:], tail_zeros)
+    restored = quant.dequantize_weight(u, scales, zeros, group_size)
+    assert restored.shape == (k, 5) and quant.relative_weight_error(w, u, scales, zeros, group_size) < 0.2
+    if k % count:  # (K = 100 in 4 groups would read as groups of 25: group_size must be passed)
+        with pytest.raises(ValueError, match="pass group_size"):
+            quant.dequantize_weight(u, scales, zeros)
+
+
+def test_pack_odd_k_leaves_the_last_high_nibble_zero():
+    u = np.array([[1, 2, 3]], np.uint8)
+    assert quant.pack_int4(u).tolist() == [[1 + 2 * 16, 3]]
+    np.testing.assert_array_equal(quant.unpack_int4(quant.pack_int4(u), 3), u)
 
 
 def test_pack_layout_low_nibble_first():
