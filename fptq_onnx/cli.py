@@ -35,7 +35,9 @@ def _add_convert_options(parser: argparse.ArgumentParser) -> None:
                         help=f"weights per 4-bit group along K (default {defaults.group_size})")
     parser.add_argument("--symmetric", action="store_true", help="symmetric 4-bit weights (default asymmetric)")
     parser.add_argument("--nodes-to-exclude", metavar="REGEX", help="leave layers whose name matches in float")
-    parser.add_argument("--include-lm-head", action="store_true", help="quantize the language-model head too")
+    parser.add_argument("--lm-head", choices=("w8", "w4", "float"), default="w8",
+                        help="the language-model head: 8-bit weights (default; a tied embedding then reads them), "
+                             "4-bit, or left in float")
     parser.add_argument("--no-lae-fold", action="store_true",
                         help="always insert LAE's 1/s as a Mul node instead of folding it into the norm")
     parser.add_argument("--error-rows", type=int, default=calib.error_rows,
@@ -91,7 +93,8 @@ def _convert_config(args: argparse.Namespace):
 
     return ConvertConfig(
         v0=args.v0, v1=args.v1, group_size=args.group_size, symmetric=args.symmetric,
-        nodes_to_exclude=args.nodes_to_exclude, exclude_lm_head=not args.include_lm_head,
+        nodes_to_exclude=args.nodes_to_exclude, exclude_lm_head=args.lm_head == "float",
+        lm_head_bits=8 if args.lm_head == "w8" else 4,
         fold_lae=not args.no_lae_fold, lae_bands=args.lae_bands, equalization=args.equalization,
         sq_alpha=args.sq_alpha, weight_clip=args.weight_clip, gptq=args.gptq, auto_thresholds=args.auto_thresholds,
         w8_layers=args.w8_layers[0], w8_fraction=args.w8_layers[1],

@@ -63,6 +63,16 @@ def _deepest_module(scopes: list) -> str:
     return path
 
 
+def is_lm_head_node(name: str, node: gs.Node, graph_outputs: set[str]) -> bool:
+    """The language-model head: a linear layer named ``lm_head``, or one writing a graph output."""
+    return bool(LM_HEAD_PATTERN.search(name)) or node.outputs[0].name in graph_outputs
+
+
+def is_lm_head(layer, graph_outputs: set[str]) -> bool:
+    """:func:`is_lm_head_node` of a found :class:`LinearLayer`."""
+    return is_lm_head_node(layer.name, layer.node, graph_outputs)
+
+
 def layer_name(node: gs.Node, weight: gs.Constant, module_names: dict[str, str] | None = None) -> str:
     """Module-path name of a linear layer: exporter metadata, else its weight's name, else the node's."""
     if module_names and node.name in module_names:
@@ -129,8 +139,8 @@ class FindLinearLayersPass(Pass):
                 return None
             weight, bias = parsed
         name = layer_name(node, weight_tensor, self.module_names)
-        if self.exclude_lm_head and (LM_HEAD_PATTERN.search(name) or node.outputs[0].name in graph_outputs):
-            ctx.reject(self.name, name, "language-model head (excluded by default; --include-lm-head keeps it)")
+        if self.exclude_lm_head and is_lm_head_node(name, node, graph_outputs):
+            ctx.reject(self.name, name, "language-model head (--lm-head float keeps it in float)")
             return None
         if self.exclude is not None and (self.exclude.search(name) or self.exclude.search(node.name or "")):
             ctx.reject(self.name, name, f"matches --nodes-to-exclude {self.exclude.pattern!r}")

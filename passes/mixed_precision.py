@@ -9,47 +9,64 @@ contract with one byte per weight (``docs/ops.md``), which our CPU kernel runs.
 
 Ranking: the measured W4A8 output error (``layer_error.LayerOutputErrorPass`` must have run).
 Budget: ``count`` layers and/or ``fraction`` of all quantized weights (a size budget: each chosen
-layer adds 4 bits per weight); a layer is taken while either budget has room.
+layer adds 4 bits per weight); a layer is taken while either budget has room. With ``head`` the
+language-model head takes 8 bits first, outside the budget: its error lands on the logits
+directly (measured on SmolLM2: Brown perplexity 49.9 with a float head, 65.7 with a 4-bit one).
 """
 from __future__ import annotations
 
 from fptq_onnx.layer_error import layer_output_error
 from fptq_onnx.quant import quantize_weight_groupwise_int8, relative_weight_error
 
-from .base import ConversionContext, Pass, PassPreconditionError
+from .base import ConversionContext, LinearLayer, Pass, PassPreconditionError
+from .find_linears import is_lm_head
 
 
 class MixedPrecisionPass(Pass):
-    """Give the ``count`` (or ``fraction`` of weights) worst layers by output error 8-bit weights."""
+    """Give the ``count`` (or ``fraction`` of weights) worst layers by output error 8-bit weights,
+    and (``head``) the language-model head whatever the budget."""
 
     name = "mixed_precision"
 
-    def __init__(self, count: int = 0, fraction: float = 0.0):
+    def __init__(self, count: int = 0, fraction: float = 0.0, head: bool = False):
         if count < 0 or not 0 <= fraction <= 1:
             raise ValueError(f"need count >= 0 and 0 <= fraction <= 1, got {count}, {fraction}")
-        self.count, self.fraction = count, fraction
+        self.count, self.fraction, self.head = count, fraction, head
 
     def requires(self, ctx: ConversionContext) -> None:
-        if any(layer.output_error is None for layer in ctx.layers):
+        if (self.count or self.fraction) and any(layer.output_error is None for layer in ctx.layers):
             raise PassPreconditionError(f"{self.name}: needs every layer's output error; run output_error first "
                                         "(calibration with error rows > 0)")
         if any(layer.group_size is None for layer in ctx.layers):
             raise PassPreconditionError(f"{self.name}: needs the 4-bit group size; run quantize_weights first")
 
     def call(self, ctx: ConversionContext) -> bool:
-        total = sum(layer.k * layer.n for layer in ctx.layers)
-        ranked = sorted(((layer, group) for group in ctx.groups for layer in group.layers),
-                        key=lambda pair: pair[0].output_error, reverse=True)
+        pairs = [(layer, group) for group in ctx.groups for layer in group.layers]
+        outputs = {tensor.name for tensor in ctx.graph.outputs}
+        for layer, group in pairs:
+            if self.head and is_lm_head(layer, outputs):
+                _to_8_bits(layer, group)
+        # the budget is a share of the other layers' weights: the head is not chosen by it
+        rest = [(layer, group) for layer, group in pairs if layer.weight_bits != 8]
+        total = sum(layer.k * layer.n for layer, _ in rest)
+        ranked = sorted(rest, key=lambda pair: pair[0].output_error, reverse=True) if self.count or self.fraction else []
         chosen, weights = 0, 0
         for layer, group in ranked:
             size = layer.k * layer.n
             if chosen >= self.count and weights + size > self.fraction * total:
                 break
-            layer.w4_output_error = layer.output_error
-            u, scales, zero_points = quantize_weight_groupwise_int8(layer.weight, layer.group_size, layer.symmetric)
-            layer.packed = (u, scales, zero_points)  # the op's B [N, K] as it is
-            layer.weight_error = relative_weight_error(layer.weight, u, scales, zero_points, layer.group_size)
-            layer.weight_bits = 8
-            layer.output_error = layer_output_error(group.sample_rows, layer, group.lae_scales)
+            _to_8_bits(layer, group)
             chosen, weights = chosen + 1, weights + size
         return False  # decisions only; the replacement pass writes W8A8MatMul nodes
+
+
+def _to_8_bits(layer: LinearLayer, group) -> None:
+    """Re-quantize ``layer`` with 8-bit group-wise weights and measure its output error again
+    (where calibration kept sample rows)."""
+    layer.w4_output_error = layer.output_error
+    u, scales, zero_points = quantize_weight_groupwise_int8(layer.weight, layer.group_size, layer.symmetric)
+    layer.packed = (u, scales, zero_points)  # the op's B [N, K] as it is
+    layer.weight_error = relative_weight_error(layer.weight, u, scales, zero_points, layer.group_size)
+    layer.weight_bits = 8
+    if group.sample_rows is not None:
+        layer.output_error = layer_output_error(group.sample_rows, layer, group.lae_scales)

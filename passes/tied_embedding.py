@@ -30,7 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import ConversionContext, LayerGroup, LinearLayer, Pass
-from .find_linears import LM_HEAD_PATTERN
+from .find_linears import is_lm_head
 from .functions import OP_TYPE, W8A8_OP_TYPE
 
 TIE_RTOL = 1e-5  # float32 rounding of W * s / s, far below any real difference between two tables
@@ -42,8 +42,9 @@ class TiedEmbeddingPass(Pass):
     name = "tied_embedding"
 
     def call(self, ctx: ConversionContext) -> bool:
+        outputs = {tensor.name for tensor in ctx.graph.outputs}
         heads = [(group, layer) for group in ctx.groups for layer in group.layers
-                 if layer.replaced_by is not None and _is_head(ctx, layer)]
+                 if layer.replaced_by is not None and is_lm_head(layer, outputs)]
         changed = False
         for group, layer in heads:
             if layer.node.op not in (OP_TYPE, W8A8_OP_TYPE):
@@ -63,11 +64,6 @@ class TiedEmbeddingPass(Pass):
         if changed:
             ctx.graph.cleanup().toposort()
         return changed
-
-
-def _is_head(ctx: ConversionContext, layer: LinearLayer) -> bool:
-    outputs = {tensor.name for tensor in ctx.graph.outputs}
-    return bool(LM_HEAD_PATTERN.search(layer.name)) or layer.node.outputs[0].name in outputs
 
 
 def float_weight_transposed(layer: LinearLayer, group: LayerGroup) -> np.ndarray:

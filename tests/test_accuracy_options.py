@@ -183,7 +183,7 @@ def tiny_workdir(tmp_path, tiny_block, rng):
 
 
 def _convert(workdir, name, **fields):
-    config = ConvertConfig(exclude_lm_head=False, group_size=64, **fields)
+    config = ConvertConfig(exclude_lm_head=False, lm_head_bits=4, group_size=64, **fields)
     return convert(workdir / "model.onnx", workdir / f"{name}.onnx", workdir / "calib.npz", config, progress=False)
 
 
@@ -253,7 +253,7 @@ def test_stats_cache_serves_conversions_needing_less(tiny_workdir, monkeypatch):
     cache: dict = {}
     for name, fields in [("clip", dict(weight_clip="output")), ("rtn", dict(weight_clip="none")),
                          ("gptq", dict(weight_clip="none", gptq=True))]:
-        config = ConvertConfig(exclude_lm_head=False, group_size=64, **fields)
+        config = ConvertConfig(exclude_lm_head=False, lm_head_bits=4, group_size=64, **fields)
         convert(tiny_workdir / "model.onnx", tiny_workdir / f"{name}.onnx", tiny_workdir / "calib.npz", config,
                 progress=False, stats_cache=cache)
     assert calls == ["blocks", "full"]

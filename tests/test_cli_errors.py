@@ -35,7 +35,7 @@ def assert_one_line_error(code, err, match):
 
 def test_convert_works_on_the_tiny_block(workdir, capsys):
     code, out, err = run_cli(capsys, "convert", workdir / "model.onnx", "--calib", workdir / "calib.npz",
-                             "-o", workdir / "out.onnx", "--include-lm-head")
+                             "-o", workdir / "out.onnx", "--lm-head", "w4")
     assert code == 0, err
     assert "3 layers to W4A8" in out
     assert len([n for n in onnx.load(str(workdir / "out.onnx")).graph.node if n.op_type == "W4A8MatMul"]) == 3

@@ -151,14 +151,14 @@ def test_weights_not_constant_are_left_in_float(scratch, capsys, rng):
     np.savez(scratch / "calib.npz", x=rng.standard_normal((2, 1, 8, 128)).astype(np.float32),
              fed_weight=rng.standard_normal((2, 128, 32)).astype(np.float32))
     out = convert_ok(capsys, scratch / "model.onnx", "--calib", scratch / "calib.npz", "-o", scratch / "out.onnx",
-                  "--include-lm-head")
+                  "--lm-head", "w4")
     assert "1 layers to W4A8" in out and "1 MatMul without a constant weight (attention products, weights fed at run time) left as they are" in out
     converted = onnx.load(str(scratch / "out.onnx"))
     kept = [n for n in converted.graph.node if n.op_type == "MatMul"]
     assert [list(n.input) for n in kept] == [["x", "fed_weight"]]
     assert [n.op_type for n in converted.graph.node].count("W4A8MatMul") == 1
     result = convert_model(scratch / "model.onnx", scratch / "out2.onnx", scratch / "calib.npz",
-                           ConvertConfig(exclude_lm_head=False), progress=False)
+                           ConvertConfig(exclude_lm_head=False, lm_head_bits=4), progress=False)
     assert [(r.node, r.reason) for r in result.rejections if r.pass_name == "find_linears"] == [
         ("z", "weight is not a constant initializer")]
 
@@ -180,7 +180,7 @@ def test_k_not_multiple_of_group_size_takes_a_partial_group(scratch, capsys, rng
     x = rng.standard_normal((16, 96)).astype(np.float32)
     np.savez(scratch / "calib.npz", x=x)
     out = convert_ok(capsys, scratch / "model.onnx", "--calib", scratch / "calib.npz", "-o", scratch / "out.onnx",
-                  "--include-lm-head", "--group-size", "64")
+                  "--lm-head", "w4", "--group-size", "64")
     assert "1 layers to W4A8" in out
     converted = onnx.load(str(scratch / "out.onnx"))
     ops = {n.op_type: n for n in converted.graph.node}
@@ -225,14 +225,14 @@ def test_text_calibration_works(scratch, capsys, token_model):
     """The setup of the text entries converts when nothing is wrong."""
     (scratch / "out").mkdir()
     out = convert_ok(capsys, token_model, "--calib", scratch / "calib.txt", "--seq-len", "64", "--samples", "4",
-                     "--include-lm-head", "-o", scratch / "out" / "model.onnx")
+                     "--lm-head", "w4", "-o", scratch / "out" / "model.onnx")
     assert "1 layers to W4A8" in out
 
 
 def test_calibration_text_shorter_than_one_sequence(scratch, capsys, token_model):
     (scratch / "calib.txt").write_text(tiny_text(20))
     convert_fails(capsys, scratch, "is shorter than one sequence of 64 tokens", token_model,
-                  "--calib", scratch / "calib.txt", "--seq-len", "64", "--include-lm-head", "-o", scratch / "out.onnx")
+                  "--calib", scratch / "calib.txt", "--seq-len", "64", "--lm-head", "w4", "-o", scratch / "out.onnx")
 
 
 @pytest.mark.parametrize("where, message", [
@@ -243,7 +243,7 @@ def test_missing_tokenizer(scratch, capsys, token_model, where, message):
     (scratch / "tokenizer.json").unlink()
     flag = ["--tokenizer", scratch / "tmp"] if where == "flag" else []
     convert_fails(capsys, scratch, message, token_model, "--calib", scratch / "calib.txt", "--seq-len", "64",
-                  "--include-lm-head", "-o", scratch / "out.onnx", *flag)
+                  "--lm-head", "w4", "-o", scratch / "out.onnx", *flag)
 
 
 # --- the output -------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def converted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     onnx.save(model_from_text(THREE_BANDS, weights), str(folder / "model.onnx"))
     np.savez(folder / "calib.npz", x=outlier_inputs(rng, (4, 1, 8, 128), outlier_gain=20.0))
-    config = ConvertConfig(exclude_lm_head=False, calibration=CalibrationConfig(error_rows=64))
+    config = ConvertConfig(exclude_lm_head=False, lm_head_bits=4, calibration=CalibrationConfig(error_rows=64))
     result = convert(folder / "model.onnx", folder / "out.onnx", folder / "calib.npz", config, progress=False,
                      report=folder / "report.html")
     write_report(result, folder / "report.md")
@@ -227,7 +227,8 @@ def test_convert_cli_prints_errors_and_report_path(tmp_path, tiny_block, rng, ca
 def test_no_error_rows_means_no_error_plot(tmp_path, tiny_block, rng):
     onnx.save(tiny_block, str(tmp_path / "model.onnx"))
     np.savez(tmp_path / "calib.npz", x=outlier_inputs(rng, (2, 1, 8, 128)))
-    config = ConvertConfig(v0=1e6, v1=1e7, lae_bands=(), w8_fraction=0.0, calibration=CalibrationConfig(error_rows=0))
+    config = ConvertConfig(v0=1e6, v1=1e7, lae_bands=(), w8_fraction=0.0, exclude_lm_head=True,
+                           calibration=CalibrationConfig(error_rows=0))
     result = convert(tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz", config, progress=False,
                      report=tmp_path / "r.html")
     assert all(layer.output_error is None for layer in result.layers) and "output_error" not in result.seconds

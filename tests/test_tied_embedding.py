@@ -1,7 +1,7 @@
 """The tied embedding reads the quantized head's weights (``passes/tied_embedding.py``).
 
 On a tiny random LLaMA with tied embeddings, exported by our torch exporter (embedding and head
-stored as two equal constants): after ``convert --include-lm-head`` the float table is gone and
+stored as two equal constants): after ``convert`` (head quantized: ``ConvertConfig(exclude_lm_head=False)``) the float table is gone and
 the embedding output equals a float64 numpy dequantization of the head's stored weights, rows
 picked by the token ids, LAE undone; and it stays within the quantization error of the fp32
 table.
@@ -20,12 +20,12 @@ from fptq_onnx.pipeline import ConvertConfig, convert
 IDS = np.array([[1, 5, 9, 4, 7, 22, 0], [3, 3, 8, 12, 2, 19, 6]], np.int64)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+@pytest.fixture(scope="module", params=[8, 4], ids=["8-bit head", "4-bit head"])
+def models(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("tied")
     source = export_model(save_tiny_llama(root / "hf"), root / "fp32" / "model.onnx", progress=False)
     (root / "calib.txt").write_text(tiny_text(2000))
-    config = ConvertConfig(exclude_lm_head=False, calibration=CalibrationConfig(samples=4, seq_len=32))
+    config = ConvertConfig(lm_head_bits=request.param, calibration=CalibrationConfig(samples=4, seq_len=32))
     result = convert(source, root / "w4a8" / "model.onnx", root / "calib.txt", config, progress=False)
     return source, result
 
@@ -48,9 +48,11 @@ def run_with_output(model: onnx.ModelProto, name: str, ids: np.ndarray) -> np.nd
 
 def dequantized_rows(model: onnx.ModelProto, head: str, k: int, ids: np.ndarray) -> np.ndarray:
     """float64 ``(u - z) * scale / s`` of rows ``ids`` of the head's stored weights, written out
-    element by element from docs/ops.md's layout (even k low nibble, odd k high)."""
+    element by element from docs/ops.md's layouts (8 bits: a byte per k; 4 bits: even k low
+    nibble, odd k high)."""
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    node = next(n for n in model.graph.node if n.op_type == "W4A8MatMul" and n.name.startswith(head))
+    node = next(n for n in model.graph.node if n.op_type in ("W4A8MatMul", "W8A8MatMul") and n.name.startswith(head))
+    eight_bits = node.op_type == "W8A8MatMul"
     packed, scales, zeros = (init[name] for name in node.input[1:4])
     group = next(a.i for a in node.attribute if a.name == "group_size")
     inverse_s = init.get(f"{head}/tied_embedding.inverse_lae_scales", np.ones(k, np.float32)).astype(np.float64)
@@ -58,8 +60,11 @@ def dequantized_rows(model: onnx.ModelProto, head: str, k: int, ids: np.ndarray)
     for index in np.ndindex(ids.shape):
         row = ids[index]
         for j in range(k):
-            byte = int(packed[row, j // 2])
-            u = (byte >> 4) if j % 2 else (byte & 15)
+            if eight_bits:
+                u = int(packed[row, j])
+            else:
+                byte = int(packed[row, j // 2])
+                u = (byte >> 4) if j % 2 else (byte & 15)
             g = j // group
             out[index + (j,)] = (u - float(zeros[row, g])) * float(scales[row, g]) * inverse_s[j]
     return out
@@ -88,7 +93,7 @@ def test_embedding_equals_dequantized_head_rows(models):
     fp32 = onnx.load(str(source))
     reference = run_with_output(fp32, embedding_output(fp32), IDS)
     error = np.linalg.norm(got - reference) / np.linalg.norm(reference)
-    assert 0 < error < 0.15, error  # 4-bit g128 weights: a few percent, never exact
+    assert 0 < error < 0.15, error  # 4-bit g128 weights: a few percent (8-bit: well under 1%), never exact
 
 
 def test_untied_embedding_of_the_same_shape_is_left_alone(tmp_path):
@@ -104,7 +109,7 @@ def test_untied_embedding_of_the_same_shape_is_left_alone(tmp_path):
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 1.01, tensor.name))
     onnx.save(model, str(source))
     (root / "calib.txt").write_text(tiny_text(2000))
-    config = ConvertConfig(exclude_lm_head=False, calibration=CalibrationConfig(samples=4, seq_len=32))
+    config = ConvertConfig(calibration=CalibrationConfig(samples=4, seq_len=32))
     result = convert(source, root / "w4a8" / "model.onnx", root / "calib.txt", config, progress=False)
     reasons = [r.reason for r in result.rejections if r.pass_name == TiedEmbeddingPass.name]
     assert reasons and "not tied" in reasons[0]
