@@ -158,7 +158,7 @@ def rewrite_progressive(result, source: Path, out: Path) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    from fptq_onnx.quant import pack_int4, pad_to_group_multiple
+    from fptq_onnx.quant import dequantize_weight, pack_int4, pad_to_group_multiple
 
     model = onnx.load(str(source))
     inits = {t.name: t for t in model.graph.initializer}
@@ -175,18 +175,20 @@ def rewrite_progressive(result, source: Path, out: Path) -> dict:
             raise RuntimeError("the clip ratios are recovered for asymmetric weights only")
         group_size = int(next(a.i for a in node.attribute if a.name == "group_size"))
         padded = pad_to_group_multiple(np.asarray(layer.weight, np.float32), group_size)
-        if padded.shape[0] != next(a.i for a in node.attribute if a.name == "K"):
-            raise RuntimeError(f"{node.name}: K' {padded.shape[0]} does not match the node")
+        node_k = next(a.i for a in node.attribute if a.name == "K")  # K itself (a partial last group), or a padded K'
+        if node_k not in (padded.shape[0], layer.k):
+            raise RuntimeError(f"{node.name}: K {node_k} is neither the layer's {layer.k} nor its padded {padded.shape[0]}")
         today = numpy_helper.to_array(inits[node.input[2]])
         ratio = clip_ratios_of(padded, today, group_size)
         u, scales, zero_points = quantize_weight_progressive(padded, group_size, ratio)
+        u = u[:, :node_k]  # the zero padding of a partial last group is not stored
         for name, value in zip(node.input[1:4], (pack_int4(u), scales, zero_points)):
             old = inits[name]
             if tuple(old.dims) != value.shape:
                 raise RuntimeError(f"{name}: shape {tuple(old.dims)} != {value.shape}")
             old.CopyFrom(numpy_helper.from_array(value, name))
         norm = float(np.linalg.norm(layer.weight))
-        restored = _dequantize(u, scales, zero_points)[: layer.k]
+        restored = dequantize_weight(u, scales, zero_points, group_size)[: layer.k]
         counts["weight_error_progressive"].append(float(np.linalg.norm(layer.weight - restored)) / norm)
         counts["weight_error_today"].append(layer.weight_error)
         counts["w4"] += 1
@@ -194,12 +196,6 @@ def rewrite_progressive(result, source: Path, out: Path) -> dict:
     for key in ("weight_error_today", "weight_error_progressive"):
         counts[key] = float(np.mean(counts[key])) if counts[key] else None
     return counts
-
-
-def _dequantize(u, scales, zero_points):
-    n, k = u.shape
-    g = scales.shape[1]
-    return ((u.reshape(n, g, -1).astype(np.float64) - zero_points[..., None]) * scales[..., None]).reshape(n, k).T
 
 
 ROWS = {  # row -> (description, ConvertConfig fields, calibration variant, progressive?)
