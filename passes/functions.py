@@ -170,6 +170,8 @@ def add_w4a8_function(model: onnx.ModelProto) -> None:
         model.opset_import.append(default)
     if OP_DOMAIN not in imports:
         model.opset_import.append(onnx.helper.make_opsetid(OP_DOMAIN, OP_VERSION))
+    else:  # graphsurgeon's export imports every domain its nodes use at version 1
+        imports[OP_DOMAIN].version = OP_VERSION
     if not any(f.domain == OP_DOMAIN and f.name == OP_TYPE for f in model.functions):
         model.functions.append(w4a8_function(default.version))
     uses_w8 = any(node.domain == OP_DOMAIN and node.op_type == W8A8_OP_TYPE for node in model.graph.node)

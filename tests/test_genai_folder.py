@@ -151,3 +151,27 @@ def test_eval_takes_a_genai_folder(tiny, builder_model, capsys):
     assert code == 0, err
     expected = evaluate(builder_model, (root / "eval.txt").read_text(), window=128, progress=False)
     assert json.loads(out)["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
+
+
+def test_converted_nodes_run_our_kernels_not_their_bodies(tiny, builder_model, tmp_path):
+    """The model imports ai.fptq at the version our library registers W8A8MatMul for (2), so
+    ONNX Runtime runs the kernels, not the inlined function bodies (graphsurgeon's export had
+    imported the domain at version 1, and every 8-bit layer ran as MatMulInteger-like float ops)."""
+    import onnx
+    import onnxruntime as ort
+
+    from fptq_onnx.passes.functions import OP_DOMAIN, OP_VERSION
+
+    root, _ = tiny
+    out = root / "kernels" / "model.onnx"
+    convert_cli(builder_model, root / "calib.txt", out)
+    model = onnx.load(str(out), load_external_data=False)
+    assert {o.domain: o.version for o in model.opset_import}[OP_DOMAIN] == OP_VERSION
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = InferenceSession(str(out), options)
+    greedy_generate(session, PROMPTS[0], 2)
+    profile = json.loads(open(session.end_profiling()).read())
+    ran = {event["args"].get("op_name") for event in profile if event.get("cat") == "Node"}
+    assert {"W4A8MatMul", "W8A8MatMul"} <= ran, sorted(ran)
