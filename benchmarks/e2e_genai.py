@@ -111,6 +111,10 @@ def build_rows(recipe: str, workdir: Path, samples: int) -> list[Path]:
         folders, fp32 = [], workdir / "torch-fp32"
         if not (fp32 / "model.onnx").is_file():
             run([*cli, "export", str(hf), "-o", str(fp32 / "model.onnx"), "--exporter", "torch", "--with-past"])
+        if not (fp32 / "genai_config.json").is_file():  # export writes none; GenAI needs one to run the fp32 row
+            import onnx
+
+            write_decoder_config(fp32, onnx.load(str(fp32 / "model.onnx"), load_external_data=False))
         folders.append(fp32)
         for name, block in ORT_ROWS.items():
             if not (workdir / name / "genai_config.json").is_file():
@@ -133,7 +137,6 @@ def ort_int4_folder(fp32: Path, out: Path, block: int) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from fptq_onnx.genai import new_config
     from fptq_onnx.tokenizer import copy_tokenizer
 
     model = onnx.load(str(fp32 / "model.onnx"))
@@ -145,9 +148,17 @@ def ort_int4_folder(fp32: Path, out: Path, block: int) -> None:
     staging.mkdir(parents=True)
     quantizer.model.save_model_to_file(str(staging / "model.onnx"), use_external_data_format=True)
     copy_tokenizer(fp32 / "model.onnx", staging / "model.onnx")
-    genai = new_config(quantizer.model.model, "model.onnx", staging, with_library=False)
-    (staging / "genai_config.json").write_text(json.dumps(genai, indent=2))
+    write_decoder_config(staging, quantizer.model.model)
     staging.rename(out)
+
+
+def write_decoder_config(folder: Path, model) -> None:
+    """A GenAI ``decoder`` config for ``folder/model.onnx`` read off ``model``'s graph (no custom-op
+    library: these rows run only ONNX Runtime's own ops)."""
+    from fptq_onnx.genai import new_config
+
+    config = new_config(model, "model.onnx", folder, with_library=False)
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
 
 
 def main() -> None:
