@@ -188,8 +188,7 @@ def evaluate(model_path: str | os.PathLike, text: str, tokenizer_dir: str | os.P
         positions, those where the reference's top-2 gap is >= ``CONFIDENT_GAP``) and
         ``"confident_agreement"`` (top-1 agreement on them; None if none) with a reference.
     """
-    if window < 2:
-        raise UserError(f"window must be at least 2 tokens, got {window}")
+    _check_window(window)
     tokenizer = tokenizer_for(model_path, tokenizer_dir)
     ids = encode(tokenizer, text, max_tokens)
     windows = tokenizer.windows(ids, window)
@@ -302,6 +301,11 @@ def evaluate_piqa(model_path: str | os.PathLike, items, tokenizer_dir: str | os.
             "piqa_items": len(items)}
 
 
+def _check_window(window: int) -> None:
+    if window < 2:
+        raise UserError(f"window must be at least 2 tokens, got {window}")
+
+
 def evaluate_genai(folder: str | os.PathLike, text: str, max_tokens: int | None = None, window: int = 512,
                    progress: bool = True) -> dict:
     """Perplexity of an onnxruntime-genai model folder on ``text``, from GenAI's own logits.
@@ -316,6 +320,7 @@ def evaluate_genai(folder: str | os.PathLike, text: str, max_tokens: int | None 
         import onnxruntime_genai as og
     except ImportError:
         raise UserError("evaluating a GenAI folder needs onnxruntime-genai: pip install onnxruntime-genai") from None
+    _check_window(window)
     folder = Path(folder)
     context = (read_config(folder / "genai_config.json") or {}).get("model", {}).get("context_length")
     if context and window > context:

@@ -175,3 +175,15 @@ def test_converted_nodes_run_our_kernels_not_their_bodies(tiny, builder_model, t
     profile = json.loads(open(session.end_profiling()).read())
     ran = {event["args"].get("op_name") for event in profile if event.get("cat") == "Node"}
     assert {"W4A8MatMul", "W8A8MatMul"} <= ran, sorted(ran)
+
+
+@pytest.mark.parametrize("extra, message", [
+    pytest.param(["--window", "1000"], "exceeds the model's context length 256", id="window-beyond-context"),
+    pytest.param(["--window", "1"], "at least 2 tokens", id="window-too-small"),
+    pytest.param(["--reference", "other.onnx"], "scored alone", id="reference-with-a-folder"),
+])
+def test_eval_of_a_genai_folder_refuses_bad_options_in_one_line(tiny, builder_model, capsys, extra, message):
+    root, _ = tiny
+    (root / "eval-bad.txt").write_text(tiny_text(1500, seed=6))
+    code, _, err = run_cli(capsys, "eval", builder_model.parent, "--text", root / "eval-bad.txt", *extra)
+    assert_one_line_error(code, err, message)
