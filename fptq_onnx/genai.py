@@ -26,6 +26,7 @@ import onnx
 
 from .errors import UserError
 from .model_io import replace_file
+from .tokenizer import special_token, tokenizer_config
 
 CONFIG_NAME = "genai_config.json"
 LIBRARY_NAME = "libfptq_ops.so"  # as fptq_onnx.session names it (not imported: session pulls in onnxruntime)
@@ -121,13 +122,11 @@ def _token_ids(tokenizer_dir: Path | None) -> dict[str, int]:
     from tokenizers import Tokenizer
 
     backend = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    config_path = tokenizer_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = tokenizer_config(tokenizer_dir)
     ids = {}
     for role in ("bos", "eos", "pad"):
-        token = config.get(f"{role}_token")
-        token = token.get("content") if isinstance(token, dict) else token
-        token_id = backend.token_to_id(token) if isinstance(token, str) else None
+        token = special_token(config, role)
+        token_id = backend.token_to_id(token) if token is not None else None
         if token_id is not None:
             ids[f"{role}_token_id"] = token_id
     if "eos_token_id" in ids:

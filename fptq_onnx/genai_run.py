@@ -32,6 +32,7 @@ from typing import Callable, Iterable, TextIO
 
 from .errors import UserError
 from .genai import CONFIG_NAME, read_config
+from .tokenizer import special_token, tokenizer_config
 
 EXIT_COMMAND = "/exit"
 NOT_A_FOLDER = "not an onnxruntime-genai model folder: convert writes one"
@@ -221,21 +222,13 @@ def folder_chat_template(folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    template = _tokenizer_config(folder).get("chat_template")
+    template = tokenizer_config(folder).get("chat_template")
     return template if isinstance(template, str) and template else None
 
 
-def _tokenizer_config(folder: Path) -> dict:
-    path = folder / "tokenizer_config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
-
-
 def _special_tokens(folder: Path) -> dict:
-    config = _tokenizer_config(folder)
-    return {name: config[name] for name in ("bos_token", "eos_token") if isinstance(config.get(name), str)}
+    config = tokenizer_config(folder)
+    return {f"{role}_token": token for role in ("bos", "eos") if (token := special_token(config, role)) is not None}
 
 
 def plain_prompt(messages: list[dict]) -> str:

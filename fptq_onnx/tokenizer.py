@@ -41,18 +41,32 @@ class TextTokenizer:
         return [self.lead + ids[start:start + body] for start in range(0, len(ids) - body + 1, body)]
 
 
+def tokenizer_config(folder: Path) -> dict:
+    """``folder/tokenizer_config.json`` ({} when absent); a one-line error when unreadable."""
+    path = Path(folder) / "tokenizer_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
+def special_token(config: dict, role: str) -> str | None:
+    """The text of ``<role>_token`` (bos, eos, pad) in a tokenizer config: a string, or an
+    ``AddedToken`` dict's ``content``; None when absent."""
+    token = config.get(f"{role}_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) else None
+
+
 def _bos_id(folder: Path, backend) -> int | None:
     """The BOS id if the tokenizer adds one by default, read from tokenizer_config.json.
 
     ``add_bos_token`` is explicit in LLaMA/Gemma configs; when absent, a tokenizer whose
     post-processor inserts a BOS (seen by encoding an empty string with special tokens) counts.
     """
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    bos = config.get("bos_token")
-    if isinstance(bos, dict):
-        bos = bos.get("content")
-    bos_id = backend.token_to_id(bos) if isinstance(bos, str) else None
+    config = tokenizer_config(folder)
+    bos = special_token(config, "bos")
+    bos_id = backend.token_to_id(bos) if bos is not None else None
     add_bos = config.get("add_bos_token")
     if add_bos is None:
         added = backend.encode("", add_special_tokens=True).ids
