@@ -83,6 +83,7 @@ CONTENDERS = ["ours dyn", "ours sta", "acc4", "acc1", "fp32"]
 # dequantized weight: int8 activations cost ~1e-2, float32 ones only rounding.
 CHECK_TOL = {"ours dyn": 3e-2, "ours sta": 3e-2, "acc4": 3e-2, "acc1": 1e-4, "fp32": 1e-4,
              "w8": 3e-2, "w4": 3e-2, "mmint": 3e-2}
+ORT_INT8_CONTENDERS = {"acc4", "mmint"}
 W8_SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152)]  # SmolLM2-135M: attention, MLP up/down, head
 W8_MS = [1, 16, 128, 512]
 W8_CONTENDERS = ["w8", "w4", "mmint", "fp32"]
@@ -114,7 +115,7 @@ class Weights:
         rng = np.random.default_rng(seed)
         w = rng.standard_normal((k, n), dtype=np.float32)
         u, scales, zeros = quant.quantize_weight_groupwise(w, GROUP, symmetric=False)
-        dense = quant.dequantize_weight(u, scales, zeros).astype(np.float32)
+        dense = quant.dequantize_weight(u, scales, zeros, GROUP).astype(np.float32)
         return cls(k, n, quant.pack_int4(u), scales, zeros, dense)
 
 
@@ -138,10 +139,10 @@ def ours_model(w: Weights, act_mode: int, act_scale: float) -> bytes:
 
 
 def matmulnbits_model(w: Weights, accuracy_level: int) -> bytes:
-    """com.microsoft MatMulNBits: B uint8 [N, K/block, block/2], scales float [N * K/block],
+    """com.microsoft MatMulNBits: B uint8 [N, ceil(K/block), block/2], scales float [N * ceil(K/block)],
     zero_points uint8 [N * ceil(K/block / 2)] (two 4-bit zero points per byte, low nibble first)."""
-    blocks = w.k // GROUP
-    b = w.packed.reshape(w.n, blocks, GROUP // 2)
+    blocks = -(-w.k // GROUP)  # a K that GROUP does not divide ends in a partial block, padded in B
+    b = np.pad(w.packed, ((0, 0), (0, blocks * GROUP // 2 - w.packed.shape[1]))).reshape(w.n, blocks, GROUP // 2)
     zeros = w.zeros if blocks % 2 == 0 else np.pad(w.zeros, ((0, 0), (0, 1)))
     zp = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
     node = helper.make_node("MatMulNBits", ["X", "B", "S", "Z"], ["Y"], domain="com.microsoft",
@@ -199,8 +200,14 @@ def check(runners: dict[str, Runner], k: int, n: int, dense) -> None:
         runner.bind(x, n)
         runner.run()
         err = float(np.abs(runner.y - expected).max()) / bound
-        if not err <= CHECK_TOL[name]:
-            raise SystemExit(f"{name} K={k} N={n}: max error {err:.3g} of max|Y| > {CHECK_TOL[name]}")
+        if err <= CHECK_TOL[name]:
+            continue
+        message = f"{name} K={k} N={n}: max error {err:.3g} of max|Y| > {CHECK_TOL[name]}"
+        if name not in ORT_INT8_CONTENDERS:
+            raise SystemExit(message)
+        # ONNX Runtime's own int8 paths are timed even when wrong, and say so: on CPUs without
+        # VNNI, MLAS' u8 x s8 kernels use vpmaddubsw, whose int16 pair sums saturate.
+        print(f"warning: {message} (ONNX Runtime's result; timed anyway)", file=sys.stderr)
 
 
 def bench_shape(k: int, n: int, ms: list[int], threads: int, rounds: int, batch_s: float) -> list[dict]:

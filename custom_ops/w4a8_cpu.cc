@@ -314,9 +314,10 @@ void w4a8_matmul(const float* x, int64_t m, const PackedWeights& w, int64_t act_
 
   // Stage 2: tiles x rows. Blocks of the kernels' rows_per_task rows, each cut into tile ranges
   // so that there are enough tasks for the threads but each stays worth its hand-off.
+  const int64_t last_group_length = w.k - (w.groups - 1) * w.group_size;
   const GemmArgs ga{w.weights.data(), w.weight_bits, w.scales.data(), w.zero_points.data(), w.max_zero_point, w.n,
-                    w.groups,
-                    w.group_padded / kChunkK, q_stride, q, q_group_sums, row_scales, y};
+                    w.groups, w.group_padded / kChunkK, ceil_div(last_group_length, kChunkK), q_stride, q,
+                    q_group_sums, row_scales, y};
   // The kernels' rows per task, fewer when their q would not fit kMaxQBytesPerTask (multiples of
   // 16: the AMX kernel's row blocks).
   const int64_t rows_fitting = std::max<int64_t>(16, kMaxQBytesPerTask / q_stride / 16 * 16);

@@ -1,8 +1,8 @@
 // AVX2 tile kernel (compiled with -mavx2 -mfma; used only when the CPU has AVX2).
 // A 16-channel tile is two 8-lane halves. vpmaddubsw multiplies u (unsigned, 0..15) by q
-// (signed, -127..127) and adds adjacent pairs into int16: |2 * 15 * 127| = 3810, and the low
-// and high nibble products of one chunk add to at most 7620, far from int16 saturation;
-// vpmaddwd with ones then adds pairs of int16 into the int32 lane of each channel.
+// (signed, -127..127) and adds adjacent pairs into int16 (|2 * 15 * 127| = 3810); the pair sums
+// of 4 chunks stay below int16 saturation (dot_narrow), and vpmaddwd with ones then adds pairs
+// of int16 into the int32 lane of each channel.
 //
 // 8-bit weights (u in 0..255) would overflow that: 2 * 255 * 127 = 64770 > 32767, and
 // vpmaddubsw saturates. So the 8-bit dot works on w = u - 128 (signed, -128..127; one xor) with
@@ -64,14 +64,25 @@ struct Avx2Isa {
     b_hi = _mm256_set1_epi32(q_hi);
   }
 
-  static void dot(IntAcc& acc, const Weights4& w, const int8_t* q8) {
+  // 4-bit products are summed in int16 for runs of 4 chunks before one vpmaddwd widens them:
+  // a lane of one vpmaddubsw is at most 2 * 15 * 127 = 3810, a chunk adds two (quads lo and
+  // hi) and 4 chunks eight, 30480 < 32767. 8-bit pairs (up to 32512) have no such room.
+  struct NarrowAcc { __m256i half[2]; };  // int16 pair sums, channel j's in lanes 2j, 2j + 1
+  static constexpr int narrow_chunks(int bits) { return bits == 4 ? 4 : 1; }
+  static NarrowAcc narrow_zero() { return {{_mm256_setzero_si256(), _mm256_setzero_si256()}}; }
+
+  static void dot_narrow(NarrowAcc& acc, const Weights4& w, const int8_t* q8) {
     __m256i b_lo, b_hi;
     broadcast_q(q8, b_lo, b_hi);
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int h = 0; h < 2; ++h) {
       const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w.lo[h], b_lo), _mm256_maddubs_epi16(w.hi[h], b_hi));
-      acc.half[h] = _mm256_add_epi32(acc.half[h], _mm256_madd_epi16(pairs, ones));
+      acc.half[h] = _mm256_add_epi16(acc.half[h], pairs);
     }
+  }
+
+  static void widen(IntAcc& acc, const NarrowAcc& narrow) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; ++h) acc.half[h] = _mm256_add_epi32(acc.half[h], _mm256_madd_epi16(narrow.half[h], ones));
   }
 
   // acc += sum q * (u - 128); the lo and hi pair sums (up to 32512 each) go to int32 apart.

@@ -14,6 +14,7 @@ struct GenericIsa {
   struct Weights { uint8_t lo[kQuadBytes]; uint8_t hi[kQuadBytes]; };
   struct Group { const uint8_t* z; const float* s; };
 
+  static constexpr int narrow_chunks(int) { return 1; }  // int32 throughout
   static IntAcc int_zero() { return IntAcc{}; }
   static FloatAcc float_zero() { return FloatAcc{}; }
 

@@ -57,6 +57,8 @@ struct GemmArgs {
   int64_t n;                   // N (tile channels >= N are not stored)
   int64_t groups;              // G
   int64_t chunks_per_group;    // group_padded / kChunkK
+  int64_t last_group_chunks;   // chunks of the last group that hold weights: ceil(its length / 8), fewer than
+                               // chunks_per_group in a partial last group; kernels may skip the rest (u = q = 0)
   int64_t q_stride;            // bytes between rows of q
   const int8_t* q;             // int8 [M, q_stride] from the quantizer
   const int32_t* q_group_sums; // int32 [M, G]

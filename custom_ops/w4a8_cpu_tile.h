@@ -17,6 +17,11 @@
 //   void dot(IntAcc& acc, const <weights>& w, const int8_t* q8)
 //        acc[j] += sum_{i<4} u[j, i] * q8[i] + u[j, 4 + i] * q8[4 + i]   (q8: 8 int8),
 //        or that sum minus a constant c * sum_i q8[i] that load_group folds into z
+//   static constexpr int narrow_chunks(int bits)
+//        chunks of bits-bit weights whose dot products fit the Isa's narrow accumulators; 1
+//        (none) or more, with then also:
+//   NarrowAcc narrow_zero();  void dot_narrow(NarrowAcc&, const <weights>&, const int8_t* q8)
+//        (as dot, into the narrow lanes);  void widen(IntAcc& acc, const NarrowAcc& narrow)
 //   Group load_group<kBits>(const uint8_t* z16, const float* s16)
 //   void accumulate(FloatAcc& y, const IntAcc& acc, const Group& g, int32_t q_sum)
 //        y[j] += s[j] * float(acc[j] - z[j] * q_sum)     (the zero-point correction)
@@ -135,9 +140,15 @@ void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end) {
 // Y for kRows rows starting at `row` and one tile of kBits-bit weights: the weights of each
 // chunk are loaded (unpacked) once and used for all kRows rows, whose accumulators stay in
 // registers. a: the kernel arguments; tile: tile index; row: first row (row + kRows <= M).
+//
+// Where the Isa has narrow accumulators for kBits-bit products (Isa::narrow_chunks(kBits) > 1:
+// AVX2's int16 lanes for 4-bit weights), runs of that many chunks are summed in them and
+// widened once per run, which saves most of the widening multiplies (vpmaddwd) on the
+// multiply ports that the products themselves (vpmaddubsw) need.
 template <class Isa, int kBits, int kRows>
 void gemm_block(const GemmArgs& a, int64_t tile, int64_t row) {
   constexpr int64_t kBytes = chunk_bytes(kBits);
+  constexpr int64_t kNarrowRun = Isa::narrow_chunks(kBits);
   const int64_t chunks_per_tile = a.groups * a.chunks_per_group;
   const uint8_t* w_tile = a.weights + tile * chunks_per_tile * kBytes;
   const float* s_tile = a.scales + tile * a.groups * kTileN;
@@ -147,12 +158,33 @@ void gemm_block(const GemmArgs& a, int64_t tile, int64_t row) {
   typename Isa::FloatAcc y[kRows];
   for (int r = 0; r < kRows; ++r) y[r] = Isa::float_zero();
   for (int64_t g = 0; g < a.groups; ++g) {
-    // Stage 1: exact int32 dot products over the group.
+    // Stage 1: exact int32 dot products over the group. A partial last group's padding chunks
+    // (u = q = 0) add nothing and are skipped in full row blocks, where the weights come from
+    // the caches (11% of the work of K = 576 at group 128). Fewer rows stream the weights from
+    // memory, and there the gap that skipping leaves after every tile costs more than reading
+    // it: the hardware prefetcher loses the stream (SmolLM2 decode on Zen 3: 161-175 tok/s
+    // skipping, 188 reading).
     typename Isa::IntAcc acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = Isa::int_zero();
-    for (int64_t c = g * a.chunks_per_group; c < (g + 1) * a.chunks_per_group; ++c) {
-      const auto w = Isa::template load_weights<kBits>(w_tile + c * kBytes);
-      for (int r = 0; r < kRows; ++r) Isa::dot(acc[r], w, q + r * a.q_stride + c * kChunkK);
+    const int64_t c_begin = g * a.chunks_per_group;
+    const bool skip_padding = kRows == kRowBlock && g + 1 == a.groups;
+    const int64_t c_end = c_begin + (skip_padding ? a.last_group_chunks : a.chunks_per_group);
+    if constexpr (kNarrowRun > 1) {
+      for (int64_t run = c_begin; run < c_end; run += kNarrowRun) {
+        typename Isa::NarrowAcc narrow[kRows];
+        for (int r = 0; r < kRows; ++r) narrow[r] = Isa::narrow_zero();
+        const int64_t run_end = run + kNarrowRun < c_end ? run + kNarrowRun : c_end;
+        for (int64_t c = run; c < run_end; ++c) {
+          const auto w = Isa::template load_weights<kBits>(w_tile + c * kBytes);
+          for (int r = 0; r < kRows; ++r) Isa::dot_narrow(narrow[r], w, q + r * a.q_stride + c * kChunkK);
+        }
+        for (int r = 0; r < kRows; ++r) Isa::widen(acc[r], narrow[r]);
+      }
+    } else {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const auto w = Isa::template load_weights<kBits>(w_tile + c * kBytes);
+        for (int r = 0; r < kRows; ++r) Isa::dot(acc[r], w, q + r * a.q_stride + c * kChunkK);
+      }
     }
     // Stage 2: zero-point correction and group scale, in float.
     const typename Isa::Group group = Isa::template load_group<kBits>(z_tile + g * kTileN, s_tile + g * kTileN);
@@ -164,7 +196,9 @@ void gemm_block(const GemmArgs& a, int64_t tile, int64_t row) {
   for (int r = 0; r < kRows; ++r) Isa::store(a.y + (row + r) * a.n + n0, y[r], a.row_scales[row + r], valid);
 }
 
-// Rows in blocks of kRowBlock, then a 1-3 row remainder, for kBits-bit weights.
+// Rows in blocks of kRowBlock, then a 1-3 row remainder, for kBits-bit weights. (Blocks of 2
+// or 3 rows, whose accumulators all fit AVX2's 16 registers, measured slower on Zen 3: the
+// spilled accumulators cost less than loading and unpacking the weights for fewer rows.)
 template <class Isa, int kBits>
 void gemm_tiles_of(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
   static_assert(kRowBlock == 4, "the remainder switch below assumes blocks of 4 rows");

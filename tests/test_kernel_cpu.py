@@ -167,6 +167,24 @@ def test_w8_extreme_bytes_match_the_reference(isa, symmetric):
     assert_close(got, reference(x, weights, np.float32(1.0 / 127), 0, 8))
 
 
+@pytest.mark.parametrize("k, group_size", [pytest.param(256, 64, id="K256-g64"),
+                                           pytest.param(232, 40, id="K232-g40-partial")])
+def test_w4_extreme_nibbles_match_the_reference(isa, k, group_size):
+    """u = 15 (and 0) with q = +-127 in every position of whole rows: the largest int16 pair sums
+    the AVX2 kernel adds before widening (8 x 3810 = 30480 over a run of 4 chunks), group sizes
+    of 8 chunks (two runs) and 5 (a run and one chunk), a partial last group, every ISA."""
+    rng = np.random.default_rng(48)
+    n = 37
+    groups = -(-k // group_size)
+    u = np.where(rng.random((n, k)) < 0.9, 15, 0).astype(np.uint8)
+    z = rng.choice(np.array([0, 8, 15], np.uint8), (n, groups))
+    weights = {"B": quant.pack_int4(u), "S": rng.uniform(0.5, 2, (n, groups)).astype(np.float32), "Z": z}
+    x = np.concatenate([np.ones((3, k)), -np.ones((3, k)), np.where(rng.random((3, k)) < 0.5, -1.0, 1.0)])
+    model = op_model(weights, 1.0 / 127, 4, k=k, n=n, group_size=group_size, act_mode=0)
+    got = kernel_session(model).run(None, {"X": x.astype(np.float32)})[0]
+    assert_close(got, reference(x.astype(np.float32), weights, np.float32(1.0 / 127), 0, 4, group_size))
+
+
 @pytest.mark.parametrize("shape", [
     pytest.param((2, 3, 128), id="3d"),
     pytest.param((2, 1, 3, 128), id="4d"),
