@@ -12,7 +12,11 @@ multiply, which costs nothing at run time:
 * ``LayerNormalization(x, gamma, beta)``: ``gamma /= s``, ``beta /= s``;
 * ``SimplifiedLayerNormalization`` / ``RMSNormalization(x, gamma)``: ``gamma /= s``;
 * ``Mul(a, gamma)`` with a constant per-channel gamma (the decomposed RMSNorm that exporters
-  write): ``gamma /= s``.
+  write): ``gamma /= s``;
+* ``Mul(a, b)`` where b is the output of a linear layer read by nothing else (a gated MLP's
+  ``act(gate) * up`` before down_proj): that layer's output columns, ``W_b[:, j] /= s_j``, since
+  ``a * (x @ W_b) / s == a * (x @ (W_b / s))``. Its own group-wise quantization is per output
+  channel, so the scaled columns quantize to the same integers with scaled group scales.
 
 Folding is only valid when every consumer of X is a layer of this group (otherwise the others
 would see X / s too). Where it is not, a ``Mul`` by ``1 / s`` named ``<group>/lae_scale`` is
@@ -102,6 +106,12 @@ class LaePass(Pass):
         producer = tensor.inputs[0]
         if len(producer.outputs) > 1 and producer.outputs[0] is not tensor:
             return None
+        upstream = _linear_factor(ctx, producer) if producer.op == "Mul" else None
+        if upstream is not None:
+            original, upstream.weight = upstream.weight, upstream.weight / scales[None, :]
+            release_pages(original)
+            _write_weight(upstream)
+            return upstream.node.name or upstream.node.outputs[0].name
         if producer.op in _FOLDABLE_NORMS:
             indices = [i for i in _FOLDABLE_NORMS[producer.op] if i < len(producer.inputs) and producer.inputs[i].name]
         elif producer.op == "Mul":
@@ -151,6 +161,18 @@ def _write_weight(layer) -> None:
     else:
         values = layer.weight
     node.inputs[1] = gs.Constant(f"{original.name}/lae_scaled", np.ascontiguousarray(values).astype(original.dtype, copy=False))
+
+
+def _linear_factor(ctx: ConversionContext, mul: gs.Node):
+    """The linear layer whose output is a factor of ``mul`` and read by ``mul`` alone (its output
+    columns then take a per-channel scale of ``mul``'s output), or None."""
+    producers = {id(layer.node.outputs[0]): layer for layer in ctx.layers}
+    for operand in mul.inputs:
+        layer = producers.get(id(operand))
+        if (layer is not None and len(operand.outputs) == 1 and operand not in ctx.graph.outputs
+                and layer.node.op == "MatMul"):
+            return layer
+    return None
 
 
 def _is_per_channel_constant(tensor, k: int) -> bool:

@@ -212,6 +212,38 @@ def test_lae_folds_into_layer_normalization(rng):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_lae_folds_into_the_up_projection_of_a_gated_mlp(rng):
+    """down_proj reads silu(gate) * up: its 1/s goes into up's output columns (no Mul node), and
+    the float function is unchanged; with Relu(gate) + up (no product) it stays a Mul node."""
+    weights = {"gate.weight": (rng.standard_normal((64, 96)) * 0.3).astype(np.float32),
+               "up.weight": (rng.standard_normal((64, 96)) * 0.3).astype(np.float32),
+               "down.weight": (rng.standard_normal((96, 64)) * 0.3).astype(np.float32)}
+    for combine, folded in (("Mul", True), ("Add", False)):
+        model = model_from_text(f"""
+            g (float[B, 64] x) => (float[B, 64] y) {{
+                gate = MatMul (x, gate.weight)
+                up = MatMul (x, up.weight)
+                sig = Sigmoid (gate)
+                act = Mul (gate, sig)
+                hidden = {combine} (act, up)
+                y = MatMul (hidden, down.weight)
+            }}""", weights)
+        x = outlier_inputs(rng, (16, 64), outlier_channels=(5,))
+        ctx, _ = prepared(model, x, v0=0.001, v1=1e9)
+        [down] = [layer for layer in ctx.layers if layer.name == "down"]
+        [up] = [layer for layer in ctx.layers if layer.name == "up"]
+        inserted = [n.name for n in ctx.graph.nodes if n.name.endswith("/lae_scale")]
+        if folded:
+            assert down.lae_folded_into == (up.node.name or "up") and "down/lae_scale" not in inserted
+            up_scales = ctx.groups[0].lae_scales  # up's own LAE scales its rows
+            np.testing.assert_allclose(up.weight, weights["up.weight"] * up_scales[:, None]
+                                       / ctx.groups[1].lae_scales[None, :], rtol=1e-6)
+        else:
+            assert down.lae_folded_into == "down/lae_scale" and "down/lae_scale" in inserted
+        np.testing.assert_allclose(run_model(export_model_proto(ctx), {"x": x})[0], run_model(model, {"x": x})[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_lae_skips_groups_outside_the_mid_band(rng, tiny_block):
     ctx, _ = prepared(tiny_block, outlier_inputs(rng, (1, 4, 128)), v0=1e8, v1=1e9)
     assert all(not layer.lae and layer.band == "low" for layer in ctx.layers)
