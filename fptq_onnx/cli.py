@@ -214,6 +214,7 @@ def _run_export(args) -> None:
 
 def _run_convert(args) -> None:
     from .pipeline import convert
+    from .report import conversion_summary
 
     result = convert(args.model, args.output, args.calib, _convert_config(args), progress=not args.quiet,
                      dump_passes=args.dump_passes, report=args.report)
@@ -230,61 +231,6 @@ def _run_inspect(args) -> None:
 
     info = inspect_model(args.model)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info, layers=args.layers))
-
-
-def conversion_summary(result) -> str:
-    from collections import Counter
-
-    from .passes.find_linears import NOT_A_LINEAR_LAYER
-
-    counts = Counter((layer.band, layer.act_mode, layer.lae) for layer in result.layers)
-    w8 = sum(layer.weight_bits == 8 for layer in result.layers)
-    lines = [f"wrote {result.output}: {len(result.layers) - w8} layers to W4A8"
-             + (f", {w8} kept at 8-bit weights (W8A8)" if w8 else "")
-             + f", initializers {result.bytes_before / 2**20:.1f} MiB -> {result.bytes_after / 2**20:.1f} MiB"]
-    config = result.config
-    if config is not None:
-        rounding = "GPTQ" if config.gptq else "round-to-nearest"
-        clip = ", ranges clipped by output error" if config.weight_clip == "output" else ""
-        lines.append(f"  weights: 4-bit {'symmetric' if config.symmetric else 'asymmetric'} g{config.group_size}, "
-                     f"{rounding}{clip}")
-    if result.thresholds is not None:
-        lines.append(f"  thresholds chosen for this model: v0 = {result.thresholds[0]:.4g}, v1 = {result.thresholds[1]:.4g}")
-    for (band, mode, lae), count in sorted(counts.items()):
-        lines.append(f"  {count:4d} x band {band:4s} {mode}{' + LAE' if lae else ''}")
-    skipped = [r for r in result.rejections if r.pass_name == "find_linears"]
-    products = [r for r in skipped if r.reason == NOT_A_LINEAR_LAYER]
-    if products:
-        lines.append(f"  {len(products)} MatMul without a constant weight (attention products, weights fed at run time) left as they are")
-    kept = [r for r in skipped if r.reason != NOT_A_LINEAR_LAYER]
-    if kept:
-        lines.append(f"  {len(kept)} linear layer(s) left in float: " +
-                     "; ".join(f"{r.node} ({r.reason})" for r in kept[:3]) + (" ..." if len(kept) > 3 else ""))
-    if result.genai_config is not None:
-        lines.append(f"  onnxruntime-genai model folder: {result.genai_config.parent} "
-                     f"({result.genai_config.name} loads our op library; og.Model('{result.genai_config.parent}'))")
-    lines.append("  time: " + ", ".join(f"{step} {sec:.1f}s" for step, sec in result.seconds.items() if sec >= 0.05))
-    lines.extend(output_error_summary(result.layers))
-    return "\n".join(lines)
-
-
-def output_error_summary(layers, top: int = 10) -> list[str]:
-    """The worst ``top`` layers by output error on calibration rows, and a count of the rest."""
-    measured = sorted((layer for layer in layers if layer.output_error is not None),
-                      key=lambda layer: layer.output_error, reverse=True)
-    if not measured:
-        return []
-    lines = ["output error per layer on calibration rows, ||XW - Y_w4a8|| / ||XW||, worst first:"]
-    width = max(len(layer.name) for layer in measured[:top])
-    for layer in measured[:top]:
-        scheme = layer.act_mode + (" + LAE" if layer.lae else "") + (" (8-bit weights)" if layer.weight_bits == 8 else "")
-        lines.append(f"  {layer.output_error:8.4f}  {layer.name:{width}s}  v={layer.v:<8.4g} {layer.band:4s} {scheme}"
-                     if layer.v is not None else f"  {layer.output_error:8.4f}  {layer.name:{width}s}  {scheme}")
-    rest = measured[top:]
-    if rest:
-        errors = [layer.output_error for layer in rest]
-        lines.append(f"  ... and {len(rest)} more layers, from {max(errors):.4f} down to {min(errors):.4f}")
-    return lines
 
 
 def _run_eval(args) -> None:

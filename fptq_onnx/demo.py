@@ -50,7 +50,7 @@ def run_demo(workdir: Path | None = None, max_tokens: int = 4096, samples: int =
         config = ConvertConfig(calibration=CalibrationConfig(samples=samples, seq_len=512))
         result = step("convert to W4A8 FPTQ", lambda: convert(fp32, w4a8, calib, config, progress=progress,
                                                               report=report))
-        from .cli import conversion_summary
+        from .report import conversion_summary
 
         print(conversion_summary(result), file=sys.stderr)
     if report is not None:

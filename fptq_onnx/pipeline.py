@@ -30,6 +30,7 @@ from fptq_onnx.passes.find_linears import FindLinearLayersPass, module_paths
 from fptq_onnx.passes.functions import MIN_OPSET, add_w4a8_function
 from fptq_onnx.passes.lae import LaePass
 from fptq_onnx.passes.mixed_precision import MixedPrecisionPass
+from fptq_onnx.passes.output_error import LayerOutputErrorPass
 from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from fptq_onnx.passes.replace_matmul import ReplaceMatMulPass
 from fptq_onnx.passes.strategy import LayerStrategyPass
@@ -39,7 +40,6 @@ from .calibration import CalibrationConfig, collect_calibration_stats
 from .errors import UserError
 from .external_data import export_streaming, initializer_bytes, map_external_data, uses_external_data
 from .genai import write_model_folder
-from .layer_error import LayerOutputErrorPass
 from .model_io import check_output_path, default_opset, load_model, save_model_atomic
 from .tokenizer import copy_tokenizer
 

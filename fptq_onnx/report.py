@@ -8,7 +8,7 @@ resources); ``FILE.md`` is the same in Markdown with the plots written beside it
   settings, time per step, layers left in float and why;
 * one table row per converted layer: name, K x N, v = max |x|, band, scheme, LAE (scale range,
   where 1/s went), weight error ``||W - Q(W)|| / ||W||``, output error on calibration rows
-  ``||XW - Y_w4a8|| / ||XW||`` (``fptq_onnx.layer_error``);
+  ``||XW - Y_w4a8|| / ||XW||`` (``passes/output_error.py``);
 * plots (matplotlib, Agg, no pyplot state): v per layer on a log axis with the v0 / v1 bands;
   per-channel max |x| before and after LAE for the LAE groups with the highest v; output and
   weight error per layer.
@@ -118,6 +118,62 @@ def _summary(result) -> dict:
         "other_notes": [(r.pass_name, r.node, r.reason) for r in result.rejections if r.pass_name != "find_linears"],
         "v0": config.v0, "v1": config.v1,
     }
+
+
+# ---------------------------------------------------------------- the summary convert prints
+
+
+def conversion_summary(result) -> str:
+    """What ``convert`` prints: layers converted, sizes, settings, bands, layers left alone, where
+    the GenAI folder is, time per step, and the worst layers by output error."""
+    counts = Counter((layer.band, layer.act_mode, layer.lae) for layer in result.layers)
+    w8 = sum(layer.weight_bits == 8 for layer in result.layers)
+    lines = [f"wrote {result.output}: {len(result.layers) - w8} layers to W4A8"
+             + (f", {w8} kept at 8-bit weights (W8A8)" if w8 else "")
+             + f", initializers {result.bytes_before / 2**20:.1f} MiB -> {result.bytes_after / 2**20:.1f} MiB"]
+    config = result.config
+    if config is not None:
+        rounding = "GPTQ" if config.gptq else "round-to-nearest"
+        clip = ", ranges clipped by output error" if config.weight_clip == "output" else ""
+        lines.append(f"  weights: 4-bit {'symmetric' if config.symmetric else 'asymmetric'} g{config.group_size}, "
+                     f"{rounding}{clip}")
+    if result.thresholds is not None:
+        lines.append(f"  thresholds chosen for this model: v0 = {result.thresholds[0]:.4g}, v1 = {result.thresholds[1]:.4g}")
+    for (band, mode, lae), count in sorted(counts.items()):
+        lines.append(f"  {count:4d} x band {band:4s} {mode}{' + LAE' if lae else ''}")
+    skipped = [r for r in result.rejections if r.pass_name == "find_linears"]
+    products = [r for r in skipped if r.reason == NOT_A_LINEAR_LAYER]
+    if products:
+        lines.append(f"  {len(products)} MatMul without a constant weight (attention products, weights fed at run time) left as they are")
+    kept = [r for r in skipped if r.reason != NOT_A_LINEAR_LAYER]
+    if kept:
+        lines.append(f"  {len(kept)} linear layer(s) left in float: " +
+                     "; ".join(f"{r.node} ({r.reason})" for r in kept[:3]) + (" ..." if len(kept) > 3 else ""))
+    if result.genai_config is not None:
+        lines.append(f"  onnxruntime-genai model folder: {result.genai_config.parent} "
+                     f"({result.genai_config.name} loads our op library; og.Model('{result.genai_config.parent}'))")
+    lines.append("  time: " + ", ".join(f"{step} {sec:.1f}s" for step, sec in result.seconds.items() if sec >= 0.05))
+    lines.extend(output_error_summary(result.layers))
+    return "\n".join(lines)
+
+
+def output_error_summary(layers, top: int = 10) -> list[str]:
+    """The worst ``top`` layers by output error on calibration rows, and a count of the rest."""
+    measured = sorted((layer for layer in layers if layer.output_error is not None),
+                      key=lambda layer: layer.output_error, reverse=True)
+    if not measured:
+        return []
+    lines = ["output error per layer on calibration rows, ||XW - Y_w4a8|| / ||XW||, worst first:"]
+    width = max(len(layer.name) for layer in measured[:top])
+    for layer in measured[:top]:
+        scheme = layer.act_mode + (" + LAE" if layer.lae else "") + (" (8-bit weights)" if layer.weight_bits == 8 else "")
+        lines.append(f"  {layer.output_error:8.4f}  {layer.name:{width}s}  v={layer.v:<8.4g} {layer.band:4s} {scheme}"
+                     if layer.v is not None else f"  {layer.output_error:8.4f}  {layer.name:{width}s}  {scheme}")
+    rest = measured[top:]
+    if rest:
+        errors = [layer.output_error for layer in rest]
+        lines.append(f"  ... and {len(rest)} more layers, from {max(errors):.4f} down to {min(errors):.4f}")
+    return lines
 
 
 # ---------------------------------------------------------------- plots

@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from fptq_onnx.layer_error import layer_output_error
+from .output_error import layer_output_error
 from fptq_onnx.quant import lae_scales, pack_int4, quantize_weight_groupwise
 
 from .act_scales import static_activation_scale

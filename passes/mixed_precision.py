@@ -7,7 +7,7 @@ handful of layers have output errors several times the median. Giving those laye
 Activations stay int8 with the layer's scheme, so the layer is W8A8: ``W8A8MatMul``, W4A8MatMul's
 contract with one byte per weight (``docs/ops.md``), which our CPU kernel runs.
 
-Ranking: the measured W4A8 output error (``layer_error.LayerOutputErrorPass`` must have run).
+Ranking: the measured W4A8 output error (``output_error.LayerOutputErrorPass`` must have run).
 Budget: ``count`` layers and/or ``fraction`` of all quantized weights (a size budget: each chosen
 layer adds 4 bits per weight); a layer is taken while either budget has room. With ``head`` the
 language-model head takes 8 bits first, outside the budget: its error lands on the logits
@@ -15,7 +15,7 @@ directly (measured on SmolLM2: Brown perplexity 49.9 with a float head, 65.7 wit
 """
 from __future__ import annotations
 
-from fptq_onnx.layer_error import layer_output_error
+from .output_error import layer_output_error
 from fptq_onnx.quant import quantize_weight_groupwise_int8, relative_weight_error
 
 from .base import ConversionContext, LinearLayer, Pass, PassPreconditionError

@@ -12,12 +12,12 @@ import pytest
 
 from fptq_onnx import quant
 from fptq_onnx.calibration import CalibrationConfig, RowReservoir, collect_calibration_stats
-from fptq_onnx.cli import EXIT_USER_ERROR, main, output_error_summary
+from fptq_onnx.cli import EXIT_USER_ERROR, main
 from fptq_onnx.errors import UserError
-from fptq_onnx.layer_error import layer_output_error
 from fptq_onnx.passes.base import LinearLayer
+from fptq_onnx.passes.output_error import layer_output_error
 from fptq_onnx.pipeline import ConvertConfig, convert
-from fptq_onnx.report import check_report_path
+from fptq_onnx.report import check_report_path, output_error_summary
 
 from conftest import model_from_text, outlier_inputs
 

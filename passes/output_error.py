@@ -22,9 +22,10 @@ from __future__ import annotations
 import numpy as np
 
 from fptq_onnx.external_data import release_pages
-from fptq_onnx.passes.base import ConversionContext, LayerGroup, LinearLayer, Pass, PassPreconditionError
-from fptq_onnx.passes.strategy import PER_TOKEN_DYNAMIC
 from fptq_onnx.quant import ACT_PER_TENSOR_STATIC, ACT_PER_TOKEN_DYNAMIC, w4a8_matmul_reference, w8a8_matmul_reference
+
+from .base import ConversionContext, LayerGroup, LinearLayer, Pass, PassPreconditionError
+from .strategy import PER_TOKEN_DYNAMIC
 
 
 def layer_output_error(rows: np.ndarray, layer: LinearLayer, lae_scales: np.ndarray | None) -> float:
