@@ -18,7 +18,7 @@ import onnx
 from .errors import UserError
 from .model_io import load_model
 from .passes.functions import OP_DOMAIN, OP_TYPE
-from .quant import ACT_MODE_NAMES
+from .quant import ActMode
 
 RUNS_STOCK = "runs in stock onnxruntime via the function body; fptq_onnx.InferenceSession for the fast kernel"
 NEEDS_LIBRARY = ("needs the fptq op library (no function body): fptq_onnx.InferenceSession, or "
@@ -94,7 +94,8 @@ def _layer_info(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto])
     if " -> " in decisions.get("k_padded", ""):  # "576 -> 640": the layer's own K, then the op's
         k = int(decisions["k_padded"].split(" -> ")[0])
     weights = node.input[1:4]  # packed, scales, zero points
-    scheme = ACT_MODE_NAMES.get(attrs.get("act_mode"), f"act_mode {attrs.get('act_mode')}")
+    mode = attrs.get("act_mode")
+    scheme = str(ActMode(mode)) if mode in set(ActMode) else f"act_mode {mode}"
     if decisions.get("lae") == "yes":
         scheme += " + LAE"
     return {

@@ -18,6 +18,8 @@ Conventions
 """
 from __future__ import annotations
 
+import enum
+
 import numpy as np
 
 INT8_MAX = 127
@@ -346,9 +348,18 @@ def unpack_int4(packed: np.ndarray, k: int | None = None) -> np.ndarray:
     return u if k is None else u[..., :k]
 
 
-ACT_PER_TENSOR_STATIC = 0
-ACT_PER_TOKEN_DYNAMIC = 1
-ACT_MODE_NAMES = {ACT_PER_TENSOR_STATIC: "per_tensor_static", ACT_PER_TOKEN_DYNAMIC: "per_token_dynamic"}
+class ActMode(enum.IntEnum):
+    """An activation scheme: its value is the ops' ``act_mode`` attribute (``docs/ops.md``), its
+    ``str()`` the name that decisions, reports and ``inspect`` show (``per_tensor_static``)."""
+
+    PER_TENSOR_STATIC = 0  # one scale a = act_scale, calibrated ahead (:func:`quantize_activation_per_tensor`)
+    PER_TOKEN_DYNAMIC = 1  # a_m per row at run time (:func:`quantize_activation_per_token`)
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    def __format__(self, spec: str) -> str:  # f"{mode:18s}" pads the name, not the number
+        return format(str(self), spec)
 
 
 def w4a8_matmul_reference(
@@ -357,7 +368,7 @@ def w4a8_matmul_reference(
     scales: np.ndarray,
     zero_points: np.ndarray,
     act_scale: float,
-    act_mode: int,
+    act_mode: ActMode,
     group_size: int | None = None,
 ) -> np.ndarray:
     """float64 reference of the W4A8 op (``docs/ops.md``).
@@ -374,7 +385,7 @@ def w4a8_matmul_reference(
 
 
 def w8a8_matmul_reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
-                          act_scale: float, act_mode: int, group_size: int | None = None) -> np.ndarray:
+                          act_scale: float, act_mode: ActMode, group_size: int | None = None) -> np.ndarray:
     """float64 reference of the ``W8A8MatMul`` op (``docs/ops.md``): :func:`w4a8_matmul_reference`'s
     formula with ``u = weight[N, K]`` itself (uint8, one byte per weight, from
     :func:`quantize_weight_groupwise_int8`), ``z`` up to 255."""
@@ -382,7 +393,7 @@ def w8a8_matmul_reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray,
                                      group_size)
 
 
-def _grouped_matmul_reference(x, u, scales, zero_points, act_scale, act_mode, group_size=None) -> np.ndarray:
+def _grouped_matmul_reference(x, u, scales, zero_points, act_scale, act_mode: ActMode, group_size=None) -> np.ndarray:
     """Both ops' reference on the unpacked weights ``u[N, K]``."""
     poisoned = poisoned_rows(x, act_mode)
     q, a = quantize_activation(np.where(poisoned[..., None], np.float32(0), x), act_scale, act_mode)
@@ -392,23 +403,23 @@ def _grouped_matmul_reference(x, u, scales, zero_points, act_scale, act_mode, gr
     return y
 
 
-def poisoned_rows(x: np.ndarray, act_mode: int) -> np.ndarray:
+def poisoned_rows(x: np.ndarray, act_mode: ActMode) -> np.ndarray:
     """Rows of ``x[..., K]`` whose Y row is all NaN (docs/ops.md "NaN and Inf"): a NaN anywhere in
     the row, either mode, or an Inf in dynamic mode (``a_m`` infinite, ``inf * 0 = NaN``). An Inf
     in static mode saturates to +-127 like any large element."""
     x = np.asarray(x, np.float32)
     poisoned = np.isnan(x).any(axis=-1)
-    if act_mode == ACT_PER_TOKEN_DYNAMIC:
+    if act_mode == ActMode.PER_TOKEN_DYNAMIC:
         poisoned |= np.isinf(x).any(axis=-1)
     return poisoned
 
 
-def quantize_activation(x: np.ndarray, act_scale: float, act_mode: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_activation(x: np.ndarray, act_scale: float, act_mode: ActMode) -> tuple[np.ndarray, np.ndarray]:
     """``(q int8, a float64)`` of the op's activation scheme (``act_mode`` 0 static, 1 per token)."""
     x = np.asarray(x, np.float32)
-    if act_mode == ACT_PER_TENSOR_STATIC:
+    if act_mode == ActMode.PER_TENSOR_STATIC:
         return quantize_activation_per_tensor(x, act_scale), np.float64(np.float32(act_scale))
-    if act_mode == ACT_PER_TOKEN_DYNAMIC:
+    if act_mode == ActMode.PER_TOKEN_DYNAMIC:
         q, a = quantize_activation_per_token(x)
         return q, a.astype(np.float64)
     raise ValueError(f"unknown act_mode {act_mode}")

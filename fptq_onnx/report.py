@@ -71,6 +71,11 @@ class LayerRow:
     output_error: float | None
 
 
+def scheme_of(layer) -> str:
+    """The layer's activation scheme as reports show it: ``per_tensor_static + LAE``."""
+    return ("-" if layer.act_mode is None else str(layer.act_mode)) + (" + LAE" if layer.lae else "")
+
+
 def layer_rows(layers) -> list[LayerRow]:
     """One row per converted layer, in graph order."""
     rows = []
@@ -80,7 +85,7 @@ def layer_rows(layers) -> list[LayerRow]:
             low, high = layer.lae_scale_range or (float("nan"), float("nan"))
             lae = f"yes: s in [{low:.3g}, {high:.3g}], 1/s in {layer.lae_folded_into}"
         rows.append(LayerRow(layer.name, layer.k, layer.n, layer.v, layer.band or "-",
-                             (layer.act_mode or "-") + (" + LAE" if layer.lae else ""), lae,
+                             scheme_of(layer), lae,
                              layer.weight_error, layer.output_error))
     return rows
 
@@ -102,7 +107,7 @@ def _summary(result) -> dict:
         "file_bytes": file_bytes,
         "external": files[1].is_file(),
         "bands": Counter(layer.band for layer in result.layers),
-        "schemes": Counter((layer.act_mode or "-") + (" + LAE" if layer.lae else "") for layer in result.layers),
+        "schemes": Counter(scheme_of(layer) for layer in result.layers),
         "settings": {
             "v0": f"{config.v0:g}", "v1": f"{config.v1:g}", "group size": str(config.group_size),
             "weights": "symmetric" if config.symmetric else "asymmetric",
@@ -166,7 +171,7 @@ def output_error_summary(layers, top: int = 10) -> list[str]:
     lines = ["output error per layer on calibration rows, ||XW - Y_w4a8|| / ||XW||, worst first:"]
     width = max(len(layer.name) for layer in measured[:top])
     for layer in measured[:top]:
-        scheme = layer.act_mode + (" + LAE" if layer.lae else "") + (" (8-bit weights)" if layer.weight_bits == 8 else "")
+        scheme = scheme_of(layer) + (" (8-bit weights)" if layer.weight_bits == 8 else "")
         lines.append(f"  {layer.output_error:8.4f}  {layer.name:{width}s}  v={layer.v:<8.4g} {layer.band:4s} {scheme}"
                      if layer.v is not None else f"  {layer.output_error:8.4f}  {layer.name:{width}s}  {scheme}")
     rest = measured[top:]

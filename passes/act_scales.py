@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fptq_onnx.quant import INT8_MAX
+from fptq_onnx.quant import INT8_MAX, ActMode
 
 from .base import ConversionContext, Pass, PassPreconditionError
-from .strategy import PER_TENSOR_STATIC
 
 
 def static_activation_scale(channel_max_abs: np.ndarray, lae_scales: np.ndarray | None = None) -> float:
@@ -42,5 +41,5 @@ class StaticActivationScalesPass(Pass):
         for group in ctx.groups:
             scale = static_activation_scale(group.channel_max_abs, group.lae_scales)
             for layer in group.layers:
-                layer.act_scale = scale if layer.act_mode == PER_TENSOR_STATIC else 1.0
+                layer.act_scale = scale if layer.act_mode == ActMode.PER_TENSOR_STATIC else 1.0
         return False

@@ -22,11 +22,10 @@ import dataclasses
 import numpy as np
 
 from .output_error import layer_output_error
-from fptq_onnx.quant import lae_scales, pack_int4, quantize_weight_groupwise
+from fptq_onnx.quant import ActMode, lae_scales, pack_int4, quantize_weight_groupwise
 
 from .act_scales import static_activation_scale
 from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
-from .strategy import PER_TENSOR_STATIC, PER_TOKEN_DYNAMIC
 
 BANDS = ("low", "mid", "high")
 
@@ -37,7 +36,7 @@ def band_errors(group: LayerGroup, lae_bands: frozenset[str], group_size: int, s
     errors = {}
     for band in BANDS:
         equalized = band in lae_bands
-        mode = PER_TOKEN_DYNAMIC if band == "high" else PER_TENSOR_STATIC
+        mode = ActMode.PER_TOKEN_DYNAMIC if band == "high" else ActMode.PER_TENSOR_STATIC
         act_scale = static_activation_scale(group.channel_max_abs, scales if equalized else None)
         total = 0.0
         for layer in group.layers:

@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from fptq_onnx.quant import ActMode
+
 logger = logging.getLogger("fptq_onnx.passes")
 
 
@@ -34,7 +36,7 @@ class LinearLayer:
     v: float | None = None  # max |x| of the layer's input over the calibration data (its group's v)
     # decisions
     band: str | None = None  # "low" | "mid" | "high" (strategy pass)
-    act_mode: str | None = None  # "per_tensor_static" | "per_token_dynamic"
+    act_mode: ActMode | None = None
     act_scale: float | None = None  # static activation scale (1.0 when dynamic); set by act_scales
     lae: bool = False
     lae_scale_range: tuple[float, float] | None = None
@@ -68,8 +70,8 @@ class LinearLayer:
             "layer": self.name,
             "v": None if self.v is None else f"{self.v:.4g}",
             "band": self.band,
-            "act_mode": self.act_mode,
-            "act_scale": None if self.act_mode != "per_tensor_static" or self.act_scale is None
+            "act_mode": None if self.act_mode is None else str(self.act_mode),
+            "act_scale": None if self.act_mode != ActMode.PER_TENSOR_STATIC or self.act_scale is None
             else f"{self.act_scale:.6g}",
             "lae": None if self.band is None else ("yes" if self.lae else "no"),
             "lae_scale_range": None

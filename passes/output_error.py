@@ -22,10 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from fptq_onnx.external_data import release_pages
-from fptq_onnx.quant import ACT_PER_TENSOR_STATIC, ACT_PER_TOKEN_DYNAMIC, w4a8_matmul_reference, w8a8_matmul_reference
+from fptq_onnx.quant import w4a8_matmul_reference, w8a8_matmul_reference
 
 from .base import ConversionContext, LayerGroup, LinearLayer, Pass, PassPreconditionError
-from .strategy import PER_TOKEN_DYNAMIC
 
 
 def layer_output_error(rows: np.ndarray, layer: LinearLayer, lae_scales: np.ndarray | None) -> float:
@@ -37,9 +36,8 @@ def layer_output_error(rows: np.ndarray, layer: LinearLayer, lae_scales: np.ndar
         weight = weight / lae_scales.astype(np.float64)[:, None]
         seen = x / lae_scales
     reference = x.astype(np.float64) @ weight
-    mode = ACT_PER_TOKEN_DYNAMIC if layer.act_mode == PER_TOKEN_DYNAMIC else ACT_PER_TENSOR_STATIC
     reference_of = w8a8_matmul_reference if layer.weight_bits == 8 else w4a8_matmul_reference
-    quantized = reference_of(seen, *layer.packed, layer.act_scale, mode, layer.group_size)
+    quantized = reference_of(seen, *layer.packed, layer.act_scale, layer.act_mode, layer.group_size)
     norm = float(np.linalg.norm(reference))
     return float(np.linalg.norm(reference - quantized)) / norm if norm else 0.0
 

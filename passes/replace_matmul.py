@@ -15,13 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from fptq_onnx.quant import ACT_PER_TENSOR_STATIC, ACT_PER_TOKEN_DYNAMIC
-
 from .base import ConversionContext, Pass, PassPreconditionError
 from .functions import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE
-from .strategy import PER_TENSOR_STATIC
-
-ACT_MODE_CODES = {PER_TENSOR_STATIC: ACT_PER_TENSOR_STATIC, "per_token_dynamic": ACT_PER_TOKEN_DYNAMIC}
 
 
 class ReplaceMatMulPass(Pass):
@@ -50,7 +45,7 @@ class ReplaceMatMulPass(Pass):
         packed, scales, zero_points = layer.packed  # B: nibbles, or bytes for 8-bit weights
         op_type, suffix = (W8A8_OP_TYPE, "w8a8_matmul") if layer.weight_bits == 8 else (OP_TYPE, "w4a8_matmul")
         attrs = {"K": layer.k, "N": layer.n, "group_size": layer.group_size,
-                 "act_mode": ACT_MODE_CODES[layer.act_mode]}
+                 "act_mode": int(layer.act_mode)}
         inputs = [activation, gs.Constant(f"{name}.weight_packed", packed),
                   gs.Constant(f"{name}.weight_scales", scales.astype(np.float32)),
                   gs.Constant(f"{name}.weight_zero_points", zero_points), act_scale]

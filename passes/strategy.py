@@ -21,10 +21,9 @@ scaling, which on our models lowers the weight error that dominates W4A8 (``docs
 """
 from __future__ import annotations
 
-from .base import ConversionContext, Pass, PassPreconditionError
+from fptq_onnx.quant import ActMode
 
-PER_TENSOR_STATIC = "per_tensor_static"
-PER_TOKEN_DYNAMIC = "per_token_dynamic"
+from .base import ConversionContext, Pass, PassPreconditionError
 
 
 def band_of(v: float, v0: float, v1: float) -> str:
@@ -64,6 +63,6 @@ class LayerStrategyPass(Pass):
             band = band_of(group.v, v0, v1)
             for layer in group.layers:
                 layer.band = band
-                layer.act_mode = PER_TOKEN_DYNAMIC if band == "high" else PER_TENSOR_STATIC
+                layer.act_mode = ActMode.PER_TOKEN_DYNAMIC if band == "high" else ActMode.PER_TENSOR_STATIC
                 layer.lae = band in self.lae_bands
         return False  # decisions only; the graph is unchanged

@@ -224,7 +224,7 @@ def test_auto_thresholds_pick_bands_by_error(tiny_workdir):
     result = _convert(tiny_workdir, "auto", auto_thresholds=True, auto_tolerance=0.0)
     assert result.layers[0].band is not None
     strict = _convert(tiny_workdir, "auto2", auto_thresholds=True, auto_tolerance=10.0)  # anything goes: no dynamic
-    assert all(layer.act_mode == "per_tensor_static" for layer in strict.layers)
+    assert all(layer.act_mode == quant.ActMode.PER_TENSOR_STATIC for layer in strict.layers)
     errors = lambda r: sum(layer.output_error for layer in r.layers)  # noqa: E731
     assert errors(result) <= errors(strict) * 1.000001
 

@@ -132,7 +132,7 @@ def error_bounds(x, weights, act_scale, act_mode, group_size, bits=4):
     The reference itself is float64 (error ~K 2^-53 relative): far below either bound.
     """
     x64 = np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    if act_mode == quant.ACT_PER_TOKEN_DYNAMIC:
+    if act_mode == quant.ActMode.PER_TOKEN_DYNAMIC:
         q, a = quant.quantize_activation_per_token(x64.astype(np.float32))
         a = a.astype(np.float64)
     else:
@@ -171,7 +171,7 @@ def assert_matches(name, got, expected, bound):
 problems = st.fixed_dictionaries({
     "isa": st.sampled_from(ISAS),  # one not supported here is replaced below
     "bits": st.sampled_from([4, 8]),
-    "act_mode": st.sampled_from([quant.ACT_PER_TENSOR_STATIC, quant.ACT_PER_TOKEN_DYNAMIC]),
+    "act_mode": st.sampled_from([quant.ActMode.PER_TENSOR_STATIC, quant.ActMode.PER_TOKEN_DYNAMIC]),
     "group_size": st.sampled_from(GROUP_SIZES),
     "groups": st.integers(1, 3),
     "trim": st.integers(0, 127),  # K = group_size * groups - trim % group_size: a partial last group
@@ -236,7 +236,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize("change, match", MALFORMED)
 def test_malformed_inputs_fail_the_run(change, match):
-    kernel, _ = sessions("generic", 64, 7, 32, quant.ACT_PER_TENSOR_STATIC)
+    kernel, _ = sessions("generic", 64, 7, 32, quant.ActMode.PER_TENSOR_STATIC)
     with pytest.raises(InvalidArgument, match=match):
         kernel.run(None, {**_good_feeds(), **change})
 
@@ -251,7 +251,7 @@ W8_MALFORMED = [
 
 @pytest.mark.parametrize("change, match", W8_MALFORMED)
 def test_w8_malformed_inputs_fail_the_run(change, match):
-    kernel, _ = sessions("generic", 64, 7, 32, quant.ACT_PER_TOKEN_DYNAMIC, 8)
+    kernel, _ = sessions("generic", 64, 7, 32, quant.ActMode.PER_TOKEN_DYNAMIC, 8)
     rng = np.random.default_rng(0)
     feeds = {"X": rng.standard_normal((3, 64)).astype(np.float32), **random_weights(rng, 64, 7, 32, False, 0, 8),
              "A": np.asarray(1.0, np.float32)}
@@ -268,7 +268,7 @@ def test_w8_malformed_inputs_fail_the_run(change, match):
 ])
 def test_wrong_input_types_are_refused(name, dtype):
     """A feed of another element type than the model declares: ONNX Runtime refuses it."""
-    kernel, _ = sessions("generic", 64, 7, 32, quant.ACT_PER_TENSOR_STATIC)
+    kernel, _ = sessions("generic", 64, 7, 32, quant.ActMode.PER_TENSOR_STATIC)
     feeds = _good_feeds()
     feeds[name] = feeds[name].astype(dtype)
     with pytest.raises((InvalidArgument, Fail), match="type"):

@@ -99,8 +99,7 @@ def test_k_not_multiple_of_group_is_padded(rng, opset):
     expected = 0
     for layer in ctx.layers:
         assert layer.packed[0].shape == (8, 48) and layer.packed[1].shape == (8, 2)  # B [N, K/2], G = ceil(96/64)
-        mode = 1 if layer.act_mode == "per_token_dynamic" else 0
-        expected = expected + quant.w4a8_matmul_reference(x, *layer.packed, layer.act_scale, mode, 64)
+        expected = expected + quant.w4a8_matmul_reference(x, *layer.packed, layer.act_scale, layer.act_mode, 64)
     np.testing.assert_allclose(run_model(out, {"x": x})[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
@@ -305,8 +304,7 @@ def test_replace_matmul_output_matches_numpy_simulation(rng, tiny_block):
 
     def w4a8(layer, inp):
         packed, scales, zeros = layer.packed
-        mode = 1 if layer.act_mode == "per_token_dynamic" else 0
-        return quant.w4a8_matmul_reference(inp, packed, scales, zeros, layer.act_scale, mode)
+        return quant.w4a8_matmul_reference(inp, packed, scales, zeros, layer.act_scale, layer.act_mode)
 
     q_layer, k_layer, down_layer = ctx.layers
     hidden = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6)

@@ -141,13 +141,13 @@ def test_reference_matmul_matches_explicit_sum(rng, bits):
     w = rng.standard_normal((k, n)).astype(np.float32)
     u, scales, zeros = _quantizer(bits)(w, group, symmetric=False)
     x = rng.standard_normal((2, k)).astype(np.float32) * 4
-    for mode in (quant.ACT_PER_TENSOR_STATIC, quant.ACT_PER_TOKEN_DYNAMIC):
+    for mode in (quant.ActMode.PER_TENSOR_STATIC, quant.ActMode.PER_TOKEN_DYNAMIC):
         if bits == 4:
             got = quant.w4a8_matmul_reference(x, quant.pack_int4(u), scales, zeros, 0.05, mode)
         else:
             got = quant.w8a8_matmul_reference(x, u, scales, zeros, 0.05, mode)
         for m in range(2):
-            if mode == quant.ACT_PER_TENSOR_STATIC:
+            if mode == quant.ActMode.PER_TENSOR_STATIC:
                 a = np.float32(0.05)
             else:
                 a = np.float32(np.abs(x[m]).max()) / np.float32(127)

@@ -68,7 +68,7 @@ def test_calibration_samples_real_rows_reproducibly(tmp_path, rng):
 # ------------------------------------------------------------------ output error
 
 
-def _layer(weight, group_size, act_scale, act_mode="per_tensor_static", lae_scales=None):
+def _layer(weight, group_size, act_scale, act_mode=quant.ActMode.PER_TENSOR_STATIC, lae_scales=None):
     layer = LinearLayer(name="fc", node=None, weight=weight.astype(np.float32), act_mode=act_mode, act_scale=act_scale)
     if lae_scales is not None:
         layer.weight = (weight * lae_scales[:, None]).astype(np.float32)
@@ -86,7 +86,7 @@ def test_output_error_is_zero_when_nothing_is_lost():
     assert layer_output_error(x, _layer(weight, 32, 1.0), None) == 0.0
 
 
-@pytest.mark.parametrize("act_mode", ["per_tensor_static", "per_token_dynamic"])
+@pytest.mark.parametrize("act_mode", list(quant.ActMode), ids=str)
 @pytest.mark.parametrize("k", [pytest.param(64, id="k64"), pytest.param(48, id="k48-partial-group")])
 def test_output_error_against_direct_computation(act_mode, k):
     """LAE'd layer: the error is that of X W (original W) against the op on X / s."""
@@ -96,8 +96,7 @@ def test_output_error_against_direct_computation(act_mode, k):
     s = quant.lae_scales(np.abs(x).max(axis=0))
     scale = float(np.abs(x / s).max() / 127)
     layer = _layer(weight, 32, scale, act_mode, lae_scales=s)
-    mode = quant.ACT_PER_TOKEN_DYNAMIC if act_mode == "per_token_dynamic" else quant.ACT_PER_TENSOR_STATIC
-    y = quant.w4a8_matmul_reference(x / s, *layer.packed, scale, mode, 32)
+    y = quant.w4a8_matmul_reference(x / s, *layer.packed, scale, act_mode, 32)
     reference = x.astype(np.float64) @ weight.astype(np.float64)
     expected = np.linalg.norm(reference - y) / np.linalg.norm(reference)
     assert layer_output_error(x, layer, s) == pytest.approx(expected, rel=1e-6)
@@ -106,7 +105,7 @@ def test_output_error_against_direct_computation(act_mode, k):
 
 def test_summary_lists_worst_layers_first_and_counts_the_rest():
     layers = [SimpleNamespace(name=f"layers.{i}.proj", output_error=e, v=3.0, band="low",
-                              act_mode="per_tensor_static", lae=False, weight_bits=4)
+                              act_mode=quant.ActMode.PER_TENSOR_STATIC, lae=False, weight_bits=4)
               for i, e in enumerate([0.01, 0.5, 0.02, 0.3] + [0.001 * i for i in range(1, 10)])]
     lines = output_error_summary(layers, top=3)
     assert "worst first" in lines[0]
