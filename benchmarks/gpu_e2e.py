@@ -9,7 +9,7 @@ first); runs anywhere, without a GPU, for its CPU-side parts.
    ``.dev/libfptq_ops.so``, the package's copy), whether the library holds the CUDA kernel,
    whether the CUDA provider can be created (its CUDA libraries are loaded from the nvidia-*
    pip packages when present).
-2. op level (one W4A8MatMul node per model, built with ``passes/functions.py`` and weights
+2. op level (one W4A8MatMul node per model, built with ``fptq_onnx/op_contract.py`` and weights
    from ``fptq_onnx/quant.py``): the CUDA kernel (CUDA EP + library, CPU fallback disabled, so
    the node provably runs on the GPU; profiling names the provider too) against the float64
    reference and the function body on the CPU EP: both act modes, float32 and float16 X,
@@ -86,7 +86,7 @@ def import_project():
     sys.modules["fptq_onnx.passes"] = passes
     spec.loader.exec_module(passes)
     pkg.passes = passes
-    return importlib.import_module("fptq_onnx.quant"), importlib.import_module("fptq_onnx.passes.functions")
+    return importlib.import_module("fptq_onnx.quant"), importlib.import_module("fptq_onnx.op_contract")
 
 
 quant, functions = import_project()

@@ -1,8 +1,9 @@
 """``fptq-onnx inspect``: what a model converted by fptq-onnx holds, read from the file alone.
 
 The model is loaded without its external data (sizes come from tensor shapes), so inspecting a
-multi-GiB model takes as long as parsing its graph. Reported: the W4A8MatMul nodes by
-activation scheme and group size, bytes of packed weights (nibbles + scales + zero points)
+multi-GiB model takes as long as parsing its graph. Reported: the W4A8MatMul nodes (and the
+W8A8MatMul nodes of layers kept at 8-bit weights) by activation scheme and group size, bytes of
+packed weights (nibbles or bytes + scales + zero points)
 against the float32 weights they replace, the LAE and padding nodes the compiler inserted, and
 whether our op library is needed. A pass dump (``--dump-passes``) from before the replacement is
 recognized by its decisions; anything else is not one of ours and is a user error.
@@ -17,10 +18,11 @@ import onnx
 
 from .errors import UserError
 from .model_io import load_model
-from .passes.functions import OP_DOMAIN, OP_TYPE
+from .op_contract import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE
 from .quant import ActMode
 
 RUNS_STOCK = "runs in stock onnxruntime via the function body; fptq_onnx.InferenceSession for the fast kernel"
+LAYER_OPS = {OP_TYPE: 4, W8A8_OP_TYPE: 8}  # op type -> bits per weight
 NEEDS_LIBRARY = ("needs the fptq op library (no function body): fptq_onnx.InferenceSession, or "
                  "SessionOptions.register_custom_ops_library(fptq_onnx.library_path())")
 
@@ -54,15 +56,12 @@ def inspect_model(path: str | Path) -> dict:
     if not ours and not annotated:
         raise UserError(f"{path} is not a model converted by fptq-onnx (no {OP_DOMAIN} nodes): "
                         "run fptq-onnx convert on it first")
-    layers = [_layer_info(node, initializers) for node in ours if node.op_type == OP_TYPE]
+    layers = [_layer_info(node, initializers) for node in ours if node.op_type in LAYER_OPS]
     by_role = Counter(_decisions(n).get("role", "") for n in annotated)
-    inserted = {
-        "lae_scale": [n.name for n in annotated if _decisions(n).get("role") == "lae_scale"],
-        "lae_folded": [n.name for n in annotated if _decisions(n).get("role") == "lae_folded"],
-        "pad_k": [n.name for n in annotated if _decisions(n).get("role") == "pad_k"],
-        "bias": [n.name for n in annotated if _decisions(n).get("role") == "bias"],
-    }
-    has_function = any(f.domain == OP_DOMAIN and f.name == OP_TYPE for f in model.functions)
+    inserted = {role: [n.name for n in annotated if _decisions(n).get("role") == role]
+                for role in ("lae_scale", "lae_folded", "pad_k", "bias")}
+    bodies = {f.name for f in model.functions if f.domain == OP_DOMAIN}
+    has_function = {n.op_type for n in ours} <= bodies  # every op used carries its function body
     packed = sum(layer["packed_bytes"] for layer in layers)
     replaced = sum(layer["fp32_bytes"] for layer in layers)
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
@@ -70,8 +69,9 @@ def inspect_model(path: str | Path) -> dict:
         "path": str(path),
         "kind": "converted" if layers else "pass_dump",
         "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
-        "w4a8_nodes": len(layers),
-        "other_fptq_nodes": sorted({n.op_type for n in ours if n.op_type != OP_TYPE}),
+        "w4a8_nodes": sum(layer["weight_bits"] == 4 for layer in layers),
+        "w8a8_nodes": sum(layer["weight_bits"] == 8 for layer in layers),
+        "other_fptq_nodes": sorted({n.op_type for n in ours if n.op_type not in LAYER_OPS}),
         "by_scheme": dict(sorted(Counter(layer["scheme"] for layer in layers).items())),
         "group_sizes": sorted({layer["group_size"] for layer in layers}),
         "packed_bytes": packed,
@@ -100,7 +100,8 @@ def _layer_info(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto])
         scheme += " + LAE"
     return {
         "name": node.name,
-        "layer": decisions.get("layer", node.name.removesuffix("/w4a8_matmul")),
+        "layer": decisions.get("layer", node.name.rpartition("/")[0] or node.name),
+        "weight_bits": LAYER_OPS[node.op_type],
         "scheme": scheme,
         "group_size": attrs.get("group_size"),
         "K": k, "K_op": k_op, "N": n,
@@ -115,16 +116,18 @@ def _mib(count: int) -> str:
 
 
 def format_inspection(info: dict, layers: bool = False) -> str:
-    """Readable lines for :func:`inspect_model`'s result (every W4A8 layer too with ``layers``)."""
+    """Readable lines for :func:`inspect_model`'s result (every layer too with ``layers``)."""
     name = Path(info["path"]).name
     if info["kind"] == "pass_dump":
         return (f"{name}: an fptq-onnx pass dump before replace_matmul: {info['annotated_layers']} linear "
                 f"layers annotated with decisions, no W4A8MatMul nodes yet (opset {info['opset']})")
-    lines = [f"{name}: {info['w4a8_nodes']} {OP_TYPE} nodes ({OP_DOMAIN}), opset {info['opset']}"]
+    w8 = f", {info['w8a8_nodes']} {W8A8_OP_TYPE} (8-bit weights)" if info["w8a8_nodes"] else ""
+    lines = [f"{name}: {info['w4a8_nodes']} {OP_TYPE} nodes{w8} ({OP_DOMAIN}), opset {info['opset']}"]
     lines.append("  by scheme: " + ", ".join(f"{count} x {scheme}" for scheme, count in info["by_scheme"].items()))
     lines.append("  group size: " + ", ".join(map(str, info["group_sizes"])))
     ratio = info["replaced_fp32_bytes"] / info["packed_bytes"] if info["packed_bytes"] else 0
-    lines.append(f"  packed weights: {_mib(info['packed_bytes'])} (4-bit + scales + zero points) replacing "
+    widths = "4- and 8-bit" if w8 else "4-bit"
+    lines.append(f"  packed weights: {_mib(info['packed_bytes'])} ({widths} + scales + zero points) replacing "
                  f"{_mib(info['replaced_fp32_bytes'])} of fp32: {_mib(info['bytes_saved'])} saved ({ratio:.1f}x smaller)")
     lines.append(f"  all initializers: {_mib(info['initializer_bytes'])}"
                  + (" (external data)" if info["external_data"] else ""))
@@ -136,18 +139,18 @@ def format_inspection(info: dict, layers: bool = False) -> str:
     if inserted["pad_k"]:
         lines.append(f"  K padded to the group size: {len(inserted['pad_k'])} Pad node(s)")
     if inserted["bias"]:
-        lines.append(f"  Gemm bias: {len(inserted['bias'])} Add node(s) after W4A8MatMul")
+        lines.append(f"  Gemm bias: {len(inserted['bias'])} Add node(s) after the layer's op")
     if info["other_fptq_nodes"]:
         lines.append(f"  other {OP_DOMAIN} ops: {', '.join(info['other_fptq_nodes'])}")
     lines.append(f"  op library: {'not needed: ' if info['function_body'] else ''}{info['op_library']}")
     if layers:
         width = max(len(layer["layer"]) for layer in info["layers"])
-        lines.append(f"  {'layer':{width}s}  {'K x N':>11s}  {'g':>4s}  {'packed':>10s}  {'w err':>7s}  "
+        lines.append(f"  {'layer':{width}s}  {'K x N':>11s}  {'bits':>4s}  {'g':>4s}  {'packed':>10s}  {'w err':>7s}  "
                      f"{'out err':>7s}  scheme")
         for layer in info["layers"]:
             d = layer["decisions"]
             shape = f"{layer['K']}x{layer['N']}"
-            lines.append(f"  {layer['layer']:{width}s}  {shape:>11s}  {layer['group_size']:>4d}  "
-                         f"{_mib(layer['packed_bytes']):>10s}  {d.get('weight_error', '-'):>7s}  "
+            lines.append(f"  {layer['layer']:{width}s}  {shape:>11s}  {layer['weight_bits']:>4d}  "
+                         f"{layer['group_size']:>4d}  {_mib(layer['packed_bytes']):>10s}  {d.get('weight_error', '-'):>7s}  "
                          f"{d.get('output_error', '-'):>7s}  {layer['scheme']}")
     return "\n".join(lines)

@@ -27,7 +27,6 @@ from fptq_onnx.passes.act_scales import StaticActivationScalesPass
 from fptq_onnx.passes.auto_thresholds import AutoThresholdsPass
 from fptq_onnx.passes.base import ConversionContext, LayerGroup, LinearLayer, Pass, PassManager, Rejection
 from fptq_onnx.passes.find_linears import FindLinearLayersPass, module_paths
-from fptq_onnx.passes.functions import MIN_OPSET, add_w4a8_function
 from fptq_onnx.passes.lae import LaePass
 from fptq_onnx.passes.mixed_precision import MixedPrecisionPass
 from fptq_onnx.passes.output_error import LayerOutputErrorPass
@@ -41,6 +40,7 @@ from .errors import UserError
 from .external_data import export_streaming, initializer_bytes, map_external_data, uses_external_data
 from .genai import write_model_folder
 from .model_io import check_output_path, default_opset, load_model, save_model_atomic
+from .op_contract import MIN_OPSET, add_w4a8_function
 from .tokenizer import copy_tokenizer
 
 logger = logging.getLogger("fptq_onnx")

@@ -2,7 +2,7 @@
 
 Every number the compiler writes into a model and every number a kernel computes is defined
 here, once. The op contract in ``docs/ops.md`` restates these formulas; the ONNX function
-body (``passes/functions.py``) and the C++/CUDA kernels implement them and are tested
+body (``fptq_onnx/op_contract.py``) and the C++/CUDA kernels implement them and are tested
 against the float64 references below.
 
 Conventions

@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from fptq_onnx.op_contract import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE
+
 from .base import ConversionContext, Pass, PassPreconditionError
-from .functions import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE
 
 
 class ReplaceMatMulPass(Pass):

@@ -29,9 +29,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from fptq_onnx.op_contract import OP_TYPE, W8A8_OP_TYPE
+
 from .base import ConversionContext, LayerGroup, LinearLayer, Pass
 from .find_linears import is_lm_head
-from .functions import OP_TYPE, W8A8_OP_TYPE
 
 TIE_RTOL = 1e-5  # float32 rounding of W * s / s, far below any real difference between two tables
 

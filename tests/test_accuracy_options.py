@@ -8,7 +8,7 @@ import pytest
 from fptq_onnx import quant
 from fptq_onnx.calibration import SecondMoment, slac_windows
 from fptq_onnx.passes.auto_thresholds import best_split
-from fptq_onnx.passes.functions import W8A8_OP_TYPE, single_op_model
+from fptq_onnx.op_contract import W8A8_OP_TYPE, single_op_model
 from fptq_onnx.pipeline import ConvertConfig, convert
 from fptq_onnx.calibration import CalibrationConfig
 from fptq_onnx.session import InferenceSession

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import fptq_onnx
 from fptq_onnx import quant
-from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, add_w4a8_function
+from fptq_onnx.op_contract import OP_DOMAIN, OP_TYPE, add_w4a8_function
 from fptq_onnx.session import has_cuda_kernel
 
 REPO = Path(__file__).resolve().parent.parent

@@ -160,7 +160,7 @@ def test_converted_nodes_run_our_kernels_not_their_bodies(tiny, builder_model, t
     import onnx
     import onnxruntime as ort
 
-    from fptq_onnx.passes.functions import OP_DOMAIN, OP_VERSION
+    from fptq_onnx.op_contract import OP_DOMAIN, OP_VERSION
 
     root, _ = tiny
     out = root / "kernels" / "model.onnx"

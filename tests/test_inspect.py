@@ -48,13 +48,15 @@ def models(tmp_path_factory):
     np.savez(folder / "gemm.npz", x=rng.standard_normal((2, 4, 96)).astype(np.float32))
     gemm = convert(folder / "gemm.onnx", folder / "gemm.w4a8.onnx", folder / "gemm.npz",
                    ConvertConfig(group_size=64, symmetric=True, exclude_lm_head=False, lm_head_bits=4, lae_bands=()), progress=False)
-    return {"block": block, "gemm": gemm, "folder": folder}
+    mixed = convert(folder / "block.onnx", folder / "block.w8.onnx", folder / "block.npz",
+                    ConvertConfig(exclude_lm_head=False, lm_head_bits=4, w8_layers=1), progress=False)
+    return {"block": block, "gemm": gemm, "mixed": mixed, "folder": folder}
 
 
 def packed_bytes_of(path) -> int:
     model = onnx.load(str(path))
     initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return sum(initializers[name].nbytes for node in model.graph.node if node.op_type == "W4A8MatMul"
+    return sum(initializers[name].nbytes for node in model.graph.node if node.op_type in ("W4A8MatMul", "W8A8MatMul")
                for name in node.input[1:4])
 
 
@@ -90,6 +92,22 @@ def test_inspect_padded_gemm(models):
     assert info["inserted_nodes"]["pad_k"] == [] and info["inserted_nodes"]["bias"] == ["fc1/bias"]
     assert info["replaced_fp32_bytes"] == 2 * 4 * 96 * 8 and info["packed_bytes"] == packed_bytes_of(
         models["gemm"].output)
+
+
+def test_inspect_knows_w8a8_layers(models, capsys):
+    """A layer mixed precision kept at 8-bit weights is a layer too: counted, sized, listed."""
+    path, result = models["mixed"].output, models["mixed"]
+    [moved] = [layer for layer in result.layers if layer.weight_bits == 8]
+    info = inspect_model(path)
+    assert (info["w4a8_nodes"], info["w8a8_nodes"], info["other_fptq_nodes"]) == (2, 1, [])
+    assert info["packed_bytes"] == packed_bytes_of(path) and info["op_library"] == RUNS_STOCK
+    assert info["replaced_fp32_bytes"] == sum(4 * layer.k * layer.n for layer in result.layers)
+    assert {layer["layer"]: layer["weight_bits"] for layer in info["layers"]} == {
+        layer.name: layer.weight_bits for layer in result.layers}
+    code, out, _ = run_cli(capsys, "inspect", path, "--layers")
+    assert code == 0 and out.splitlines()[0] == "block.w8.onnx: 2 W4A8MatMul nodes, 1 W8A8MatMul (8-bit weights) (ai.fptq), opset 18"
+    assert "(4- and 8-bit + scales + zero points)" in out
+    assert any(line.split()[:3] == [moved.name, f"{moved.k}x{moved.n}", "8"] for line in out.splitlines())
 
 
 def test_inspect_every_pass_dump(models, capsys):

@@ -22,7 +22,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, Runtime
 
 import fptq_onnx
 from fptq_onnx import quant
-from fptq_onnx.passes.functions import OP_TYPE, W8A8_OP_TYPE, single_op_model, w4a8_function, w8a8_function
+from fptq_onnx.op_contract import OP_TYPE, W8A8_OP_TYPE, single_op_model, w4a8_function, w8a8_function
 
 REL_TOL = 1e-5
 ISAS = ["generic", "avx2", "avx512vnni", "amx"]

@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fptq_onnx import quant
-from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, add_w4a8_function, w4a8_function
+from fptq_onnx.op_contract import OP_DOMAIN, OP_TYPE, add_w4a8_function, w4a8_function
 
 from conftest import run_model
 

@@ -1,4 +1,5 @@
-"""The W4A8 op's model-local ONNX function: its executable definition in standard ONNX ops.
+"""The contract of our ops (``ai.fptq::W4A8MatMul`` and ``W8A8MatMul``, ``docs/ops.md``): their
+names, domain version and model-local ONNX functions, the executable definition in standard ops.
 
 Every converted model carries this function, so stock ONNX Runtime runs the model without our
 op library (it inlines the body where no kernel is registered for ``ai.fptq::W4A8MatMul``),
