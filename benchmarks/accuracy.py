@@ -26,9 +26,9 @@ from pathlib import Path
 from cpu_gemm import cpu_model_name  # benchmarks/ is on sys.path when run as a script
 
 from fptq_onnx import data
-from fptq_onnx.calibration import CalibrationConfig
+from fptq_onnx.config import CalibrationConfig, ConvertConfig
 from fptq_onnx.evaluate import CONFIDENT_GAP
-from fptq_onnx.pipeline import ConvertConfig, convert
+from fptq_onnx.pipeline import convert
 from fptq_onnx.session import InferenceSession
 
 ALL_BANDS = ("low", "mid", "high")

@@ -209,8 +209,8 @@ ROWS = {  # row -> (description, ConvertConfig fields, calibration variant, prog
 
 
 def build(row: str, fp32: Path, root: Path, samples: int, results: dict, model_name: str) -> Path:
-    from fptq_onnx.calibration import CalibrationConfig
-    from fptq_onnx.pipeline import ConvertConfig, convert
+    from fptq_onnx.config import CalibrationConfig, ConvertConfig
+    from fptq_onnx.pipeline import convert
 
     _, fields, variant, progressive = ROWS[row]
     if fields is None:

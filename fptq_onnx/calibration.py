@@ -31,6 +31,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from .config import CalibrationConfig
 from .errors import UserError
 from .generate import PAST_PREFIX, empty_past_shape  # KV-cache inputs: synthesized empty
 from .genai import kv_head_size
@@ -38,39 +39,7 @@ from .progress import progress_bar
 from .tokenizer import find_tokenizer, load_tokenizer
 
 Feed = dict[str, np.ndarray]
-HESSIAN_KINDS = ("none", "blocks", "full")  # in the order each serves the ones before it
 SYNTHESIZED_INPUTS = ("attention_mask", "position_ids")
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrationConfig:
-    """How to draw calibration samples from text (ignored for .npz and protobuf folders)."""
-
-    samples: int = 128
-    seq_len: int = 512
-    tokenizer: str | None = None  # folder with tokenizer.json; default: beside the model
-    error_rows: int = 256  # activation rows kept per layer input for the output error (0: none)
-    seed: int = 0  # of the row sampling, so a conversion is reproducible
-    # SLAC (sequence-length-aware calibration): window lengths cycled over the samples, e.g.
-    # (64, 128, 512) to match a target task's lengths; None: every window is seq_len long
-    seq_lens: tuple[int, ...] | None = None
-    # also accumulate the second moment X^T X of every layer input: "blocks" keeps its diagonal
-    # blocks of hessian_block x hessian_block (weight clipping: K * 128 floats per input), "full"
-    # all of it (GPTQ: K^2 floats per input, 970 MB for K = 11008)
-    hessian: str = "none"
-    hessian_block: int = 128
-
-    def __post_init__(self):
-        if self.samples < 1:
-            raise UserError(f"--samples must be >= 1, got {self.samples}")
-        if self.error_rows < 0:
-            raise UserError(f"--error-rows must be >= 0, got {self.error_rows}")
-        if self.seq_len < 2:
-            raise UserError(f"--seq-len must be >= 2, got {self.seq_len}")
-        if self.hessian not in HESSIAN_KINDS:
-            raise UserError(f"hessian must be one of {HESSIAN_KINDS}, got {self.hessian!r}")
-        if self.seq_lens is not None and (not self.seq_lens or min(self.seq_lens) < 2):
-            raise UserError(f"--calib-seq-lens needs lengths >= 2, got {list(self.seq_lens)}")
 
 
 class ChannelMaxAbs:
@@ -376,10 +345,13 @@ def collect_channel_max(model_path: Path, tensor_names: list[str], source: Path,
     return collect_calibration_stats(model_path, tensor_names, source, config, progress).channel_max
 
 
-def collect_calibration_stats(model_path: Path, tensor_names: list[str], source: Path,
-                              config: CalibrationConfig, progress: bool = True) -> CalibrationStats:
-    """Per-channel max |x| of each tensor in ``tensor_names`` and, when ``config.error_rows > 0``,
-    a uniform sample of that many of its rows (seeded by ``config.seed``)."""
+def collect_calibration_stats(model_path: Path, tensor_names: list[str], source: Path, config: CalibrationConfig,
+                              progress: bool = True, hessian: str = "none", hessian_block: int = 128) -> CalibrationStats:
+    """Per-channel max |x| of each tensor in ``tensor_names``; when ``config.error_rows > 0``, a
+    uniform sample of that many of its rows (seeded by ``config.seed``); and its second moment
+    ``X^T X`` (:class:`SecondMoment`): ``hessian="blocks"``, the diagonal blocks of
+    ``hessian_block x hessian_block`` (weight clipping: K * 128 floats per input), ``"full"``
+    all of it (GPTQ: K^2 floats per input, 970 MB for K = 11008), ``"none"`` nothing."""
     model = onnx.load(str(model_path), load_external_data=False)
     inputs = model_inputs(model)
     count, feeds = calibration_feeds(source, model_path, inputs, config)
@@ -389,8 +361,8 @@ def collect_calibration_stats(model_path: Path, tensor_names: list[str], source:
     seeds = np.random.SeedSequence(config.seed).spawn(len(tensor_names))
     reservoirs = {name: RowReservoir(config.error_rows, np.random.default_rng(seed))
                   for name, seed in zip(tensor_names, seeds)} if config.error_rows else {}
-    block = config.hessian_block if config.hessian == "blocks" else None
-    moments = {name: SecondMoment(block) for name in tensor_names} if config.hessian != "none" else {}
+    block = hessian_block if hessian == "blocks" else None
+    moments = {name: SecondMoment(block) for name in tensor_names} if hessian != "none" else {}
     with _session_exposing(model, Path(model_path), tensor_names) as session:
         outputs = [o.name for o in session.get_outputs()]
         wanted = [outputs.index(name) for name in tensor_names]

@@ -6,6 +6,7 @@ code 130 and no output file left behind. Everything else is a bug and keeps its 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -17,90 +18,53 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def _add_convert_options(parser: argparse.ArgumentParser) -> None:
-    from .calibration import CalibrationConfig
-    from .pipeline import ConvertConfig
+def add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None, **defaults) -> None:
+    """A flag for every field of ``CalibrationConfig`` and ``ConvertConfig`` (``config.option``): its
+    help, type and choices from the field, its default shown from the dataclass (or ``defaults``,
+    which also become the flag's value when it is not given; an absent flag leaves the field's
+    default to the dataclass). ``only``: these fields alone."""
+    from .config import ACCURACY_GROUP, CalibrationConfig, ConvertConfig, flag_of
 
-    defaults, calib = ConvertConfig(), CalibrationConfig()
-    parser.add_argument("--samples", type=int, default=calib.samples,
-                        help=f"calibration sequences cut from a text file (default {calib.samples})")
-    parser.add_argument("--seq-len", type=int, default=calib.seq_len,
-                        help=f"tokens per calibration sequence (default {calib.seq_len})")
-    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: beside the model)")
-    parser.add_argument("--v0", type=float, default=defaults.v0,
-                        help=f"max|x| below which a layer uses per-tensor static int8 (default {defaults.v0:g})")
-    parser.add_argument("--v1", type=float, default=defaults.v1,
-                        help=f"max|x| above which a layer uses per-token dynamic int8 (default {defaults.v1:g})")
-    parser.add_argument("--group-size", type=int, default=defaults.group_size,
-                        help=f"weights per 4-bit group along K (default {defaults.group_size})")
-    parser.add_argument("--symmetric", action="store_true", help="symmetric 4-bit weights (default asymmetric)")
-    parser.add_argument("--nodes-to-exclude", metavar="REGEX", help="leave layers whose name matches in float")
-    parser.add_argument("--lm-head", choices=("w8", "w4", "float"), default="w8",
-                        help="the language-model head: 8-bit weights (default; a tied embedding then reads them), "
-                             "4-bit, or left in float")
-    parser.add_argument("--no-lae-fold", action="store_true",
-                        help="always insert LAE's 1/s as a Mul node instead of folding it into the norm")
-    parser.add_argument("--error-rows", type=int, default=calib.error_rows,
-                        help="calibration rows sampled per layer input to measure each layer's output error "
-                             f"(default {calib.error_rows}; 0: skip)")
-    parser.add_argument("--calib-seq-lens", type=_int_list, metavar="L1,L2,...",
-                        help="SLAC: calibration sequence lengths, cycled over the samples, to match the target "
-                             "task's lengths (default: all --seq-len)")
-    quality = parser.add_argument_group("accuracy options (defaults chosen by measurement, docs/accuracy.md)")
-    quality.add_argument("--lae-bands", type=_band_list, default=defaults.lae_bands, metavar="BANDS",
-                         help="bands whose layers get LAE scales: any of low,mid,high, or none "
-                              f"(default {','.join(defaults.lae_bands) or 'none'}; the paper: mid)")
-    quality.add_argument("--equalization", choices=("lae", "smoothquant"), default=defaults.equalization,
-                         help=f"equalization scales (default {defaults.equalization})")
-    quality.add_argument("--sq-alpha", type=float, default=defaults.sq_alpha,
-                         help=f"SmoothQuant's alpha with --equalization smoothquant (default {defaults.sq_alpha})")
-    quality.add_argument("--weight-clip", choices=("none", "output"), default=defaults.weight_clip,
-                         help="per-group weight clipping searched to minimize the layer's output error "
-                              f"(default {defaults.weight_clip})")
-    quality.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=defaults.gptq,
-                         help=f"GPTQ weight rounding with the calibration Hessian (default {'on' if defaults.gptq else 'off'})")
-    quality.add_argument("--auto-thresholds", action=argparse.BooleanOptionalAction, default=defaults.auto_thresholds,
-                         help="choose v0/v1 for this model by measured output error instead of --v0/--v1 "
-                              f"(default {'on' if defaults.auto_thresholds else 'off'})")
-    quality.add_argument("--w8-layers", type=_count_or_percent, default=(defaults.w8_layers, defaults.w8_fraction),
-                         metavar="N|P%", help="mixed precision: keep the N layers with the largest output error "
-                                              "(or those within P%% of the weights) at 8-bit weights; 0: all 4-bit "
-                                              f"(default {defaults.w8_fraction * 100:.0f}%%)")
+    accuracy = parser.add_argument_group(ACCURACY_GROUP)
+    for config in (CalibrationConfig(), ConvertConfig()):
+        for field in dataclasses.fields(config):
+            meta = field.metadata
+            if not meta.get("help") or (only is not None and field.name not in only):
+                continue
+            default = defaults.get(field.name, getattr(config, field.name))
+            shown = meta["shown"](config) if meta["shown"] else _shown(default)
+            kwargs = dict(meta["argparse"])
+            if isinstance(default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif isinstance(default, (int, float)):
+                kwargs.setdefault("type", type(default))
+            text = meta["help"] + ("" if shown is None else f" (default {shown})")
+            (accuracy if meta["accuracy"] else parser).add_argument(
+                flag_of(field), dest=field.name, default=defaults.get(field.name, argparse.SUPPRESS),
+                help=text.replace("%", "%%"), **kwargs)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    return values
+def _shown(value) -> str | None:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return None if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _band_list(text: str) -> tuple[str, ...]:
-    return () if text == "none" else tuple(part.strip() for part in text.split(",") if part.strip())
+def config_from_args(args: argparse.Namespace):
+    """The ``ConvertConfig`` of the flags :func:`add_config_options` added and the user gave."""
+    from .config import CalibrationConfig, ConvertConfig
 
+    def given(config_class) -> dict:
+        values = {}
+        for field in dataclasses.fields(config_class):
+            if field.metadata.get("help") and hasattr(args, field.name):
+                value = getattr(args, field.name)
+                values.update(field.metadata["to_fields"](value) if field.metadata["to_fields"] else {field.name: value})
+        return values
 
-def _count_or_percent(text: str) -> tuple[int, float]:
-    try:
-        return (0, float(text[:-1]) / 100) if text.endswith("%") else (int(text), 0.0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or a percentage like 5%, got {text!r}") from None
-
-
-def _convert_config(args: argparse.Namespace):
-    from .calibration import CalibrationConfig
-    from .pipeline import ConvertConfig
-
-    return ConvertConfig(
-        v0=args.v0, v1=args.v1, group_size=args.group_size, symmetric=args.symmetric,
-        nodes_to_exclude=args.nodes_to_exclude, exclude_lm_head=args.lm_head == "float",
-        lm_head_bits=8 if args.lm_head == "w8" else 4,
-        fold_lae=not args.no_lae_fold, lae_bands=args.lae_bands, equalization=args.equalization,
-        sq_alpha=args.sq_alpha, weight_clip=args.weight_clip, gptq=args.gptq, auto_thresholds=args.auto_thresholds,
-        w8_layers=args.w8_layers[0], w8_fraction=args.w8_layers[1],
-        calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len, tokenizer=args.tokenizer,
-                                      error_rows=args.error_rows, seq_lens=args.calib_seq_lens),
-    )
+    return ConvertConfig(calibration=CalibrationConfig(**given(CalibrationConfig)), **given(ConvertConfig))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the graph after each pass as DIR/NN_<pass>.onnx (open in Netron)")
     convert.add_argument("--report", metavar="FILE", type=Path,
                          help="conversion report: FILE.html (self-contained) or FILE.md (+ PNGs beside it)")
-    _add_convert_options(convert)
+    add_config_options(convert)
 
     inspect = commands.add_parser("inspect", help="summarize a model converted by fptq-onnx")
     inspect.add_argument("model", type=Path)
@@ -163,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="SmolLM2-135M: export, convert on SOTU, evaluate on Brown")
     demo.add_argument("--workdir", type=Path, help="where the models go (default: the cache folder)")
     demo.add_argument("--max-tokens", type=int, default=4096, help="Brown tokens to evaluate (default 4096)")
-    demo.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
+    add_config_options(demo, only=("samples",), samples=32)
     return parser
 
 
@@ -216,7 +180,7 @@ def _run_convert(args) -> None:
     from .pipeline import convert
     from .report import conversion_summary
 
-    result = convert(args.model, args.output, args.calib, _convert_config(args), progress=not args.quiet,
+    result = convert(args.model, args.output, args.calib, config_from_args(args), progress=not args.quiet,
                      dump_passes=args.dump_passes, report=args.report)
     print(conversion_summary(result))
     if result.dumps:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from . import data
-from .calibration import CalibrationConfig
-from .pipeline import ConvertConfig, convert
+from .config import CalibrationConfig, ConvertConfig
+from .pipeline import convert
 from .session import InferenceSession
 
 DEMO_MODEL = "smollm2-135m"

@@ -35,7 +35,8 @@ from fptq_onnx.passes.replace_matmul import ReplaceMatMulPass
 from fptq_onnx.passes.strategy import LayerStrategyPass
 from fptq_onnx.passes.tied_embedding import TiedEmbeddingPass
 
-from .calibration import CalibrationConfig, collect_calibration_stats
+from .calibration import collect_calibration_stats
+from .config import ConvertConfig
 from .errors import UserError
 from .external_data import export_streaming, initializer_bytes, map_external_data, uses_external_data
 from .genai import write_model_folder
@@ -44,80 +45,6 @@ from .op_contract import MIN_OPSET, add_w4a8_function
 from .tokenizer import copy_tokenizer
 
 logger = logging.getLogger("fptq_onnx")
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvertConfig:
-    """Every setting of a conversion, validated once here and passed down explicitly."""
-
-    v0: float = 15.0  # below: per-tensor static int8
-    v1: float = 150.0  # above: per-token dynamic int8; in between: LAE + per-tensor static
-    group_size: int = 128
-    symmetric: bool = False  # asymmetric weights measured better on SmolLM2 and Gemma-3
-    nodes_to_exclude: str | None = None  # regex on layer / node names
-    exclude_lm_head: bool = False  # the head is quantized (an fp32 head was 113 of 185 MB of SmolLM2)...
-    lm_head_bits: int = 8  # ... at 8 bits: a 4-bit head took SmolLM2's Brown perplexity from 49.9 to 65.7
-    fold_lae: bool = True  # fold 1/s into the preceding norm where possible
-    # bands whose groups get equalization scales (the paper: only "mid"; every band measured
-    # better on SmolLM2 and Gemma-3, docs/accuracy.md); the band still picks static vs dynamic
-    lae_bands: tuple[str, ...] = ("low", "mid", "high")
-    equalization: str = "lae"  # "lae" (FPTQ's log scales) or "smoothquant" (max|X|^a / max|W|^(1-a))
-    sq_alpha: float = 0.5  # SmoothQuant's migration strength
-    weight_clip: str = "output"  # per-group clip ratio minimizing the layer's output error ("none": full range)
-    gptq: bool = False  # GPTQ rounding with the calibration Hessian X^T X (measured worse: off)
-    gptq_damp: float = 0.01  # GPTQ's dampening, a fraction of the Hessian's mean diagonal
-    auto_thresholds: bool = False  # choose v0/v1 for this model by measured output error
-    auto_tolerance: float = 0.02  # accept a total output error this much above the minimum for fewer dynamic layers
-    w8_layers: int = 0  # mixed precision: this many most sensitive layers keep 8-bit weights (W8A8)
-    # ... or as many as fit in this fraction of the other quantized weights (the head, 8-bit
-    # already, is outside it). Default 12%: with the 8-bit head, SmolLM2's GenAI folder is then
-    # 103 MB (25%: 110 MB; the builder's int4 block-128 model: 84 MB, and issue 12 bounds ours at
-    # 1.25x that) at Brown perplexity 46.9 (25%: 45.1; 0%: 48.2; fp32 37.3), measured through
-    # GenAI (docs/performance.md, 2026-12-02). 25% had been chosen on Gemma-3-270m's PIQA
-    # (62.5 -> 64.3, docs/accuracy.md) with the head in float; 12% there is not measured yet.
-    w8_fraction: float = 0.12
-    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
-
-    def __post_init__(self):
-        if not 0 < self.v0 <= self.v1:
-            raise UserError(f"need 0 < --v0 <= --v1, got {self.v0} and {self.v1}")
-        if self.group_size < 2 or self.group_size % 2:
-            raise UserError(f"--group-size must be an even number >= 2, got {self.group_size}")
-        if self.nodes_to_exclude:
-            import re
-
-            try:
-                re.compile(self.nodes_to_exclude)
-            except re.error as error:
-                raise UserError(f"--nodes-to-exclude is not a valid regular expression: {error}") from None
-        unknown = set(self.lae_bands) - {"low", "mid", "high"}
-        if unknown:
-            raise UserError(f"--lae-bands takes low, mid, high; got {', '.join(sorted(unknown))}")
-        if self.equalization not in ("lae", "smoothquant"):
-            raise UserError(f"--equalization is lae or smoothquant, got {self.equalization!r}")
-        if not 0 <= self.sq_alpha <= 1:
-            raise UserError(f"--sq-alpha must be in [0, 1], got {self.sq_alpha}")
-        if self.weight_clip not in ("none", "output"):
-            raise UserError(f"--weight-clip is none or output, got {self.weight_clip!r}")
-        if not 0 < self.gptq_damp < 1:
-            raise UserError(f"--gptq-damp must be in (0, 1), got {self.gptq_damp}")
-        if self.lm_head_bits not in (4, 8):
-            raise UserError(f"--lm-head takes w4, w8 or float, got {self.lm_head_bits} bits")
-        if self.w8_layers < 0 or not 0 <= self.w8_fraction <= 1:
-            raise UserError(f"--w8-layers takes a count >= 0 or a percentage, got {self.w8_layers} / {self.w8_fraction}")
-        needs_rows = [flag for flag, on in (("--auto-thresholds", self.auto_thresholds),
-                                            ("--w8-layers", self.w8_layers or self.w8_fraction)) if on]
-        if needs_rows and not self.calibration.error_rows:
-            raise UserError(f"{needs_rows[0]} measures output errors: it needs --error-rows > 0 "
-                            "(mixed precision is on by default: --w8-layers 0 turns it off)")
-        if self.auto_tolerance < 0:
-            raise UserError(f"--auto-tolerance must be >= 0, got {self.auto_tolerance}")
-
-    @property
-    def hessian_kind(self) -> str:
-        """What calibration must accumulate of ``X^T X`` per layer input: GPTQ needs all of it,
-        clipping its diagonal group blocks (``calibration.SecondMoment``)."""
-        return "full" if self.gptq else "blocks" if self.weight_clip == "output" else "none"
 
 
 @dataclasses.dataclass
@@ -173,16 +100,15 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
 
     start = time.perf_counter()
     names = [group.input.name for group in ctx.groups]
-    calibration = dataclasses.replace(config.calibration, hessian=config.hessian_kind,
-                                      hessian_block=config.group_size)
-    cache_key = (str(Path(model_path).resolve()), str(Path(calib).resolve()), calibration)
+    cache_key = (str(Path(model_path).resolve()), str(Path(calib).resolve()), config.calibration,
+                 config.hessian_kind, config.group_size)
     cached = stats_cache or {}
     stats = cached.get(cache_key)
-    if stats is None and calibration.hessian == "none":  # any cached statistics serve (extras are ignored)
-        stats = next((value for key, value in cached.items() if key[:2] == cache_key[:2] and
-                      dataclasses.replace(key[2], hessian="none") == calibration), None)
+    if stats is None and config.hessian_kind == "none":  # any cached statistics serve (extras are ignored)
+        stats = next((value for key, value in cached.items() if key[:3] == cache_key[:3]), None)
     if stats is None:
-        stats = collect_calibration_stats(model_path, names, Path(calib), calibration, progress)
+        stats = collect_calibration_stats(model_path, names, Path(calib), config.calibration, progress,
+                                          config.hessian_kind, config.group_size)
         if stats_cache is not None:
             stats_cache.clear()  # one model's statistics at a time: they can be large
             stats_cache[cache_key] = stats
@@ -195,11 +121,9 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
     seconds["calibrate"] = time.perf_counter() - start
     del model, stats  # the graph holds the weights now (a stats_cache may keep the statistics)
 
-    passes: list[Pass] = []
-    if config.auto_thresholds:
-        passes.append(AutoThresholdsPass(config.lae_bands, config.group_size, config.symmetric, config.auto_tolerance))
-    passes += [
-        LayerStrategyPass(config.v0, config.v1, config.lae_bands),
+    passes: list[Pass] = [
+        AutoThresholdsPass(config.lae_bands, config.group_size, config.symmetric, config.auto_tolerance)
+        if config.auto_thresholds else LayerStrategyPass(config.v0, config.v1, config.lae_bands),
         LaePass(fold=config.fold_lae, method=config.equalization, alpha=config.sq_alpha),
         StaticActivationScalesPass(),
         QuantizeWeightsPass(config.group_size, config.symmetric, config.weight_clip, config.gptq, config.gptq_damp),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ConvertConfig
 from .errors import UserError
 from .passes.find_linears import NOT_A_LINEAR_LAYER
 
@@ -91,8 +92,6 @@ def layer_rows(layers) -> list[LayerRow]:
 
 
 def _summary(result) -> dict:
-    from .pipeline import ConvertConfig
-
     config = result.config or ConvertConfig()
     calib = config.calibration
     files = [result.output, result.output.with_name(result.output.name + ".data")]

@@ -13,7 +13,9 @@ and picks the thresholds: with the groups sorted by v, every split "the first a 
 next b mid, the rest high" is scored by its total error. The chosen split has the fewest dynamic
 groups among those within ``tolerance`` (relative) of the smallest total, since per-token scales
 cost a reduction per row at run time. ``v0``/``v1`` are set between the neighbouring groups' v
-(geometric mean) and recorded in ``ctx.thresholds`` for the strategy pass.
+(geometric mean), recorded in ``ctx.thresholds`` (for the summary and the report), and the bands
+assigned with them as the strategy pass assigns its own (``strategy.assign_bands``): this pass
+runs instead of that one.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from fptq_onnx.quant import ActMode, lae_scales, pack_int4, quantize_weight_grou
 
 from .act_scales import static_activation_scale
 from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
+from .strategy import assign_bands
 
 BANDS = ("low", "mid", "high")
 
@@ -72,7 +75,8 @@ def best_split(errors: list[dict[str, float]], tolerance: float) -> tuple[int, i
 
 
 class AutoThresholdsPass(Pass):
-    """Choose v0/v1 for this model (see the module docstring); sets ``ctx.thresholds``."""
+    """Choose v0/v1 for this model (see the module docstring), set ``ctx.thresholds``, and assign
+    each layer its band with them."""
 
     name = "auto_thresholds"
 
@@ -95,7 +99,8 @@ class AutoThresholdsPass(Pass):
         if a + b < len(values):  # v1 must sit strictly below the first high group: bands use v > v1
             v1 = min(v1, np.nextafter(values[a + b], 0))
         ctx.thresholds = (float(v0), float(v1))
-        return False
+        assign_bands(ctx, *ctx.thresholds, self.lae_bands)
+        return False  # decisions only
 
 
 def _between(values: list[float], index: int) -> float:

@@ -57,8 +57,6 @@ class LaePass(Pass):
     name = "lae"
 
     def __init__(self, fold: bool = True, method: str = "lae", alpha: float = 0.5):
-        if method not in ("lae", "smoothquant"):
-            raise ValueError(f"unknown equalization {method!r}")
         self.fold, self.method, self.alpha = fold, method, alpha
 
     def scales(self, group: LayerGroup) -> np.ndarray:

@@ -29,8 +29,6 @@ class MixedPrecisionPass(Pass):
     name = "mixed_precision"
 
     def __init__(self, count: int = 0, fraction: float = 0.0, head: bool = False):
-        if count < 0 or not 0 <= fraction <= 1:
-            raise ValueError(f"need count >= 0 and 0 <= fraction <= 1, got {count}, {fraction}")
         self.count, self.fraction, self.head = count, fraction, head
 
     def requires(self, ctx: ConversionContext) -> None:

@@ -25,9 +25,6 @@ from fptq_onnx.quant import (gptq_factor, gptq_quantize_weight, output_error_cli
 
 from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
 
-CLIP_MODES = ("none", "output")
-
-
 class QuantizeWeightsPass(Pass):
     """Quantize every layer's weight.
 
@@ -43,10 +40,6 @@ class QuantizeWeightsPass(Pass):
 
     def __init__(self, group_size: int = 128, symmetric: bool = False, clip: str = "none", gptq: bool = False,
                  damp: float = 0.01):
-        if group_size < 2 or group_size % 2:
-            raise ValueError(f"group size must be an even number >= 2, got {group_size}")
-        if clip not in CLIP_MODES:
-            raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
         self.group_size, self.symmetric, self.clip, self.gptq, self.damp = group_size, symmetric, clip, gptq, damp
 
     @property

@@ -47,8 +47,6 @@ class LayerStrategyPass(Pass):
     name = "strategy"
 
     def __init__(self, v0: float = 15.0, v1: float = 150.0, lae_bands: tuple[str, ...] = ("mid",)):
-        if not 0 < v0 <= v1:
-            raise ValueError(f"need 0 < v0 <= v1, got v0={v0}, v1={v1}")
         self.v0, self.v1 = v0, v1
         self.lae_bands = frozenset(lae_bands)
 
@@ -58,11 +56,15 @@ class LayerStrategyPass(Pass):
             raise PassPreconditionError(f"{self.name}: no calibration statistics for {missing[:3]}; run calibration first")
 
     def call(self, ctx: ConversionContext) -> bool:
-        v0, v1 = ctx.thresholds or (self.v0, self.v1)  # AutoThresholdsPass's choice wins
-        for group in ctx.groups:
-            band = band_of(group.v, v0, v1)
-            for layer in group.layers:
-                layer.band = band
-                layer.act_mode = ActMode.PER_TOKEN_DYNAMIC if band == "high" else ActMode.PER_TENSOR_STATIC
-                layer.lae = band in self.lae_bands
+        assign_bands(ctx, self.v0, self.v1, self.lae_bands)
         return False  # decisions only; the graph is unchanged
+
+
+def assign_bands(ctx: ConversionContext, v0: float, v1: float, lae_bands: frozenset[str]) -> None:
+    """Each layer's band, activation scheme and whether it gets LAE, from its group's v."""
+    for group in ctx.groups:
+        band = band_of(group.v, v0, v1)
+        for layer in group.layers:
+            layer.band = band
+            layer.act_mode = ActMode.PER_TOKEN_DYNAMIC if band == "high" else ActMode.PER_TENSOR_STATIC
+            layer.lae = band in lae_bands

@@ -7,10 +7,10 @@ import pytest
 
 from fptq_onnx import quant
 from fptq_onnx.calibration import SecondMoment, slac_windows
-from fptq_onnx.passes.auto_thresholds import best_split
+from fptq_onnx.config import CalibrationConfig, ConvertConfig
 from fptq_onnx.op_contract import W8A8_OP_TYPE, single_op_model
-from fptq_onnx.pipeline import ConvertConfig, convert
-from fptq_onnx.calibration import CalibrationConfig
+from fptq_onnx.passes.auto_thresholds import best_split
+from fptq_onnx.pipeline import convert
 from fptq_onnx.session import InferenceSession
 
 from conftest import outlier_inputs, run_model
@@ -183,7 +183,7 @@ def tiny_workdir(tmp_path, tiny_block, rng):
 
 
 def _convert(workdir, name, **fields):
-    config = ConvertConfig(exclude_lm_head=False, lm_head_bits=4, group_size=64, **fields)
+    config = ConvertConfig(lm_head="w4", group_size=64, **fields)
     return convert(workdir / "model.onnx", workdir / f"{name}.onnx", workdir / "calib.npz", config, progress=False)
 
 
@@ -249,11 +249,11 @@ def test_stats_cache_serves_conversions_needing_less(tiny_workdir, monkeypatch):
     calls = []
     real = pipeline.collect_calibration_stats
     monkeypatch.setattr(pipeline, "collect_calibration_stats",
-                        lambda *args, **kwargs: calls.append(args[3].hessian) or real(*args, **kwargs))
+                        lambda *args, **kwargs: calls.append(args[5]) or real(*args, **kwargs))
     cache: dict = {}
     for name, fields in [("clip", dict(weight_clip="output")), ("rtn", dict(weight_clip="none")),
                          ("gptq", dict(weight_clip="none", gptq=True))]:
-        config = ConvertConfig(exclude_lm_head=False, lm_head_bits=4, group_size=64, **fields)
+        config = ConvertConfig(lm_head="w4", group_size=64, **fields)
         convert(tiny_workdir / "model.onnx", tiny_workdir / f"{name}.onnx", tiny_workdir / "calib.npz", config,
                 progress=False, stats_cache=cache)
     assert calls == ["blocks", "full"]

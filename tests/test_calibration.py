@@ -6,8 +6,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from fptq_onnx.config import CalibrationConfig
 from fptq_onnx.calibration import (
-    CalibrationConfig, ChannelMaxAbs, calibration_feeds, collect_channel_max, model_inputs, text_windows)
+    ChannelMaxAbs, calibration_feeds, collect_channel_max, model_inputs, text_windows)
 from fptq_onnx.errors import UserError
 from fptq_onnx.models._tiny import save_tiny_tokenizer, tiny_text
 

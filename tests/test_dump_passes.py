@@ -3,9 +3,9 @@ import numpy as np
 import onnx
 import pytest
 
-from fptq_onnx.calibration import CalibrationConfig
 from fptq_onnx.cli import EXIT_USER_ERROR, main
-from fptq_onnx.pipeline import ConvertConfig, convert
+from fptq_onnx.config import CalibrationConfig, ConvertConfig
+from fptq_onnx.pipeline import convert
 
 from conftest import model_from_text, outlier_inputs
 
@@ -39,7 +39,7 @@ def dumped(tmp_path, tiny_block, rng):
     down (after Relu) gets a Mul node."""
     onnx.save(tiny_block, str(tmp_path / "model.onnx"))
     np.savez(tmp_path / "calib.npz", x=outlier_inputs(rng, (4, 1, 8, 128)))
-    config = ConvertConfig(v0=0.001, v1=1e9, exclude_lm_head=False, lm_head_bits=4, calibration=CalibrationConfig(error_rows=64))
+    config = ConvertConfig(v0=0.001, v1=1e9, lm_head="w4", calibration=CalibrationConfig(error_rows=64))
     result = convert(tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz", config, progress=False,
                      dump_passes=tmp_path / "dumps")
     return result, tmp_path
@@ -108,7 +108,7 @@ def test_pad_and_bias_nodes_carry_decisions(tmp_path, rng):
                "fc2.weight": rng.standard_normal((96, 8)).astype(np.float32)})
     onnx.save(model, str(tmp_path / "model.onnx"))
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((3, 4, 96)).astype(np.float32))
-    config = ConvertConfig(group_size=64, exclude_lm_head=False, lm_head_bits=4, calibration=CalibrationConfig(error_rows=8))
+    config = ConvertConfig(group_size=64, lm_head="w4", calibration=CalibrationConfig(error_rows=8))
     result = convert(tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz", config, progress=False,
                      dump_passes=tmp_path / "dumps")
     final = onnx.load(str(result.dumps[-1]))

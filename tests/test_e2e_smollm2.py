@@ -16,8 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from fptq_onnx import data
-from fptq_onnx.calibration import CalibrationConfig
-from fptq_onnx.pipeline import ConvertConfig, convert
+from fptq_onnx.config import CalibrationConfig, ConvertConfig
+from fptq_onnx.pipeline import convert
 from fptq_onnx.session import InferenceSession
 
 pytestmark = pytest.mark.slow

@@ -21,9 +21,9 @@ import pytest
 import fptq_onnx
 from fptq_onnx import model_io
 from fptq_onnx.cli import EXIT_INTERRUPTED
-from fptq_onnx.pipeline import ConvertConfig
-from fptq_onnx.pipeline import convert as convert_model
+from fptq_onnx.config import ConvertConfig
 from fptq_onnx.models._tiny import save_tiny_tokenizer, tiny_text
+from fptq_onnx.pipeline import convert as convert_model
 
 from conftest import model_from_text, run_model
 from test_cli_errors import (  # noqa: F401 -- workdir is a fixture
@@ -158,7 +158,7 @@ def test_weights_not_constant_are_left_in_float(scratch, capsys, rng):
     assert [list(n.input) for n in kept] == [["x", "fed_weight"]]
     assert [n.op_type for n in converted.graph.node].count("W4A8MatMul") == 1
     result = convert_model(scratch / "model.onnx", scratch / "out2.onnx", scratch / "calib.npz",
-                           ConvertConfig(exclude_lm_head=False, lm_head_bits=4), progress=False)
+                           ConvertConfig(lm_head="w4"), progress=False)
     assert [(r.node, r.reason) for r in result.rejections if r.pass_name == "find_linears"] == [
         ("z", "weight is not a constant initializer")]
 

@@ -6,10 +6,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from fptq_onnx.calibration import CalibrationConfig
 from fptq_onnx.cli import EXIT_USER_ERROR, main
+from fptq_onnx.config import CalibrationConfig, ConvertConfig
 from fptq_onnx.inspect_model import NEEDS_LIBRARY, RUNS_STOCK, inspect_model
-from fptq_onnx.pipeline import ConvertConfig, convert
+from fptq_onnx.pipeline import convert
 
 from conftest import model_from_text, outlier_inputs
 
@@ -39,7 +39,7 @@ def models(tmp_path_factory):
     onnx.save(model_from_text(TINY_BLOCK, tiny_block_weights(rng)), str(folder / "block.onnx"))
     np.savez(folder / "block.npz", x=outlier_inputs(rng, (3, 1, 8, 128)))
     block = convert(folder / "block.onnx", folder / "block.w4a8.onnx", folder / "block.npz",
-                    ConvertConfig(v0=0.001, v1=1e9, exclude_lm_head=False, lm_head_bits=4, calibration=CalibrationConfig(error_rows=16)),
+                    ConvertConfig(v0=0.001, v1=1e9, lm_head="w4", calibration=CalibrationConfig(error_rows=16)),
                     progress=False, dump_passes=folder / "dumps")
     onnx.save(model_from_text(PADDED_GEMM, {"fc1.weight": rng.standard_normal((8, 96)).astype(np.float32),
                                             "fc1.bias": rng.standard_normal(8).astype(np.float32),
@@ -47,9 +47,9 @@ def models(tmp_path_factory):
               str(folder / "gemm.onnx"))
     np.savez(folder / "gemm.npz", x=rng.standard_normal((2, 4, 96)).astype(np.float32))
     gemm = convert(folder / "gemm.onnx", folder / "gemm.w4a8.onnx", folder / "gemm.npz",
-                   ConvertConfig(group_size=64, symmetric=True, exclude_lm_head=False, lm_head_bits=4, lae_bands=()), progress=False)
+                   ConvertConfig(group_size=64, symmetric=True, lm_head="w4", lae_bands=()), progress=False)
     mixed = convert(folder / "block.onnx", folder / "block.w8.onnx", folder / "block.npz",
-                    ConvertConfig(exclude_lm_head=False, lm_head_bits=4, w8_layers=1), progress=False)
+                    ConvertConfig(lm_head="w4", w8_layers=1), progress=False)
     return {"block": block, "gemm": gemm, "mixed": mixed, "folder": folder}
 
 

@@ -18,11 +18,11 @@ import onnxruntime as ort
 import pytest
 
 from fptq_onnx import data
-from fptq_onnx.calibration import CalibrationConfig
 from fptq_onnx.cli import main
+from fptq_onnx.config import CalibrationConfig, ConvertConfig
 from fptq_onnx.generate import PROMPTS, compare_greedy, greedy_generate, past_inputs, run_step
 from fptq_onnx.models._tiny import save_tiny_llama, tiny_text
-from fptq_onnx.pipeline import ConvertConfig, convert
+from fptq_onnx.pipeline import convert
 from fptq_onnx.session import InferenceSession
 from fptq_onnx.tokenizer import load_tokenizer
 

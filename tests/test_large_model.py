@@ -22,10 +22,11 @@ import onnxruntime as ort
 import onnx_graphsurgeon as gs
 import pytest
 
+from fptq_onnx.config import ConvertConfig
 from fptq_onnx.errors import UserError
 from fptq_onnx.external_data import map_external_data, release_pages
 from fptq_onnx.models._synthetic import SyntheticDecoder, save_synthetic_decoder
-from fptq_onnx.pipeline import ConvertConfig, convert
+from fptq_onnx.pipeline import convert
 from fptq_onnx.session import InferenceSession
 
 GIB = 1 << 30

@@ -353,3 +353,11 @@ def test_lae_folds_a_shared_gamma_into_copies_of_their_own(rng):
     assert len(names) == len(set(names)) and sum("lae_folded" in n for n in names) == 2
     for got, expected in zip(run_model(after, {"x": x}), run_model(model, {"x": x})):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_strategy_uses_its_own_thresholds(rng, tiny_block):
+    """A threshold choice recorded in the context (auto thresholds) does not override the pass's."""
+    ctx, _ = prepared(tiny_block, outlier_inputs(rng, (1, 4, 128)), v0=1e8, v1=1e9)
+    ctx.thresholds = (1e-9, 1e-9)
+    LayerStrategyPass(1e8, 1e9)(ctx)
+    assert all(layer.band == "low" for layer in ctx.layers)

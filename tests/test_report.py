@@ -11,12 +11,13 @@ import onnx
 import pytest
 
 from fptq_onnx import quant
-from fptq_onnx.calibration import CalibrationConfig, RowReservoir, collect_calibration_stats
+from fptq_onnx.calibration import RowReservoir, collect_calibration_stats
 from fptq_onnx.cli import EXIT_USER_ERROR, main
+from fptq_onnx.config import CalibrationConfig, ConvertConfig
 from fptq_onnx.errors import UserError
 from fptq_onnx.passes.base import LinearLayer
 from fptq_onnx.passes.output_error import layer_output_error
-from fptq_onnx.pipeline import ConvertConfig, convert
+from fptq_onnx.pipeline import convert
 from fptq_onnx.report import check_report_path, output_error_summary
 
 from conftest import model_from_text, outlier_inputs
@@ -148,7 +149,7 @@ def converted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     onnx.save(model_from_text(THREE_BANDS, weights), str(folder / "model.onnx"))
     np.savez(folder / "calib.npz", x=outlier_inputs(rng, (4, 1, 8, 128), outlier_gain=20.0))
-    config = ConvertConfig(exclude_lm_head=False, lm_head_bits=4, calibration=CalibrationConfig(error_rows=64))
+    config = ConvertConfig(lm_head="w4", calibration=CalibrationConfig(error_rows=64))
     result = convert(folder / "model.onnx", folder / "out.onnx", folder / "calib.npz", config, progress=False,
                      report=folder / "report.html")
     write_report(result, folder / "report.md")
@@ -226,7 +227,7 @@ def test_convert_cli_prints_errors_and_report_path(tmp_path, tiny_block, rng, ca
 def test_no_error_rows_means_no_error_plot(tmp_path, tiny_block, rng):
     onnx.save(tiny_block, str(tmp_path / "model.onnx"))
     np.savez(tmp_path / "calib.npz", x=outlier_inputs(rng, (2, 1, 8, 128)))
-    config = ConvertConfig(v0=1e6, v1=1e7, lae_bands=(), w8_fraction=0.0, exclude_lm_head=True,
+    config = ConvertConfig(v0=1e6, v1=1e7, lae_bands=(), w8_fraction=0.0, lm_head="float",
                            calibration=CalibrationConfig(error_rows=0))
     result = convert(tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz", config, progress=False,
                      report=tmp_path / "r.html")

@@ -1,7 +1,7 @@
 """The tied embedding reads the quantized head's weights (``passes/tied_embedding.py``).
 
 On a tiny random LLaMA with tied embeddings, exported by our torch exporter (embedding and head
-stored as two equal constants): after ``convert`` (head quantized: ``ConvertConfig(exclude_lm_head=False)``) the float table is gone and
+stored as two equal constants): after ``convert`` (head quantized: ``ConvertConfig(lm_head="w8")``) the float table is gone and
 the embedding output equals a float64 numpy dequantization of the head's stored weights, rows
 picked by the token ids, LAE undone; and it stays within the quantization error of the fp32
 table.
@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from fptq_onnx.calibration import CalibrationConfig
+from fptq_onnx.config import CalibrationConfig, ConvertConfig
 from fptq_onnx.export import export_model
 from fptq_onnx.models._tiny import save_tiny_llama, tiny_text
-from fptq_onnx.pipeline import ConvertConfig, convert
+from fptq_onnx.pipeline import convert
 
 IDS = np.array([[1, 5, 9, 4, 7, 22, 0], [3, 3, 8, 12, 2, 19, 6]], np.int64)
 
@@ -25,7 +25,7 @@ def models(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("tied")
     source = export_model(save_tiny_llama(root / "hf"), root / "fp32" / "model.onnx", progress=False)
     (root / "calib.txt").write_text(tiny_text(2000))
-    config = ConvertConfig(lm_head_bits=request.param, calibration=CalibrationConfig(samples=4, seq_len=32))
+    config = ConvertConfig(lm_head=f"w{request.param}", calibration=CalibrationConfig(samples=4, seq_len=32))
     result = convert(source, root / "w4a8" / "model.onnx", root / "calib.txt", config, progress=False)
     return source, result
 
