@@ -28,7 +28,7 @@ from cpu_gemm import cpu_model_name  # benchmarks/ is on sys.path when run as a 
 from fptq_onnx import data
 from fptq_onnx.config import CalibrationConfig, ConvertConfig
 from fptq_onnx.evaluate import CONFIDENT_GAP
-from fptq_onnx.pipeline import convert
+from fptq_onnx.pipeline import calibrate, convert
 from fptq_onnx.session import InferenceSession
 
 ALL_BANDS = ("low", "mid", "high")
@@ -115,8 +115,22 @@ def build_row(row: str, fp32: Path, samples: int, stats_cache: dict) -> tuple[Pa
         return ort_quantized(fp32, ORT_ROWS[row][1]), None
     out = fp32.with_name(f"{row}.onnx")
     if not out.exists():
-        convert(fp32, out, data.text_path("sotu"), row_config(row, samples), stats_cache=stats_cache)
+        config = row_config(row, samples)
+        convert(fp32, out, data.text_path("sotu"), config, stats=row_stats(fp32, config, stats_cache))
     return out, InferenceSession
+
+
+def row_stats(fp32: Path, config: ConvertConfig, cache: dict):
+    """The calibration statistics of ``config``, shared by the rows of one model: one run per
+    calibration setting and Hessian kind, and any run of the setting serves a row needing no
+    Hessian. One run is kept at a time: with a Hessian they can be large."""
+    key = (config.calibration, config.hessian_kind, config.group_size)
+    if key not in cache and config.hessian_kind == "none":
+        key = next((kept for kept in cache if kept[0] == config.calibration), key)
+    if key not in cache:
+        cache.clear()
+        cache[key] = calibrate(fp32, data.text_path("sotu"), config)
+    return cache[key]
 
 
 def measure(metric: str, path: Path, factory, fp32: Path, tokens: int) -> dict:

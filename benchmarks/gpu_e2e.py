@@ -18,9 +18,9 @@ first); runs anywhere, without a GPU, for its CPU-side parts.
    errors (unsupported group size at session creation, wrong K, bad act_scale).
 3. end to end: a synthetic decoder (RMSNorm, q/k/v/o, softmax attention, SwiGLU MLP,
    residuals, final norm and float lm_head; default hidden 2048, 4 layers) converted with the
-   project's passes (find linears -> calibrate on the CPU -> strategy -> LAE -> static scales
-   -> 4-bit weights -> W4A8MatMul), then logits of the CUDA EP vs the CPU kernel (top-1
-   agreement and max relative error), and forward times at batch x seq 1x1, 1x512, 32x512:
+   project's pipeline (find linears -> calibrate on the CPU -> ``pipeline.convert_graph``:
+   strategy -> LAE -> static scales -> 4-bit weights -> W4A8MatMul), then logits of the CUDA EP
+   vs the CPU kernel (top-1 agreement and max relative error), and forward times at batch x seq 1x1, 1x512, 32x512:
    W4A8 with float32 and float16 activations vs the same model with float16 MatMuls, all on
    the CUDA EP with inputs and outputs on the device.
 
@@ -37,7 +37,6 @@ import ctypes
 import glob
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import site
@@ -539,46 +538,28 @@ def decoder_inputs(rng, shape, hidden, dtype=np.float32):
 
 
 def convert(model, calib_x, env, group_size, v0, v1):
-    """The project's passes on `model`, calibrated on `calib_x` (float model on the CPU EP).
-    Returns (W4A8 ModelProto, layers)."""
+    """`model` through the project's pipeline (``fptq_onnx.pipeline.convert_graph``), calibrated
+    on `calib_x` by the float model on the CPU EP: the paper's recipe (LAE on the mid band,
+    round-to-nearest 4-bit weights), the lm_head in float. Returns (W4A8 ModelProto, layers)."""
     import onnx
-    import onnx_graphsurgeon as gs
 
-    base = importlib.import_module("fptq_onnx.passes.base")
-    find_linears = importlib.import_module("fptq_onnx.passes.find_linears")
-    strategy = importlib.import_module("fptq_onnx.passes.strategy")
-    lae = importlib.import_module("fptq_onnx.passes.lae")
-    act_scales = importlib.import_module("fptq_onnx.passes.act_scales")
-    quantize_weights = importlib.import_module("fptq_onnx.passes.quantize_weights")
-    replace_matmul = importlib.import_module("fptq_onnx.passes.replace_matmul")
+    from fptq_onnx.calibration import CalibrationStats
+    from fptq_onnx.config import CalibrationConfig, ConvertConfig
+    from fptq_onnx.pipeline import convert_graph, find_layers
 
-    ctx = base.ConversionContext(graph=gs.import_onnx(model))
-    # (Older versions of the pass took the group size too.)
-    find_args = {"exclude_lm_head": True}
-    if "group_size" in inspect.signature(find_linears.FindLinearLayersPass).parameters:
-        find_args["group_size"] = group_size
-    base.PassManager([find_linears.FindLinearLayersPass(**find_args)])(ctx)
-    # Calibration: the float model with each group's input exposed as an output.
-    exposed = onnx.ModelProto()
+    config = ConvertConfig(v0=v0, v1=v1, group_size=group_size, lm_head="float", lae_bands=("mid",),
+                           weight_clip="none", w8_fraction=0.0, calibration=CalibrationConfig(error_rows=0))
+    names = [group.input.name for group in find_layers(model, config).groups]
+    exposed = onnx.ModelProto()  # the float model with each group's input exposed as an output
     exposed.CopyFrom(model)
-    names = [group.input.name for group in ctx.groups]
     for name in names:
         exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     values = env.cpu_session(exposed.SerializeToString(), library=False).run(names, {"x": calib_x})
-    for group, value in zip(ctx.groups, values):
-        group.channel_max_abs = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+    stats = CalibrationStats(channel_max={name: np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+                                          for name, value in zip(names, values)}, rows={})
     del exposed, values
-    base.PassManager([
-        strategy.LayerStrategyPass(v0=v0, v1=v1),
-        lae.LaePass(fold=True),
-        act_scales.StaticActivationScalesPass(),
-        quantize_weights.QuantizeWeightsPass(group_size=group_size, symmetric=False),
-        replace_matmul.ReplaceMatMulPass(),
-    ])(ctx)
-    converted = gs.export_onnx(ctx.graph)
-    converted.ir_version = max(converted.ir_version, 8)
-    functions.add_w4a8_function(converted)
-    return converted, ctx.layers
+    converted, result = convert_graph(model, stats, config)
+    return converted, result.layers
 
 
 def with_float16_activations(model, keep_float32=()):
@@ -638,7 +619,7 @@ def run_e2e(env: Env, checks: Checks, args, gpu: bool) -> None:
     w4a8, layers = convert(float_model, calib_x, env, args.group_size, args.v0, args.v1)
     modes = {}
     for layer in layers:
-        modes[layer.act_mode] = modes.get(layer.act_mode, 0) + 1
+        modes[str(layer.act_mode)] = modes.get(str(layer.act_mode), 0) + 1
     n_nodes = sum(node.op_type == functions.OP_TYPE for node in w4a8.graph.node)
     log(f"  converted (v0={args.v0}, v1={args.v1}): {n_nodes} W4A8MatMul nodes, act modes {modes}, "
         f"LAE on {sum(layer.lae for layer in layers)}")

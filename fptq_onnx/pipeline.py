@@ -1,12 +1,17 @@
-"""``convert``: load, find linear layers, calibrate, run the FPTQ passes, save.
+"""``convert`` = :func:`load`, :func:`calibrate`, :func:`convert_graph`, :func:`save`.
 
 ::
 
-    model.onnx -> FindLinearLayers -> calibrate (per-channel max |x| of each shared input,
-               a uniform sample of its rows, and X^T X when clipping or GPTQ need it)
-               -> [AutoThresholds] -> LayerStrategy -> LAE -> StaticActivationScales
-               -> QuantizeWeights (RTN | clip by output error | GPTQ) -> LayerOutputError
-               -> [MixedPrecision] -> ReplaceMatMul -> TiedEmbedding -> + function bodies -> model.w4a8.onnx
+    model.onnx -> calibrate: FindLinearLayers, then per-channel max |x| of each shared input, a
+                  uniform sample of its rows, and X^T X when clipping or GPTQ need it
+               -> convert_graph: FindLinearLayers -> LayerStrategy (or AutoThresholds) -> LAE
+                  -> StaticActivationScales -> QuantizeWeights (RTN | clip by output error | GPTQ)
+                  -> LayerOutputError -> [MixedPrecision] -> ReplaceMatMul -> TiedEmbedding
+                  -> + function bodies
+               -> save: model.w4a8.onnx (+ tokenizer, GenAI folder)
+
+A benchmark converting one model many ways calibrates once and hands the statistics to each
+``convert(..., stats=...)``, or calls :func:`convert_graph` on a model it holds in memory.
 
 With ``dump_passes=DIR`` the graph is written after each pass as ``DIR/NN_<pass>.onnx`` (and
 ``00_input.onnx`` as imported), weights in ``NN_<pass>.onnx.data`` beside it, every node a pass
@@ -35,13 +40,14 @@ from fptq_onnx.passes.replace_matmul import ReplaceMatMulPass
 from fptq_onnx.passes.strategy import LayerStrategyPass
 from fptq_onnx.passes.tied_embedding import TiedEmbeddingPass
 
-from .calibration import collect_calibration_stats
+from .calibration import CalibrationStats, collect_calibration_stats
 from .config import ConvertConfig
 from .errors import UserError
 from .external_data import export_streaming, initializer_bytes, map_external_data, uses_external_data
 from .genai import write_model_folder
 from .model_io import check_output_path, default_opset, load_model, save_model_atomic
 from .op_contract import MIN_OPSET, add_w4a8_function
+from .report import check_report_path, write_report
 from .tokenizer import copy_tokenizer
 
 logger = logging.getLogger("fptq_onnx")
@@ -49,79 +55,95 @@ logger = logging.getLogger("fptq_onnx")
 
 @dataclasses.dataclass
 class ConversionResult:
-    output: Path
     layers: list[LinearLayer]
     rejections: list[Rejection]
     seconds: dict[str, float]
     bytes_before: int
     bytes_after: int
-    model: Path | None = None
     groups: list[LayerGroup] = dataclasses.field(default_factory=list)
     config: ConvertConfig | None = None
     dumps: list[Path] = dataclasses.field(default_factory=list)  # --dump-passes files, in order
-    report: Path | None = None
     thresholds: tuple[float, float] | None = None  # v0, v1 chosen by --auto-thresholds
+    # set by convert when it saves the model
+    output: Path | None = None
+    model: Path | None = None
+    report: Path | None = None
     genai_config: Path | None = None  # the genai_config.json written beside the model (None: no KV cache)
 
 
 def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, config: ConvertConfig,
             progress: bool = True, dump_passes: str | Path | None = None,
-            report: str | Path | None = None, stats_cache: dict | None = None) -> ConversionResult:
+            report: str | Path | None = None, stats: CalibrationStats | None = None) -> ConversionResult:
     """Convert ``model_path`` to a W4A8 FPTQ model at ``output_path``; see the module docstring.
 
-    ``stats_cache``: a dict in which calibration statistics are kept between conversions of the
-    same model with the same calibration settings (benchmarks converting one model many ways).
+    ``stats``: :func:`calibrate`'s statistics of this model for this config (or for one needing
+    more: a Hessian serves a conversion that needs none), instead of calibrating on ``calib``.
     """
     model_path, output_path = Path(model_path), Path(output_path)
     check_output_path(model_path, output_path)
-    if report is not None:
-        from .report import check_report_path
-
-        report = check_report_path(Path(report))
+    report = check_report_path(Path(report)) if report is not None else None
     dumper = PassDumper(Path(dump_passes)) if dump_passes is not None else None
-    seconds = {}
     start = time.perf_counter()
-    model = load_model(model_path, load_external_data=False)  # weights: memory maps, see below
+    model = load(model_path)
+    seconds = {"load": time.perf_counter() - start}
+    if stats is None:
+        start = time.perf_counter()
+        stats = calibrate(model_path, calib, config, progress)
+        seconds["calibrate"] = time.perf_counter() - start
+    converted, result = convert_graph(model, stats, config, model_path, dumper)
+    external_in = uses_external_data(model)
+    del model, stats  # the converted model holds the weights now (a caller's stats stay the caller's)
+    start = time.perf_counter()
+    result.genai_config = save(converted, model_path, output_path, external_in)
+    result.seconds = {**seconds, **result.seconds, "save": time.perf_counter() - start}
+    result.output, result.model = output_path, model_path
+    if report is not None:
+        result.report = write_report(result, report)
+    return result
+
+
+def load(model_path: Path) -> onnx.ModelProto:
+    """The model without its external data (:func:`convert_graph` memory-maps the weights), its
+    opset checked."""
+    model = load_model(model_path, load_external_data=False)
     if default_opset(model) < MIN_OPSET:
         raise UserError(f"{model_path} uses ONNX opset {default_opset(model)}; fptq-onnx needs >= {MIN_OPSET}: "
                         "re-export the model (fptq-onnx export uses 18)")
+    return model
+
+
+def calibrate(model_path: str | Path, calib: str | Path, config: ConvertConfig,
+              progress: bool = True) -> CalibrationStats:
+    """The statistics of every linear layer's input that ``config``'s passes need, measured on
+    ``calib``."""
+    model_path = Path(model_path)
+    names = [group.input.name for group in find_layers(load(model_path), config, model_path).groups]
+    return collect_calibration_stats(model_path, names, Path(calib), config.calibration, progress,
+                                     hessian=config.hessian_kind, hessian_block=config.group_size)
+
+
+def find_layers(model: onnx.ModelProto, config: ConvertConfig, model_path: Path | None = None,
+                dumper: PassDumper | None = None) -> ConversionContext:
+    """The imported graph (external weights memory-mapped from beside ``model_path``) with its
+    linear layers found, or a UserError saying why there are none."""
     module_names = module_paths(model)  # read before graphsurgeon drops node metadata
     ctx = ConversionContext(graph=gs.import_onnx(model))
-    map_external_data(ctx.graph, model_path.parent)  # read lazily, pages released per layer
-    bytes_before, external_in = initializer_bytes(model), uses_external_data(model)
-    seconds["load"] = time.perf_counter() - start
+    if model_path is not None:
+        map_external_data(ctx.graph, model_path.parent)  # read lazily, pages released per layer
     if dumper is not None:
         dumper.write("input", ctx)
-
-    PassManager([FindLinearLayersPass(config.nodes_to_exclude, config.exclude_lm_head, module_names)], after_each=dumper)(ctx)
+    PassManager([FindLinearLayersPass(config.nodes_to_exclude, config.exclude_lm_head, module_names)],
+                after_each=dumper)(ctx)
     if not ctx.groups:
         reasons = "; ".join(f"{r.node}: {r.reason}" for r in ctx.rejections[:3]) or "the model has no MatMul/Gemm"
-        raise UserError(f"no quantizable MatMul in {model_path} ({reasons})")
+        raise UserError(f"no quantizable MatMul in {model_path or 'the model'} ({reasons})")
+    return ctx
 
-    start = time.perf_counter()
-    names = [group.input.name for group in ctx.groups]
-    cache_key = (str(Path(model_path).resolve()), str(Path(calib).resolve()), config.calibration,
-                 config.hessian_kind, config.group_size)
-    cached = stats_cache or {}
-    stats = cached.get(cache_key)
-    if stats is None and config.hessian_kind == "none":  # any cached statistics serve (extras are ignored)
-        stats = next((value for key, value in cached.items() if key[:3] == cache_key[:3]), None)
-    if stats is None:
-        stats = collect_calibration_stats(model_path, names, Path(calib), config.calibration, progress,
-                                          config.hessian_kind, config.group_size)
-        if stats_cache is not None:
-            stats_cache.clear()  # one model's statistics at a time: they can be large
-            stats_cache[cache_key] = stats
-    for group in ctx.groups:
-        group.channel_max_abs = stats.channel_max[group.input.name]
-        group.sample_rows = stats.rows.get(group.input.name)
-        group.hessian = stats.hessians.get(group.input.name)
-        for layer in group.layers:
-            layer.v = group.v
-    seconds["calibrate"] = time.perf_counter() - start
-    del model, stats  # the graph holds the weights now (a stats_cache may keep the statistics)
 
-    passes: list[Pass] = [
+def conversion_passes(config: ConvertConfig) -> list[Pass]:
+    """The passes after finding the layers, with ``config``'s settings."""
+    head_at_8 = config.lm_head_bits == 8
+    passes = [
         AutoThresholdsPass(config.lae_bands, config.group_size, config.symmetric, config.auto_tolerance)
         if config.auto_thresholds else LayerStrategyPass(config.v0, config.v1, config.lae_bands),
         LaePass(fold=config.fold_lae, method=config.equalization, alpha=config.sq_alpha),
@@ -130,35 +152,47 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path, 
     ]
     if config.calibration.error_rows:
         passes.append(LayerOutputErrorPass())
-    head_at_8 = not config.exclude_lm_head and config.lm_head_bits == 8
     if config.w8_layers or config.w8_fraction or head_at_8:
         passes.append(MixedPrecisionPass(config.w8_layers, config.w8_fraction, head=head_at_8))
     passes.append(ReplaceMatMulPass())
     if not config.exclude_lm_head:
         passes.append(TiedEmbeddingPass())
-    results = PassManager(passes, after_each=dumper)(ctx)
-    seconds.update({name: result.seconds for name, result in results.items()})
+    return passes
+
+
+def convert_graph(model: onnx.ModelProto, stats: CalibrationStats, config: ConvertConfig,
+                  model_path: Path | None = None, dumper: PassDumper | None = None
+                  ) -> tuple[onnx.ModelProto, ConversionResult]:
+    """``model`` (loaded from ``model_path``: external weights beside it) converted with ``stats``
+    (:func:`calibrate`'s) by ``config``'s passes: the W4A8 model with its function bodies and
+    decisions, and what was decided (``output`` and the other fields of saving left unset)."""
+    ctx = find_layers(model, config, model_path, dumper)
+    for group in ctx.groups:
+        group.channel_max_abs = stats.channel_max[group.input.name]
+        group.sample_rows = stats.rows.get(group.input.name)
+        group.hessian = stats.hessians.get(group.input.name)
+        for layer in group.layers:
+            layer.v = group.v
+    results = PassManager(conversion_passes(config), after_each=dumper)(ctx)
+    seconds = {name: result.seconds for name, result in results.items()}
     for group in ctx.groups:
         group.sample_rows = group.hessian = None  # used; free them
     if dumper is not None:
         seconds["dump_passes"] = dumper.seconds
-
-    start = time.perf_counter()
     converted = export_model_proto(ctx)
-    bytes_after = sum(t.ByteSize() for t in converted.graph.initializer)
-    save_model_atomic(converted, output_path, external_data=True if external_in else None)  # layout kept
-    tokenizer_dir = copy_tokenizer(model_path, output_path)  # so eval and later conversions find it beside the model
-    genai_config = write_model_folder(model_path, converted, output_path, _library_or_none(), tokenizer_dir)
-    seconds["save"] = time.perf_counter() - start
-    result = ConversionResult(output_path, ctx.layers, ctx.rejections, seconds, bytes_before, bytes_after,
-                              model=model_path, groups=ctx.groups, config=config,
-                              dumps=dumper.written if dumper is not None else [], thresholds=ctx.thresholds,
-                              genai_config=genai_config)
-    if report is not None:
-        from .report import write_report
+    return converted, ConversionResult(
+        ctx.layers, ctx.rejections, seconds, initializer_bytes(model),
+        sum(t.ByteSize() for t in converted.graph.initializer), groups=ctx.groups, config=config,
+        dumps=dumper.written if dumper is not None else [], thresholds=ctx.thresholds)
 
-        result.report = write_report(result, report)
-    return result
+
+def save(converted: onnx.ModelProto, model_path: Path, output_path: Path, external_data: bool = False) -> Path | None:
+    """Write ``converted`` at ``output_path`` (weights in ``.onnx.data`` with ``external_data``, as
+    the source had them), the source's tokenizer beside it (so eval and later conversions find it)
+    and, for a model with a KV cache, the GenAI folder; its genai_config.json, or None."""
+    save_model_atomic(converted, output_path, external_data=True if external_data else None)
+    tokenizer_dir = copy_tokenizer(model_path, output_path)
+    return write_model_folder(model_path, converted, output_path, _library_or_none(), tokenizer_dir)
 
 
 def _library_or_none() -> str | None:

@@ -10,7 +10,8 @@ from fptq_onnx.calibration import SecondMoment, slac_windows
 from fptq_onnx.config import CalibrationConfig, ConvertConfig
 from fptq_onnx.op_contract import W8A8_OP_TYPE, single_op_model
 from fptq_onnx.passes.auto_thresholds import best_split
-from fptq_onnx.pipeline import convert
+from fptq_onnx.passes.base import PassPreconditionError
+from fptq_onnx.pipeline import calibrate, convert
 from fptq_onnx.session import InferenceSession
 
 from conftest import outlier_inputs, run_model
@@ -241,19 +242,17 @@ def test_options_lower_output_error_or_run(tiny_workdir, fields):
         assert sum(l.output_error for l in other.layers) < sum(l.output_error for l in base.layers)
 
 
-def test_stats_cache_serves_conversions_needing_less(tiny_workdir, monkeypatch):
-    """One calibration with the clipping blocks serves a round-to-nearest conversion; GPTQ, which
-    needs the full Hessian, calibrates again."""
-    import fptq_onnx.pipeline as pipeline
-
-    calls = []
-    real = pipeline.collect_calibration_stats
-    monkeypatch.setattr(pipeline, "collect_calibration_stats",
-                        lambda *args, **kwargs: calls.append(args[5]) or real(*args, **kwargs))
-    cache: dict = {}
-    for name, fields in [("clip", dict(weight_clip="output")), ("rtn", dict(weight_clip="none")),
-                         ("gptq", dict(weight_clip="none", gptq=True))]:
-        config = ConvertConfig(lm_head="w4", group_size=64, **fields)
-        convert(tiny_workdir / "model.onnx", tiny_workdir / f"{name}.onnx", tiny_workdir / "calib.npz", config,
-                progress=False, stats_cache=cache)
-    assert calls == ["blocks", "full"]
+def test_statistics_calibrated_once_serve_conversions_needing_less(tiny_workdir):
+    """Statistics with the clipping blocks serve a round-to-nearest conversion, which then equals
+    one that calibrated alone; GPTQ, which needs the full Hessian, refuses them."""
+    fields = dict(lm_head="w4", group_size=64)
+    stats = calibrate(tiny_workdir / "model.onnx", tiny_workdir / "calib.npz", ConvertConfig(**fields), progress=False)
+    rtn = ConvertConfig(weight_clip="none", **fields)
+    for name, given in (("given", stats), ("alone", None)):
+        convert(tiny_workdir / "model.onnx", tiny_workdir / f"{name}.onnx", tiny_workdir / "calib.npz", rtn,
+                progress=False, stats=given)
+    given, alone = (onnx.load(str(tiny_workdir / f"{name}.onnx")) for name in ("given", "alone"))
+    assert given.graph.SerializeToString() == alone.graph.SerializeToString()
+    with pytest.raises(PassPreconditionError, match="GPTQ needs the full Hessian"):
+        convert(tiny_workdir / "model.onnx", tiny_workdir / "gptq.onnx", tiny_workdir / "calib.npz",
+                ConvertConfig(gptq=True, **fields), progress=False, stats=stats)

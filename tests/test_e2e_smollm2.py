@@ -17,14 +17,13 @@ import pytest
 
 from fptq_onnx import data
 from fptq_onnx.config import CalibrationConfig, ConvertConfig
-from fptq_onnx.pipeline import convert
+from fptq_onnx.pipeline import calibrate, convert
 from fptq_onnx.session import InferenceSession
 
 pytestmark = pytest.mark.slow
 
 EVAL_TOKENS = 4096
 CALIBRATION = CalibrationConfig(samples=32, seq_len=512)
-STATS: dict = {}  # calibration statistics shared by the conversions below (one calibration run)
 
 
 def stock_session(model_bytes: bytes) -> ort.InferenceSession:
@@ -49,25 +48,33 @@ def brown():
 
 
 @pytest.fixture(scope="module")
-def converted(fp32_model, tmp_path_factory):
+def stats(fp32_model):
+    """Calibration statistics shared by the conversions below (one calibration run: the defaults'
+    clipping blocks serve the round-to-nearest ones)."""
+    return calibrate(fp32_model, data.text_path("sotu", progress=False), ConvertConfig(calibration=CALIBRATION),
+                     progress=False)
+
+
+@pytest.fixture(scope="module")
+def converted(fp32_model, stats, tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2")
     sotu = data.text_path("sotu", progress=False)
     fptq = convert(fp32_model, folder / "fptq.onnx", sotu, ConvertConfig(calibration=CALIBRATION), progress=False,
-                   stats_cache=STATS)
+                   stats=stats)
     naive_config = ConvertConfig(v0=1e9, v1=1e9, lae_bands=(), weight_clip="none", gptq=False, w8_fraction=0.0,
                                  calibration=CALIBRATION)  # every layer W4 per-tensor static, no LAE
-    naive = convert(fp32_model, folder / "naive.onnx", sotu, naive_config, progress=False, stats_cache=STATS)
+    naive = convert(fp32_model, folder / "naive.onnx", sotu, naive_config, progress=False, stats=stats)
     return fptq, naive
 
 
 @pytest.fixture(scope="module")
-def paper_recipe(fp32_model, tmp_path_factory):
+def paper_recipe(fp32_model, stats, tmp_path_factory):
     """FPTQ as the paper has it (LAE on the mid band only, round-to-nearest weights)."""
     folder = tmp_path_factory.mktemp("smollm2_paper")
     config = ConvertConfig(lae_bands=("mid",), weight_clip="none", gptq=False, auto_thresholds=False,
                            w8_fraction=0.0, calibration=CALIBRATION)
     return convert(fp32_model, folder / "paper.onnx", data.text_path("sotu", progress=False), config, progress=False,
-                   stats_cache=STATS)
+                   stats=stats)
 
 
 def test_every_decoder_linear_is_converted(converted):
