@@ -39,7 +39,7 @@ common=(-O3 -std=c++17 -Xcompiler -fPIC --threads 0
     echo "ERROR: nvcc failed on w4a8_cuda.cu" >&2
     exit 1
   }
-# 2. The Hopper wgmma kernels, sm_90a only: w4a8_cuda_sm90.cu (variants 3-8, 12-13) and
+# 2. The Hopper wgmma kernels, sm_90a only: w4a8_cuda_sm90.cu (variants wg*, 3-13) and
 #    w4a8_cuda_sm90_tma.cu (variants 16-19). A failure here is reported and the library is
 #    built without that object (its variants then return cudaErrorNotSupported).
 objs=("$tmp/w4a8_cuda.o")

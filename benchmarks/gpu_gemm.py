@@ -469,17 +469,15 @@ def emu_gemm(cfg: TileCfg, split: int, xq, act, rowsum, packed, M, N, K, gs, Mp,
 # ------------------------------------------------------------------------------------------
 # numpy emulation of the sm_90a wgmma kernel (custom_ops/w4a8_cuda_sm90.cu)
 # ------------------------------------------------------------------------------------------
-# Variants (w4a8_cuda.h FPTQ_W4A8_VARIANT_*): id -> (name, kind, bm, layout)
+# Variants (w4a8_cuda.h FPTQ_W4A8_VARIANT_*; 5 and 8 deleted): id -> (name, kind, bm, layout)
 VARIANTS = {
     0: ("mma16", "mma", 16, None),
     1: ("mma32", "mma", 32, None),
     2: ("mma128", "mma", 128, None),
     3: ("wg128_sw128", "wgmma", 128, 0),
     4: ("wg128_ilv", "wgmma", 128, 1),
-    5: ("wg128_ilv2", "wgmma", 128, 2),
     6: ("wg64_sw128", "wgmma", 64, 0),
     7: ("wg64_ilv", "wgmma", 64, 1),
-    8: ("wg64_ilv2", "wgmma", 64, 2),
     9: ("mma16_pdl", "mma", 16, None),
     10: ("mma32_pdl", "mma", 32, None),
     11: ("mma128_pdl", "mma", 128, None),
@@ -1694,7 +1692,7 @@ def main() -> int:
             return 1
         be = Backend(torch, fake=True)
         fake = FakeGpuLib(lib)
-        sv = [v for v in variants if v in (AUTO, 0, 2, 3, 4, 8, 10, 12, 14, 16, 18, 19)]
+        sv = [v for v in variants if v in (AUTO, 0, 2, 3, 4, 7, 10, 12, 14, 16, 18, 19)]
         n = gpu_correctness(fake, be, SELF_TEST_CASES, sv)
         res: list = []
         n += gpu_bench(fake, be, [(256, 64)], [1, 3], res, "CPU (emulated)", fake.SMS,
