@@ -10,8 +10,8 @@
 //                            y += s * (acc - z * rowsum) in float, finally y *= a_m.
 //   3. splitk_reduce_kernel  only when the plan splits K: sums the per-split partials.
 // The weights are repacked once (fptq_w4a8_repack_cuda). docs/cuda_kernel.md has the layouts,
-// tile plans and limits; benchmarks/gpu_gemm.py checks this file against the float64
-// reference and holds a numpy emulation of its index math.
+// tile plans and limits; tests/test_cuda_gpu.py checks this file against the float64
+// reference on a GPU, tests/test_cuda_emulation.py a numpy emulation of its index math.
 //
 // Index names used throughout: m/n/k global row/column/reduction indices, m0/n0 a block's
 // first row/column, kt a k-tile (128 k), kk an MMA k-step (32 k) inside it, j a sub-group
