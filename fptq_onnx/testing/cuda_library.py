@@ -19,7 +19,7 @@ from . import cuda_emulation as emu
 from . import cuda_emulation_tma as emu_tma
 from . import cuda_sources
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = cuda_sources.CHECKOUT
 STANDALONE_LIBRARY = REPO / "build" / "cuda_standalone" / "libfptq_cuda_standalone.so"
 BUILD_SCRIPT = REPO / "benchmarks" / "build_cuda_standalone.sh"
 

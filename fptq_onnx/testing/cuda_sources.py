@@ -22,7 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-CUSTOM_OPS = Path(__file__).resolve().parents[2] / "custom_ops"
+# The checkout: the package's parent folder when it is imported from the source tree, else the
+# working directory (tests run from the checkout's root against the installed package, which
+# carries no C++ sources).
+CHECKOUT = next((root for root in (Path(__file__).resolve().parents[2], Path.cwd()) if (root / "custom_ops").is_dir()),
+                Path(__file__).resolve().parents[2])
+CUSTOM_OPS = CHECKOUT / "custom_ops"
 
 # ---------------------------------------------------------------------------------------------
 # C++ constant expressions
@@ -126,7 +131,8 @@ def source(name: str) -> str:
     """The text of ``custom_ops/<name>``, comments removed (``//`` to the end of the line)."""
     path = CUSTOM_OPS / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the CUDA sources come with a checkout of fptq-onnx")
+        raise FileNotFoundError(f"{path} not found: the CUDA sources come with a checkout of fptq-onnx "
+                                "(run from its root)")
     return re.sub(r"//[^\n]*", "", path.read_text())
 
 
