@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the W4A8 CUDA kernels (custom_ops/w4a8_cuda.cu for sm_80 / sm_90 + compute_90 PTX;
 # w4a8_cuda_sm90.cu and w4a8_cuda_sm90_tma.cu for sm_90a) into a standalone shared library for
-# benchmarks/gpu_gemm.py (ctypes; no ONNX Runtime), and checks the machine code: IMMA / IGMMA /
+# tests/test_cuda_gpu.py and benchmarks/gpu_gemm.py (ctypes; no ONNX Runtime), and checks the machine code: IMMA / IGMMA /
 # bulk-copy / mbarrier instructions present, no register spills, no local memory.
 #
 #   benchmarks/build_cuda_standalone.sh [OUT_DIR]     (default: build/cuda_standalone)
 #
 # Writes OUT_DIR/libfptq_cuda_standalone.so, OUT_DIR/ptxas.log (-Xptxas -v),
-# OUT_DIR/sass.txt (cuobjdump -sass) and OUT_DIR/check_sass.txt (benchmarks/check_sass.py).
+# OUT_DIR/sass.txt (cuobjdump -sass) and OUT_DIR/check_sass.txt (fptq_onnx/testing/check_sass.py).
 # Needs nvcc and cuobjdump on PATH (or in /usr/local/cuda/bin). Exits non-zero on a build
 # error, a spill, or a failed SASS check.
 set -euo pipefail
@@ -39,7 +39,7 @@ common=(-O3 -std=c++17 -Xcompiler -fPIC --threads 0
     echo "ERROR: nvcc failed on w4a8_cuda.cu" >&2
     exit 1
   }
-# 2. The Hopper wgmma kernels, sm_90a only: w4a8_cuda_sm90.cu (variants 3-8, 12-13) and
+# 2. The Hopper wgmma kernels, sm_90a only: w4a8_cuda_sm90.cu (variants wg*, 3-13) and
 #    w4a8_cuda_sm90_tma.cu (variants 16-19). A failure here is reported and the library is
 #    built without that object (its variants then return cudaErrorNotSupported).
 objs=("$tmp/w4a8_cuda.o")
@@ -123,9 +123,9 @@ if [[ -n "$stack" ]]; then
   echo "$stack"
 fi
 # Per-kernel instruction checks (IMMA / IGMMA / UBLKCP / SYNCS / USETMAXREG, no local memory,
-# no wgmma serialization notes): benchmarks/check_sass.py, also run by tests/test_build_cuda.py.
+# no wgmma serialization notes): fptq_onnx/testing/check_sass.py, also run by tests/test_build_cuda.py.
 if [[ -n "$cuobjdump_bin" ]] && command -v python3 >/dev/null; then
-  PATH="$PATH:$(dirname "$cuobjdump_bin")" python3 "$here/check_sass.py" "$lib" --ptxas-log "$out/ptxas.log" \
+  PATH="$PATH:$(dirname "$cuobjdump_bin")" python3 "$repo/fptq_onnx/testing/check_sass.py" "$lib" --ptxas-log "$out/ptxas.log" \
     > "$out/check_sass.txt" 2>&1 || status=1
   tail -1 "$out/check_sass.txt"
   grep '^FAIL' "$out/check_sass.txt" >&2 || true

@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO))  # a plain checkout works too when the package is 
 
 import fptq_onnx  # noqa: E402
 from fptq_onnx import quant  # noqa: E402
-from fptq_onnx.passes.functions import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE, add_w4a8_function  # noqa: E402
+from fptq_onnx.op_contract import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE, add_w4a8_function  # noqa: E402
 
 GROUP = 128
 SETTLE_S = 0.06  # > the ~30 ms that ORT's idle intra-op threads spin after a run

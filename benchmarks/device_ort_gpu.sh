@@ -41,7 +41,7 @@
 #
 #    (extra arguments of `run` go to gpu_e2e.py, e.g. --skip-e2e or --no-timing). After `run`,
 #    `bash benchmarks/device_ort_gpu.sh env CMD ARGS` runs CMD in the same environment (used by
-#    benchmarks/device_issue5.sh mnb for ORT's MatMulNBits timing). The log is
+#    benchmarks/device_gpu_gemm.sh ort for ORT's MatMulNBits timing). The log is
 #    also written to $OUT/gpu_e2e.log. Exit status: gpu_e2e.py's (0 passed, 1 correctness
 #    failure, 2 no usable CUDA provider, 3 setup), 4 parts missing, 5 install failed.
 #    Expected device time: machine start 1-2 min, ~20 s per part call, `run` 2-3 min.

@@ -10,8 +10,8 @@
 //                            y += s * (acc - z * rowsum) in float, finally y *= a_m.
 //   3. splitk_reduce_kernel  only when the plan splits K: sums the per-split partials.
 // The weights are repacked once (fptq_w4a8_repack_cuda). docs/cuda_kernel.md has the layouts,
-// tile plans and limits; benchmarks/gpu_gemm.py checks this file against the float64
-// reference and holds a numpy emulation of its index math.
+// tile plans and limits; tests/test_cuda_gpu.py checks this file against the float64
+// reference on a GPU, tests/test_cuda_emulation.py a numpy emulation of its index math.
 //
 // Index names used throughout: m/n/k global row/column/reduction indices, m0/n0 a block's
 // first row/column, kt a k-tile (128 k), kk an MMA k-step (32 k) inside it, j a sub-group
@@ -213,6 +213,123 @@ int blocks_per_sm(int cfg, int smem_bytes, int smem_per_sm) {
 }
 
 // ------------------------------------------------------------------------------------------
+// Kernel variants: one row of kVariants per FPTQ_W4A8_VARIANT_* id (w4a8_cuda.h)
+// ------------------------------------------------------------------------------------------
+
+// Which GEMM a variant launches.
+enum class Kernel {
+  kMma,    // w4a8_gemm_kernel: mma.sync, sm_80+ (this file)
+  kWgmma,  // w4a8_wgmma_kernel: wgmma from shared memory, sm_90a (w4a8_cuda_sm90.cu)
+  kTma,    // w4a8_tma_kernel: bulk copies + register-A wgmma, sm_90a (w4a8_cuda_sm90_tma.cu)
+};
+
+// How it launches it (bits of Variant::flags).
+enum VariantFlag : unsigned {
+  kPdl = 1u << 0,          // programmatic dependent launch (sm_90+): the GEMM behind the quantize
+                           // kernel (not with kFusedQuant: there is none), the split-K reduction
+                           // behind the GEMM
+  kPersistent = 1u << 1,   // kWgmma: min(tiles, SMs) blocks walk the tiles
+  kFusedReduce = 1u << 2,  // kMma: the last block of each tile sums the split-K partials
+  kOverlap = 1u << 3,      // kTma: two accumulator sets, the fold of k-tile i overlaps i+1's wgmmas
+  kFusedQuant = 1u << 4,   // kTma: the GEMM quantizes X itself (no quantize kernel, no Xq)
+};
+
+struct Variant {
+  int id;            // FPTQ_W4A8_VARIANT_*
+  const char* name;  // as benchmarks and logs print it
+  Kernel kernel;
+  int rows;          // rows of X (tokens) per block: kMma the tile config's BM (kConfigBM),
+                     // kWgmma the block's BM, kTma its BT
+  int layout;        // kWgmma: shared-memory operand layout, 0 128B swizzle / 1 interleave
+  unsigned flags;    // VariantFlag bits
+  bool has(VariantFlag f) const { return (flags & f) != 0; }
+};
+
+// docs/cuda_kernel.md, "Variants", has the measurements behind each row.
+constexpr Variant kVariants[] = {
+    // id                               name            kernel          rows layout flags
+    {FPTQ_W4A8_VARIANT_MMA16,           "mma16",        Kernel::kMma,    16,  0,    0},
+    {FPTQ_W4A8_VARIANT_MMA32,           "mma32",        Kernel::kMma,    32,  0,    0},
+    {FPTQ_W4A8_VARIANT_MMA128,          "mma128",       Kernel::kMma,   128,  0,    0},
+    {FPTQ_W4A8_VARIANT_WGMMA128_SW128,  "wg128_sw128",  Kernel::kWgmma, 128,  0,    0},
+    {FPTQ_W4A8_VARIANT_WGMMA128_ILV,    "wg128_ilv",    Kernel::kWgmma, 128,  1,    0},
+    {FPTQ_W4A8_VARIANT_WGMMA64_SW128,   "wg64_sw128",   Kernel::kWgmma,  64,  0,    0},
+    {FPTQ_W4A8_VARIANT_WGMMA64_ILV,     "wg64_ilv",     Kernel::kWgmma,  64,  1,    0},
+    {FPTQ_W4A8_VARIANT_MMA16_PDL,       "mma16_pdl",    Kernel::kMma,    16,  0,    kPdl},
+    {FPTQ_W4A8_VARIANT_MMA32_PDL,       "mma32_pdl",    Kernel::kMma,    32,  0,    kPdl},
+    {FPTQ_W4A8_VARIANT_MMA128_PDL,      "mma128_pdl",   Kernel::kMma,   128,  0,    kPdl},
+    {FPTQ_W4A8_VARIANT_WGMMA128P_SW128, "wg128p_sw128", Kernel::kWgmma, 128,  0,    kPersistent},
+    {FPTQ_W4A8_VARIANT_WGMMA128P_ILV,   "wg128p_ilv",   Kernel::kWgmma, 128,  1,    kPersistent},
+    {FPTQ_W4A8_VARIANT_MMA16_PDL_FR,    "mma16_pdl_fr", Kernel::kMma,    16,  0,    kPdl | kFusedReduce},
+    {FPTQ_W4A8_VARIANT_MMA32_PDL_FR,    "mma32_pdl_fr", Kernel::kMma,    32,  0,    kPdl | kFusedReduce},
+    {FPTQ_W4A8_VARIANT_TMA128,          "tma128",       Kernel::kTma,   128,  0,    kPdl},
+    {FPTQ_W4A8_VARIANT_TMA64,           "tma64",        Kernel::kTma,    64,  0,    kPdl | kOverlap},
+    {FPTQ_W4A8_VARIANT_TMA16,           "tma16",        Kernel::kTma,    16,  0,    kPdl | kOverlap},
+    {FPTQ_W4A8_VARIANT_TMA16_FUSED,     "tma16f",       Kernel::kTma,    16,  0,    kPdl | kOverlap | kFusedQuant},
+};
+
+// The row of `id`, or null for an id that names no variant (AUTO included).
+const Variant* find_variant(int id) {
+  for (const Variant& v : kVariants) {
+    if (v.id == id) return &v;
+  }
+  return nullptr;
+}
+
+// The mma.sync tile config (0-2) whose BM is `rows`, -1 for none.
+int mma_config_for_rows(int rows) {
+  for (int cfg = 0; cfg < kNumConfigs; ++cfg) {
+    if (kConfigBM[cfg] == rows) return cfg;
+  }
+  return -1;
+}
+
+// The variant the mma.sync kernel runs M rows with when nothing else is chosen.
+const Variant& default_sm80_variant(int64_t M) {
+  return *find_variant(M <= 16 ? FPTQ_W4A8_VARIANT_MMA16
+                               : (M <= 64 ? FPTQ_W4A8_VARIANT_MMA32 : FPTQ_W4A8_VARIANT_MMA128));
+}
+
+// Whether `v` can run this group size on a device of compute capability `cc` (major * 10 +
+// minor): PDL needs sm_90+; the Hopper kernels need sm_90 exactly (sm_90a code), group sizes
+// that are multiples of 128 and their object linked in.
+bool variant_supported(const Variant& v, int group_size, int cc) {
+  switch (v.kernel) {
+    case Kernel::kMma:
+      return !v.has(kPdl) || cc >= 90;
+    case Kernel::kWgmma:
+      return cc == 90 && group_size % kTileK == 0 && fptq_w4a8_sm90_gemm != nullptr;
+    case Kernel::kTma:
+      return cc == 90 && group_size % kTileK == 0 && fptq_w4a8_sm90_tma_gemm != nullptr;
+  }
+  return false;
+}
+
+// The default variant per M bucket on sm_90 (M <= 16, <= 64, <= 256, > 256), used when it is
+// supported for the call (else the sm_80 default for M). -1 = the sm_80 default. Update from
+// the tables of benchmarks/gpu_gemm.py (it prints the line to paste).
+constexpr int kSm90AutoVariant[4] = {9, 10, 11, 11};  // measured on an H200, 2026-11-27 (docs/device-log.md)
+
+// AUTO (-1) -> a concrete variant: FPTQ_CUDA_VARIANT from the environment when set and
+// supported, else the table above, else the sm_80 default. Any other id: its row (null for an
+// id that names no variant; unsupported ones are rejected by the caller).
+const Variant* resolve_variant(int variant, int64_t M, int group_size, int cc) {
+  if (variant != FPTQ_W4A8_VARIANT_AUTO) return find_variant(variant);
+  if (const char* env = getenv("FPTQ_CUDA_VARIANT")) {
+    char* end = nullptr;
+    const long id = strtol(env, &end, 10);
+    const Variant* v = end != env && id >= 0 && id <= 0x7fffffff ? find_variant(static_cast<int>(id)) : nullptr;
+    if (v != nullptr && variant_supported(*v, group_size, cc)) return v;
+  }
+  if (cc == 90) {
+    const int bucket = M <= 16 ? 0 : (M <= 64 ? 1 : (M <= 256 ? 2 : 3));
+    const Variant* v = find_variant(kSm90AutoVariant[bucket]);
+    if (v != nullptr && variant_supported(*v, group_size, cc)) return v;
+  }
+  return &default_sm80_variant(M);
+}
+
+// ------------------------------------------------------------------------------------------
 // Plan: tile config, split-K and workspace layout of one call
 // ------------------------------------------------------------------------------------------
 
@@ -223,7 +340,7 @@ int blocks_per_sm(int cfg, int smem_bytes, int smem_per_sm) {
 //   partial  float32 [split][M][N]     only when split > 1
 // Mp = M rounded up to 4, so that the GEMM can copy rowsums 4 rows (16 bytes) at a time.
 struct Plan {
-  int variant = 0;  // resolved kernel variant (FPTQ_W4A8_VARIANT_*), never AUTO
+  const Variant* variant = nullptr;  // the resolved kernel variant, never AUTO
   int cfg = 0, sg = 0, split = 1, tiles_per_split = 0, k_tiles = 0, n_tiles = 0;
   int smem = 0, occupancy = 1;
   int64_t m_tiles = 0, Mp = 0;
@@ -233,114 +350,31 @@ struct Plan {
   int64_t n_counters = 0;
 };
 
-// Kernel variants (w4a8_cuda.h, FPTQ_W4A8_VARIANT_*): 0-2 the sm_80 mma.sync tile configs,
-// 3-5 / 6-8 the sm_90a wgmma kernel with 128 / 64-row blocks in operand layouts 0, 1, 2.
-// 12-13: the 128-row wgmma kernel, persistent, layouts 0 / 1.
-inline bool is_wgmma_persistent(int v) {
-  return v == FPTQ_W4A8_VARIANT_WGMMA128P_SW128 || v == FPTQ_W4A8_VARIANT_WGMMA128P_ILV;
-}
-inline bool is_wgmma_variant(int v) {
-  return (v >= FPTQ_W4A8_VARIANT_WGMMA128_SW128 && v <= FPTQ_W4A8_VARIANT_WGMMA64_ILV2) ||
-         is_wgmma_persistent(v);
-}
-inline int wgmma_bm(int v) {
-  return (v <= FPTQ_W4A8_VARIANT_WGMMA128_ILV2 || is_wgmma_persistent(v)) ? 128 : 64;
-}
-inline int wgmma_layout(int v) {
-  if (is_wgmma_persistent(v)) return v == FPTQ_W4A8_VARIANT_WGMMA128P_SW128 ? 0 : 1;
-  return (v - FPTQ_W4A8_VARIANT_WGMMA128_SW128) % 3;
-}
-inline int default_sm80_variant(int64_t M) { return M <= 16 ? 0 : (M <= 64 ? 1 : 2); }
-// 9-11: the mma.sync configs 0-2 launched with programmatic dependent launch (sm_90+).
-// 14-15: configs 0-1 with PDL and the split-K reduction done by the last block of each tile.
-inline bool is_fused_reduce_variant(int v) {
-  return v == FPTQ_W4A8_VARIANT_MMA16_PDL_FR || v == FPTQ_W4A8_VARIANT_MMA32_PDL_FR;
-}
-inline bool is_pdl_variant(int v) {
-  return (v >= FPTQ_W4A8_VARIANT_MMA16_PDL && v <= FPTQ_W4A8_VARIANT_MMA128_PDL) ||
-         is_fused_reduce_variant(v);
-}
-inline int mma_cfg_of(int v) {
-  if (is_fused_reduce_variant(v)) return v - FPTQ_W4A8_VARIANT_MMA16_PDL_FR;
-  return is_pdl_variant(v) ? v - FPTQ_W4A8_VARIANT_MMA16_PDL : v;
-}
-
-// 16-18: the sm_90a TMA kernel (w4a8_cuda_sm90_tma.cu) with 128 / 64 / 16 tokens per block;
-// 128 runs one accumulator set, 64 and 16 two (the fold overlaps the next k-tile's wgmmas).
-// 19: 18 quantizing X itself (no quantize kernel, no Xq in the workspace).
-inline bool is_tma_variant(int v) {
-  return v >= FPTQ_W4A8_VARIANT_TMA128 && v <= FPTQ_W4A8_VARIANT_TMA16_FUSED;
-}
-inline bool is_fused_quant_variant(int v) { return v == FPTQ_W4A8_VARIANT_TMA16_FUSED; }
-inline int tma_bt(int v) {
-  return v == FPTQ_W4A8_VARIANT_TMA128 ? 128 : (v == FPTQ_W4A8_VARIANT_TMA64 ? 64 : 16);
-}
-inline int tma_overlap(int v) { return v == FPTQ_W4A8_VARIANT_TMA128 ? 0 : 1; }
-
-// Whether `variant` can run this shape on a device of compute capability `cc` (major * 10 +
-// minor): the wgmma kernel needs sm_90, group sizes that are multiples of 128, and the sm_90a
-// object linked in.
-inline bool variant_supported(int variant, int group_size, int cc) {
-  if (variant >= 0 && variant <= 2) return true;
-  if (is_pdl_variant(variant)) return cc >= 90;
-  if (is_tma_variant(variant)) {
-    return cc == 90 && group_size % kTileK == 0 && fptq_w4a8_sm90_tma_gemm != nullptr;
-  }
-  if (!is_wgmma_variant(variant)) return false;
-  return cc == 90 && group_size % kTileK == 0 && fptq_w4a8_sm90_gemm != nullptr;
-}
-
-// The default variant per M bucket on sm_90 (M <= 16, <= 64, <= 256, > 256), used when it is
-// supported for the call (else the sm_80 default for M). -1 = the sm_80 default. Update from
-// the tables of benchmarks/gpu_gemm.py (it prints the line to paste).
-constexpr int kSm90AutoVariant[4] = {9, 10, 11, 11};  // measured on an H200, 2026-11-27 (docs/device-log.md)
-
-// AUTO (-1) -> a concrete variant: FPTQ_CUDA_VARIANT from the environment when set and
-// supported, else the table above; a concrete variant is returned as is (unsupported ones are
-// rejected by the caller).
-int resolve_variant(int variant, int64_t M, int group_size, int cc) {
-  if (variant != FPTQ_W4A8_VARIANT_AUTO) return variant;
-  if (const char* env = getenv("FPTQ_CUDA_VARIANT")) {
-    char* end = nullptr;
-    const long v = strtol(env, &end, 10);
-    if (end != env && v >= 0 && v < FPTQ_W4A8_NUM_VARIANTS &&
-        variant_supported(static_cast<int>(v), group_size, cc)) {
-      return static_cast<int>(v);
-    }
-  }
-  if (cc == 90) {
-    const int bucket = M <= 16 ? 0 : (M <= 64 ? 1 : (M <= 256 ? 2 : 3));
-    const int v = kSm90AutoVariant[bucket];
-    if (v >= 0 && variant_supported(v, group_size, cc)) return v;
-  }
-  return default_sm80_variant(M);
-}
-
-// variant: a resolved variant (not AUTO).
 bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_per_sm,
-               int variant, Plan* p) {
+               const Variant& variant, Plan* p) {
   if (M < 0 || !valid_shape(N, K, group_size) || sm_count < 1) return false;
-  if (variant < 0 || variant >= FPTQ_W4A8_NUM_VARIANTS) return false;
-  p->variant = variant;
+  p->variant = &variant;
   p->sg = sub_group_size(group_size);
-  int bm = 0;
-  if (is_wgmma_variant(variant)) {
-    if (group_size % kTileK != 0) return false;
-    bm = wgmma_bm(variant);
-    p->cfg = bm == 128 ? 3 : 4;
-    p->smem = fptq_w4a8_sm90_smem_bytes != nullptr ? fptq_w4a8_sm90_smem_bytes(bm) : 0;
-    p->occupancy = 1;
-  } else if (is_tma_variant(variant)) {
-    if (group_size % kTileK != 0) return false;
-    bm = tma_bt(variant);
-    p->cfg = 5;
-    p->smem = fptq_w4a8_sm90_tma_smem_bytes != nullptr ? fptq_w4a8_sm90_tma_smem_bytes(bm) : 0;
-    p->occupancy = 1;
-  } else {
-    p->cfg = mma_cfg_of(variant);
-    bm = kConfigBM[p->cfg];
-    p->smem = config_smem(p->cfg, p->sg);
-    p->occupancy = blocks_per_sm(p->cfg, p->smem, smem_per_sm);
+  const int bm = variant.rows;
+  switch (variant.kernel) {
+    case Kernel::kWgmma:
+      if (group_size % kTileK != 0) return false;
+      p->cfg = bm == 128 ? 3 : 4;
+      p->smem = fptq_w4a8_sm90_smem_bytes != nullptr ? fptq_w4a8_sm90_smem_bytes(bm) : 0;
+      p->occupancy = 1;
+      break;
+    case Kernel::kTma:
+      if (group_size % kTileK != 0) return false;
+      p->cfg = 5;
+      p->smem = fptq_w4a8_sm90_tma_smem_bytes != nullptr ? fptq_w4a8_sm90_tma_smem_bytes(bm) : 0;
+      p->occupancy = 1;
+      break;
+    case Kernel::kMma:
+      p->cfg = mma_config_for_rows(bm);
+      if (p->cfg < 0) return false;
+      p->smem = config_smem(p->cfg, p->sg);
+      p->occupancy = blocks_per_sm(p->cfg, p->smem, smem_per_sm);
+      break;
   }
   p->k_tiles = ceil_div(K, kTileK);
   p->m_tiles = ceil_div<int64_t>(M, bm);
@@ -370,8 +404,8 @@ bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_p
   const size_t Mz = static_cast<size_t>(M);
   // The TMA kernel reads Xq in whole tiles of bm rows (xq_tiled, w4a8_cuda_sm90.h): the
   // quantize kernel writes m_tiles * bm rows, zeros past M.
-  p->xq_tile_rows = is_tma_variant(variant) ? bm : 0;
-  const size_t xq_rows = is_fused_quant_variant(variant) ? 0 : (p->xq_tile_rows ? static_cast<size_t>(p->m_tiles) * bm : Mz);
+  p->xq_tile_rows = variant.kernel == Kernel::kTma ? bm : 0;
+  const size_t xq_rows = variant.has(kFusedQuant) ? 0 : (p->xq_tile_rows ? static_cast<size_t>(p->m_tiles) * bm : Mz);
   p->off_xq = 0;
   p->off_act = align_up(xq_rows * K, kBufferAlign);
   p->off_rowsum = align_up(p->off_act + static_cast<size_t>(p->Mp) * sizeof(float), kBufferAlign);
@@ -380,7 +414,7 @@ bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_p
   const size_t partial_bytes =
       p->split > 1 ? static_cast<size_t>(p->split) * Mz * N * sizeof(float) : 0;
   p->off_counters = align_up(p->off_partial + partial_bytes, kBufferAlign);
-  p->n_counters = is_fused_reduce_variant(variant) && p->split > 1 ? p->m_tiles * p->n_tiles : 0;
+  p->n_counters = variant.has(kFusedReduce) && p->split > 1 ? p->m_tiles * p->n_tiles : 0;
   p->total = M == 0 ? 0
                     : align_up(p->off_counters + static_cast<size_t>(p->n_counters) * sizeof(int32_t),
                                kBufferAlign);
@@ -1067,7 +1101,7 @@ extern "C" cudaError_t fptq_w4a8_repack_cuda(const uint8_t* B, const float* scal
 extern "C" cudaError_t fptq_w4a8_workspace_size_variant(int64_t M, int N, int K, int group_size,
                                                         int variant, size_t* bytes) {
   if (bytes == nullptr || M < 0 || !valid_shape(N, K, group_size) ||
-      variant < FPTQ_W4A8_VARIANT_AUTO || variant >= FPTQ_W4A8_NUM_VARIANTS) {
+      (variant != FPTQ_W4A8_VARIANT_AUTO && find_variant(variant) == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (M == 0) {
@@ -1077,7 +1111,7 @@ extern "C" cudaError_t fptq_w4a8_workspace_size_variant(int64_t M, int N, int K,
   int sm_count = 0, smem_per_sm = 0, cc = 0;
   const cudaError_t e = device_resources(&sm_count, &smem_per_sm, &cc);
   if (e != cudaSuccess) return e;
-  const int v = resolve_variant(variant, M, group_size, cc);
+  const Variant& v = *resolve_variant(variant, M, group_size, cc);
   if (!variant_supported(v, group_size, cc)) return cudaErrorNotSupported;
   Plan plan;
   if (!make_plan(M, N, K, group_size, sm_count, smem_per_sm, v, &plan)) return cudaErrorInvalidValue;
@@ -1097,7 +1131,7 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, i
                                                      void* Y, int variant, cudaStream_t stream) {
   if (M < 0 || !valid_shape(N, K, group_size) || (act_mode != 0 && act_mode != 1) ||
       (dtype != FPTQ_DTYPE_FLOAT32 && dtype != FPTQ_DTYPE_FLOAT16) ||
-      variant < FPTQ_W4A8_VARIANT_AUTO || variant >= FPTQ_W4A8_NUM_VARIANTS) {
+      (variant != FPTQ_W4A8_VARIANT_AUTO && find_variant(variant) == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (M == 0) return cudaSuccess;
@@ -1112,7 +1146,7 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, i
   int sm_count = 0, smem_per_sm = 0, cc = 0;
   cudaError_t e = device_resources(&sm_count, &smem_per_sm, &cc);
   if (e != cudaSuccess) return e;
-  const int v = resolve_variant(variant, M, group_size, cc);
+  const Variant& v = *resolve_variant(variant, M, group_size, cc);
   if (!variant_supported(v, group_size, cc)) return cudaErrorNotSupported;
   Plan plan;
   if (!make_plan(M, N, K, group_size, sm_count, smem_per_sm, v, &plan) ||
@@ -1122,7 +1156,7 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, i
   uint8_t* ws = static_cast<uint8_t*>(workspace);
 
   // Stage 1: quantize X (the fused variant does it inside the GEMM).
-  if (!is_fused_quant_variant(plan.variant)) {
+  if (!v.has(kFusedQuant)) {
     e = dtype == FPTQ_DTYPE_FLOAT16
             ? launch_quantize(plan, static_cast<const __half*>(X), M, K, act_mode, act_scale, ws, stream)
             : launch_quantize(plan, static_cast<const float*>(X), M, K, act_mode, act_scale, ws, stream);
@@ -1152,33 +1186,33 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, i
   a.tiles_per_split = plan.tiles_per_split;
   a.out_half = dtype == FPTQ_DTYPE_FLOAT16;
   a.vec_out = (N % 2 == 0) && reinterpret_cast<uintptr_t>(Y) % (2 * elem) == 0;
-  a.pdl = (is_pdl_variant(plan.variant) || is_tma_variant(plan.variant)) ? 1 : 0;
+  a.pdl = v.has(kPdl) ? 1 : 0;
   a.counters = plan.n_counters > 0 ? reinterpret_cast<int32_t*>(ws + plan.off_counters) : nullptr;
-  if (is_tma_variant(plan.variant)) {
+  if (v.kernel == Kernel::kTma) {
     FptqSm90TmaArgs h;
     fill_sm90_args(a, plan, &h);
     h.xq_tiled = a.xq;
-    const bool fused = is_fused_quant_variant(plan.variant);
+    const bool fused = v.has(kFusedQuant);
     // PDL behind the quantize kernel (it calls launch_dependents first thing). The fused variant
     // follows whatever the stream ran last, possibly the repack of these very weights, which
     // the producer requests before griddepcontrol.wait: launched plainly.
-    h.pdl = fused ? 0 : 1;
-    h.bt = tma_bt(plan.variant);
-    h.overlap = tma_overlap(plan.variant);
+    h.pdl = fused ? 0 : a.pdl;
+    h.bt = v.rows;
+    h.overlap = v.has(kOverlap) ? 1 : 0;
     h.x = fused ? X : nullptr;
     h.x_half = dtype == FPTQ_DTYPE_FLOAT16;
     h.x_vec = reinterpret_cast<uintptr_t>(X) % (4 * elem) == 0;  // rows keep it: K % 128 == 0
     h.act_mode = act_mode;
     h.act_scale = act_scale;
     e = fptq_w4a8_sm90_tma_gemm(&h, stream);
-  } else if (is_wgmma_variant(plan.variant)) {
+  } else if (v.kernel == Kernel::kWgmma) {
     FptqSm90GemmArgs h;
     fill_sm90_args(a, plan, &h);
     h.xq = a.xq;
     h.vec_out = a.vec_out;
-    h.bm = wgmma_bm(plan.variant);
-    h.layout = wgmma_layout(plan.variant);
-    h.persistent = is_wgmma_persistent(plan.variant) ? 1 : 0;
+    h.bm = v.rows;
+    h.layout = v.layout;
+    h.persistent = v.has(kPersistent) ? 1 : 0;
     e = fptq_w4a8_sm90_gemm(&h, stream);
   } else {
     e = launch_gemm_any(plan, a, stream);
@@ -1223,8 +1257,10 @@ extern "C" int fptq_w4a8_plan_info_variant(int64_t M, int N, int K, int group_si
                                            size_t* workspace_bytes) {
   Plan plan;
   // AUTO here: the sm_80 default (no device to ask; the sm_90 table needs the device).
-  const int v = variant == FPTQ_W4A8_VARIANT_AUTO ? default_sm80_variant(M) : variant;
-  if (out == nullptr || !make_plan(M, N, K, group_size, sm_count, smem_per_sm, v, &plan)) return -1;
+  const Variant* v = variant == FPTQ_W4A8_VARIANT_AUTO ? &default_sm80_variant(M) : find_variant(variant);
+  if (out == nullptr || v == nullptr || !make_plan(M, N, K, group_size, sm_count, smem_per_sm, *v, &plan)) {
+    return -1;
+  }
   out[0] = plan.cfg;
   out[1] = plan.split;
   out[2] = plan.tiles_per_split;
@@ -1244,12 +1280,13 @@ extern "C" int fptq_w4a8_plan_info(int64_t M, int N, int K, int group_size, int 
 }
 
 extern "C" int fptq_w4a8_variant_info(int variant, int device_cc, int group_size) {
-  if (variant < 0 || variant >= FPTQ_W4A8_NUM_VARIANTS) return -1;
-  return variant_supported(variant, group_size, device_cc) ? 1 : 0;
+  const Variant* v = find_variant(variant);
+  if (v == nullptr) return -1;
+  return variant_supported(*v, group_size, device_cc) ? 1 : 0;
 }
 
 extern "C" int fptq_w4a8_sm90_linked(void) { return fptq_w4a8_sm90_gemm != nullptr ? 1 : 0; }
 
 extern "C" int fptq_w4a8_resolve_variant(int64_t M, int group_size, int device_cc) {
-  return resolve_variant(FPTQ_W4A8_VARIANT_AUTO, M, group_size, device_cc);
+  return resolve_variant(FPTQ_W4A8_VARIANT_AUTO, M, group_size, device_cc)->id;
 }

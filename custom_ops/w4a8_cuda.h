@@ -27,30 +27,31 @@
 
 // Kernel variants (fptq_w4a8_*_variant; the plain launchers use AUTO). AUTO picks per M bucket
 // and device (the table kSm90AutoVariant in w4a8_cuda.cu; the environment variable
-// FPTQ_CUDA_VARIANT=<id> overrides it where that variant supports the call).
-//   0-2  sm_80+ mma.sync kernel with 16 / 32 / 128-row tiles (any group size)
-//   3-5  sm_90a wgmma kernel, 128 x 128 tiles, operand layout 128B-swizzle / interleave /
-//        interleave with swapped descriptor strides (group_size % 128 == 0, sm_90 only)
-//   6-8  the same with 64 x 128 tiles
-//   9-11 variants 0-2 launched as programmatic dependents (sm_90+): the GEMM starts, and
-//        loads its first weight tiles, while the quantize kernel still runs
-//   12-13 variants 3 / 4 as a persistent kernel (one block per SM walks the tiles)
-//   14-15 variants 9 / 10 with the split-K reduction fused into the GEMM (the last block of
-//        each tile sums the partials): one launch less (sm_90+)
-//   16-18 sm_90a bulk-copy (TMA) + register-A wgmma kernel (w4a8_cuda_sm90_tma.cu), 128 weight
-//        rows x 128 / 64 / 16 tokens per block (group_size % 128 == 0, sm_90 only)
-//   19   variant 18 with the activation quantization fused into the GEMM: no quantize kernel
-//        (one launch per call unless K is split)
+// FPTQ_CUDA_VARIANT=<id> overrides it where that variant supports the call). What each one
+// launches is its row of the descriptor table kVariants in w4a8_cuda.cu:
+//   mma16/32/128       sm_80+ mma.sync kernel with 16 / 32 / 128-row tiles (any group size)
+//   wg128_*, wg64_*    sm_90a wgmma kernel (w4a8_cuda_sm90.cu), 128 / 64 x 128 tiles, operand
+//                      layout 128B swizzle (sw128) or interleave (ilv); group_size % 128 == 0
+//   *_pdl              the mma.sync kernel launched as a programmatic dependent (sm_90+): the
+//                      GEMM starts, and loads its first weight tiles, while the quantize kernel runs
+//   wg128p_*           the 128-row wgmma kernel as a persistent kernel (one block per SM walks the tiles)
+//   *_pdl_fr           PDL with the split-K reduction fused into the GEMM (the last block of each
+//                      tile sums the partials): one launch less (sm_90+)
+//   tma128/64/16       sm_90a bulk-copy (TMA) + register-A wgmma kernel (w4a8_cuda_sm90_tma.cu),
+//                      128 weight rows x 128 / 64 / 16 tokens per block (group_size % 128 == 0)
+//   tma16f             tma16 with the activation quantization fused into the GEMM: no quantize
+//                      kernel (one launch per call unless K is split)
+// Ids never change meaning (logs, benchmarks/results and FPTQ_CUDA_VARIANT name them), so the
+// ids of deleted variants stay unused: 5 and 8 (wg128_ilv2, wg64_ilv2: interleave with the two
+// descriptor strides swapped, a hedge that failed its probe on the H200, docs/device-log.md).
 #define FPTQ_W4A8_VARIANT_AUTO (-1)
 #define FPTQ_W4A8_VARIANT_MMA16 0
 #define FPTQ_W4A8_VARIANT_MMA32 1
 #define FPTQ_W4A8_VARIANT_MMA128 2
 #define FPTQ_W4A8_VARIANT_WGMMA128_SW128 3
 #define FPTQ_W4A8_VARIANT_WGMMA128_ILV 4
-#define FPTQ_W4A8_VARIANT_WGMMA128_ILV2 5
 #define FPTQ_W4A8_VARIANT_WGMMA64_SW128 6
 #define FPTQ_W4A8_VARIANT_WGMMA64_ILV 7
-#define FPTQ_W4A8_VARIANT_WGMMA64_ILV2 8
 #define FPTQ_W4A8_VARIANT_MMA16_PDL 9
 #define FPTQ_W4A8_VARIANT_MMA32_PDL 10
 #define FPTQ_W4A8_VARIANT_MMA128_PDL 11
@@ -62,11 +63,10 @@
 #define FPTQ_W4A8_VARIANT_TMA64 17
 #define FPTQ_W4A8_VARIANT_TMA16 18
 #define FPTQ_W4A8_VARIANT_TMA16_FUSED 19
-#define FPTQ_W4A8_NUM_VARIANTS 20
 
 #ifdef __cplusplus
-// Constants of the CUDA kernel shared by host and device code (and mirrored by the numpy
-// emulation in benchmarks/gpu_gemm.py). docs/cuda_kernel.md explains the layouts.
+// Constants of the CUDA kernel shared by host and device code (the numpy emulation in
+// fptq_onnx/testing reads them from this file). docs/cuda_kernel.md explains the layouts.
 namespace fptq {
 namespace w4a8cuda {
 
@@ -154,9 +154,10 @@ cudaError_t fptq_w4a8_matmul_cuda(const void* X, int dtype, int64_t M, int N, in
 int fptq_w4a8_plan_info(int64_t M, int N, int K, int group_size, int sm_count,
                         int smem_per_sm, int64_t* out, size_t* workspace_bytes);
 
-// ---- Variant hooks (tests, benchmarks). variant: FPTQ_W4A8_VARIANT_*; AUTO = the plain call.
-// A variant the device or shape cannot run returns cudaErrorNotSupported. The workspace size
-// depends on the variant: ask with the same variant.
+// ---- Variant hooks (tests, benchmarks). variant: FPTQ_W4A8_VARIANT_*; AUTO = the plain call;
+// an id that names no variant (5, 8, 20 and up) is cudaErrorInvalidValue. A variant the device
+// or shape cannot run returns cudaErrorNotSupported. The workspace size depends on the
+// variant: ask with the same variant.
 cudaError_t fptq_w4a8_workspace_size_variant(int64_t M, int N, int K, int group_size, int variant,
                                              size_t* bytes);
 cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, int64_t M, int N, int K,
@@ -171,7 +172,7 @@ int fptq_w4a8_plan_info_variant(int64_t M, int N, int K, int group_size, int sm_
                                 int smem_per_sm, int variant, int64_t* out,
                                 size_t* workspace_bytes);
 // 1 if `variant` runs group_size on a device of compute capability device_cc (major*10+minor),
-// 0 if not, -1 for an unknown variant. Host only.
+// 0 if not, -1 for an id that names no variant. Host only.
 int fptq_w4a8_variant_info(int variant, int device_cc, int group_size);
 // 1 if the sm_90a wgmma kernel is linked into this library. Host only.
 int fptq_w4a8_sm90_linked(void);

@@ -31,8 +31,7 @@ typedef struct FptqSm90GemmArgs {
   int m_tiles, n_tiles;
   int out_half, vec_out;
   int bm;                  // block rows: 64 or 128
-  int layout;              // shared-memory operand layout: 0 128B swizzle, 1 interleave, 2 interleave
-                           // with the two descriptor strides swapped (a hedge, see the .cu)
+  int layout;              // shared-memory operand layout: 0 128B swizzle, 1 interleave (see the .cu)
   int persistent;          // 1: min(tiles, SMs) blocks walk the tiles (bm == 128 only)
 } FptqSm90GemmArgs;
 

@@ -69,7 +69,9 @@ def config_from_args(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fptq-onnx", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every pass decision")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log every pass decision; export and demo also show the warnings, log lines and progress "
+                             "bars of the libraries they drive (torch.onnx, transformers, ...)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -171,7 +173,7 @@ def _run_export(args) -> None:
     from .export import export
 
     result = export(args.source, args.output, exporter=args.exporter, opset=args.opset, progress=not args.quiet,
-                    with_past=args.with_past)
+                    with_past=args.with_past, verbose=args.verbose)
     print(result.summary)
     print(f"wrote {result.path}")
 
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            run_demo(workdir=args.workdir, max_tokens=args.max_tokens, samples=args.samples, progress=not args.quiet)
+            run_demo(workdir=args.workdir, max_tokens=args.max_tokens, samples=args.samples, progress=not args.quiet,
+                     verbose=args.verbose)
         else:
             runners[args.command](args)
     except UserError as error:

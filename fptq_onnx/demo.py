@@ -17,13 +17,22 @@ from pathlib import Path
 from . import data
 from .config import CalibrationConfig, ConvertConfig
 from .pipeline import convert
+from .quiet import quiet_libraries
 from .session import InferenceSession
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_PROMPT = "The capital of France is"
 
 
-def run_demo(workdir: Path | None = None, max_tokens: int = 4096, samples: int = 32, progress: bool = True) -> dict:
+def run_demo(workdir: Path | None = None, max_tokens: int = 4096, samples: int = 32, progress: bool = True,
+             verbose: bool = False) -> dict:
+    """Runs the demo in ``workdir`` (default: the data cache's ``demo`` folder); ``verbose``: the
+    libraries it drives print their warnings and bars too (:func:`fptq_onnx.quiet.quiet_libraries`)."""
+    with quiet_libraries(not verbose):
+        return _run_demo(workdir, max_tokens, samples, progress, verbose)
+
+
+def _run_demo(workdir: Path | None, max_tokens: int, samples: int, progress: bool, verbose: bool) -> dict:
     from .evaluate import evaluate
     from .export import export
     from .models import prepare
@@ -42,7 +51,7 @@ def run_demo(workdir: Path | None = None, max_tokens: int = 4096, samples: int =
 
     if not fp32.exists():
         folder = step("fetch SmolLM2-135M", lambda: prepare(DEMO_MODEL, progress=progress))
-        exported = step("export to ONNX", lambda: export(folder, fp32, progress=progress))
+        exported = step("export to ONNX", lambda: export(folder, fp32, progress=progress, verbose=verbose))
         print(f"[demo] {exported.summary}", file=sys.stderr)
     report = _report_path(w4a8.parent / "report.html")
     if not w4a8.exists() or (report is not None and not report.exists()):

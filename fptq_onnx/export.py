@@ -62,6 +62,7 @@ import numpy as np
 from .data import note
 from .errors import UserError
 from .generate import PAST_PREFIX, PRESENT_PREFIX
+from .quiet import quiet_libraries
 from .tokenizer import TOKENIZER_FILES, copy_tokenizer, find_tokenizer  # noqa: F401 (one definition)
 
 logger = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def _cache_shape(config, batch: int, length: int) -> tuple[int, int, int, int]:
     return batch, heads, length, head_dim
 
 
-def _torch_export(model, opset: int, progress: bool, with_past: bool = False):
+def _torch_export(model, opset: int, verbose: bool, with_past: bool = False):
     import torch
 
     # Batch 2, sequence 8, past 5: sizes 0/1 (and equal sizes) would be specialized by torch.export.
@@ -287,7 +288,7 @@ def _torch_export(model, opset: int, progress: bool, with_past: bool = False):
         output_names=outputs,
         dynamic_shapes=dynamic_shapes,
         optimize=True,
-        verbose=progress,
+        verbose=verbose,  # its own step lines: exporter internals, shown with --verbose
     )
     if with_past:
         _name_cache_dims(program.model)
@@ -353,11 +354,13 @@ def _check_against_torch(torch_model, tokenizer, onnx_path: Path) -> tuple[float
 
 
 def export_model(src: str | os.PathLike, output: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                 progress: bool = True, with_past: bool = False) -> Path:
+                 progress: bool = True, with_past: bool = False, verbose: bool = False) -> Path:
     """Export ``src`` (HF folder, ``.gguf`` file or recipe name) to ``output`` (``.onnx``); returns it.
 
     ``with_past``: the KV-cache layout (``past_key_values.N.*`` in, ``present.N.*`` out; see the
-    module docstring) instead of logits from the whole sequence.
+    module docstring) instead of logits from the whole sequence. ``verbose``: let torch.onnx,
+    transformers and the other libraries print their warnings and step lines
+    (:func:`fptq_onnx.quiet.quiet_libraries` hides them otherwise).
 
     Also saves the tokenizer in ``output``'s folder and checks ONNX Runtime's logits against
     torch's on a short input (printed; a difference over 1e-3 of the logit range is an error).
@@ -365,10 +368,15 @@ def export_model(src: str | os.PathLike, output: str | os.PathLike, opset: int =
     output = Path(output)
     if output.suffix != ".onnx":
         raise UserError(f"output must be an .onnx path, got {output}")
+    with quiet_libraries(not verbose):
+        return _export_model(src, output, opset, progress, with_past, verbose)
+
+
+def _export_model(src, output: Path, opset: int, progress: bool, with_past: bool, verbose: bool) -> Path:
     model, tokenizer = load_source(src, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     note(f"exporting {type(model).__name__} to {output} (opset {opset})", progress)
-    onnx_model = _torch_export(model, opset, progress, with_past)
+    onnx_model = _torch_export(model, opset, verbose, with_past)
     folded = fold_weight_transposes(onnx_model)
     constant, others = linear_weight_report(onnx_model)
     note(f"{constant} MatMuls with constant [K, N] weights ({folded} transposes folded here)", progress)
@@ -418,12 +426,18 @@ class ExportResult:
 
 
 def export(src: str | os.PathLike, output: str | os.PathLike, exporter: str = "auto", opset: int = DEFAULT_OPSET,
-           progress: bool = True, with_past: bool = False) -> ExportResult:
+           progress: bool = True, with_past: bool = False, verbose: bool = False) -> ExportResult:
     """Export ``src`` (HF folder, ``.gguf`` file or recipe name) to ``output`` (an ``.onnx``
     path, or a folder for ``model.onnx``) with the builder or the torch exporter (module
-    docstring). ``opset`` and ``with_past`` apply to the torch exporter only."""
+    docstring). ``opset`` and ``with_past`` apply to the torch exporter only. ``verbose``: the
+    libraries' own warnings, log lines and bars (and the builder's output) are shown too."""
     if exporter not in EXPORTERS:
         raise UserError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    with quiet_libraries(not verbose):
+        return _export(src, output, exporter, opset, progress, with_past, verbose)
+
+
+def _export(src, output, exporter: str, opset: int, progress: bool, with_past: bool, verbose: bool) -> ExportResult:
     path = _onnx_path(Path(output))
     source = resolve_source(src, progress)  # bad sources fail here, before either exporter
     created = _missing_folders(path.parent)
@@ -431,7 +445,7 @@ def export(src: str | os.PathLike, output: str | os.PathLike, exporter: str = "a
         reason = None
         if exporter != "torch":
             try:
-                fused, nodes = builder_export(source, path, progress)
+                fused, nodes = builder_export(source, path, progress, verbose)
                 cache = "" if with_past else "; with a KV cache, as the builder's models always have"
                 return ExportResult(path, "builder", "exported with the onnxruntime-genai model builder "
                                                      f"(fused graph: {', '.join(fused)}; {nodes} nodes{cache})")
@@ -440,7 +454,7 @@ def export(src: str | os.PathLike, output: str | os.PathLike, exporter: str = "a
                     raise UserError(f"the onnxruntime-genai model builder cannot export {src}: {error}") from None
                 reason = str(error)
                 note(f"the builder failed ({reason}); exporting with the torch exporter", progress)
-        export_model(source, path, opset, progress, with_past)
+        export_model(source, path, opset, progress, with_past, verbose)
         _drop_stale_genai_config(path)
         summary = "exported with fptq-onnx's torch exporter" + (f": the builder failed: {reason}" if reason else "")
         return ExportResult(path, "torch", summary)
@@ -480,11 +494,12 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def builder_export(source: Path, output: Path, progress: bool = True) -> tuple[list[str], int]:
+def builder_export(source: Path, output: Path, progress: bool = True, verbose: bool = False) -> tuple[list[str], int]:
     """Export the HF folder or ``.gguf`` file ``source`` with the onnxruntime-genai model builder
     (fp32, CPU) to ``output`` (``.onnx``; ``genai_config.json`` and the tokenizer beside it);
     returns the fused (contrib) op types of its graph and its number of nodes. Raises :class:`BuilderError` with one line
-    when the builder cannot do it; nothing is left behind then."""
+    when the builder cannot do it; nothing is left behind then. The builder's own output is
+    printed only with ``verbose``."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise BuilderError("onnxruntime-genai is not installed (pip install onnxruntime-genai)")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -499,6 +514,8 @@ def builder_export(source: Path, output: Path, progress: bool = True) -> tuple[l
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(staged),
                    "-p", "fp32", "-e", "cpu", "-c", str(scratch / "cache")]
         done = subprocess.run(command, capture_output=True, text=True)
+        if verbose:
+            print(done.stdout + done.stderr, end="", file=sys.stderr)
         if done.returncode != 0 or not (staged / BUILDER_MODEL).is_file():
             raise BuilderError(_last_line(done.stderr) or _last_line(done.stdout) or f"exit code {done.returncode}")
         fused, nodes = _rename_builder_model(staged, output.name)

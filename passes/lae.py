@@ -16,7 +16,13 @@ multiply, which costs nothing at run time:
 * ``Mul(a, b)`` where b is the output of a linear layer read by nothing else (a gated MLP's
   ``act(gate) * up`` before down_proj): that layer's output columns, ``W_b[:, j] /= s_j``, since
   ``a * (x @ W_b) / s == a * (x @ (W_b / s))``. Its own group-wise quantization is per output
-  channel, so the scaled columns quantize to the same integers with scaled group scales.
+  channel, so the scaled columns quantize to the same integers with scaled group scales;
+* ``GroupQueryAttention`` (o_proj's input): the value projection's output columns. Channel
+  ``h * D + d`` of the attention output is ``sum_t p[h, t] * V[h // g, t, d]`` (``g`` query heads
+  per key/value head), linear in V, so dividing V's column ``(h // g) * D + d`` by ``s`` divides
+  every query head of that group alike. The scales are therefore computed from the channel
+  maxima shared within each group (their max), one scale per value column. The KV cache then
+  holds ``V / s``, which only this attention reads.
 
 Folding is only valid when every consumer of X is a layer of this group (otherwise the others
 would see X / s too). Where it is not, a ``Mul`` by ``1 / s`` named ``<group>/lae_scale`` is
@@ -59,12 +65,14 @@ class LaePass(Pass):
     def __init__(self, fold: bool = True, method: str = "lae", alpha: float = 0.5):
         self.fold, self.method, self.alpha = fold, method, alpha
 
-    def scales(self, group: LayerGroup) -> np.ndarray:
-        """The group's per-input-channel scales ``s[K]``."""
+    def scales(self, group: LayerGroup, channel_max_abs: np.ndarray | None = None) -> np.ndarray:
+        """The group's per-input-channel scales ``s[K]``, from ``channel_max_abs`` (default: the
+        group's own)."""
+        channel_max = group.channel_max_abs if channel_max_abs is None else channel_max_abs
         if self.method == "lae":
-            return lae_scales(group.channel_max_abs)
+            return lae_scales(channel_max)
         weight_max = np.max([np.abs(layer.weight).max(axis=1) for layer in group.layers], axis=0)
-        return smoothquant_scales(group.channel_max_abs, weight_max, self.alpha)
+        return smoothquant_scales(channel_max, weight_max, self.alpha)
 
     def requires(self, ctx: ConversionContext) -> None:
         if any(layer.band is None for layer in ctx.layers):
@@ -75,15 +83,19 @@ class LaePass(Pass):
         for group in ctx.groups:
             if not all(layer.lae for layer in group.layers):
                 continue
-            scales = self.scales(group)
+            value = _attention_value(ctx, group) if self.fold else None
+            scales = self.scales(group) if value is None else self.scales(group, value.shared_max(group))
             group.lae_scales = scales
             for layer in group.layers:
                 original, layer.weight = layer.weight, layer.weight * scales[:, None]
                 release_pages(original)  # a memory-mapped weight: read once, not kept resident
                 layer.lae_scale_range = (float(scales.min()), float(scales.max()))
                 _write_weight(layer)
-            target = (self._fold_into_producer(ctx, group, scales) if self.fold else None) or self._insert_mul(
-                ctx, group, scales)
+            if value is not None:
+                target = value.fold(scales)
+            else:
+                target = (self._fold_into_producer(ctx, group, scales) if self.fold else None) or self._insert_mul(
+                    ctx, group, scales)
             for layer in group.layers:
                 layer.lae_folded_into = target
             modified = True
@@ -161,14 +173,67 @@ def _write_weight(layer) -> None:
     node.inputs[1] = gs.Constant(f"{original.name}/lae_scaled", np.ascontiguousarray(values).astype(original.dtype, copy=False))
 
 
+class _AttentionValue:
+    """The value projection behind a GroupQueryAttention that feeds a group: ``column[j]``, the
+    column of ``layer``'s output that channel j of the attention output is a weighted sum of."""
+
+    def __init__(self, layer, column: np.ndarray):
+        self.layer, self.column = layer, column
+
+    def shared_max(self, group: LayerGroup) -> np.ndarray:
+        """max |X_j| over the channels that read the same value column, for each channel j."""
+        per_column = np.zeros(self.column.max() + 1, np.float64)
+        np.maximum.at(per_column, self.column, group.channel_max_abs)
+        return per_column[self.column].astype(np.float32)
+
+    def fold(self, scales: np.ndarray) -> str:
+        """Divide the value columns by the scales (equal within each column's channels)."""
+        layer = self.layer
+        divisor = np.ones(layer.n, np.float64)
+        divisor[self.column] = scales
+        original, layer.weight = layer.weight, (layer.weight / divisor[None, :]).astype(layer.weight.dtype)
+        release_pages(original)
+        _write_weight(layer)
+        return layer.node.name or layer.node.outputs[0].name
+
+
+def _attention_value(ctx: ConversionContext, group: LayerGroup) -> _AttentionValue | None:
+    """The value projection of the GroupQueryAttention whose output is the group's input alone,
+    when that projection is a linear layer read by the attention alone; else None."""
+    tensor = group.input
+    group_nodes = {id(layer.node) for layer in group.layers}
+    if not tensor.inputs or tensor.inputs[0].op != "GroupQueryAttention" or tensor in ctx.graph.outputs:
+        return None
+    attention = tensor.inputs[0]
+    if attention.outputs[0] is not tensor or any(id(c) not in group_nodes for c in tensor.outputs):
+        return None
+    heads, kv_heads = int(attention.attrs["num_heads"]), int(attention.attrs["kv_num_heads"])
+    k = len(group.channel_max_abs)
+    head_size = k // heads
+    packed = len(attention.inputs) < 3 or not attention.inputs[1].name or not attention.inputs[2].name
+    source = attention.inputs[0] if packed else attention.inputs[2]
+    layer = _linear_layer_writing(ctx, source)
+    width = (heads + 2 * kv_heads) * head_size if packed else kv_heads * head_size
+    if layer is None or k % heads or heads % kv_heads or layer.n != width or len(source.outputs) != 1:
+        return None
+    channel = np.arange(k)
+    head, dim = channel // head_size, channel % head_size
+    offset = (heads + kv_heads) * head_size if packed else 0
+    return _AttentionValue(layer, offset + head // (heads // kv_heads) * head_size + dim)
+
+
+def _linear_layer_writing(ctx: ConversionContext, tensor):
+    """The MatMul layer of ``ctx.layers`` whose output is ``tensor``, or None."""
+    return next((layer for layer in ctx.layers if layer.node.outputs[0] is tensor and layer.node.op == "MatMul"),
+                None)
+
+
 def _linear_factor(ctx: ConversionContext, mul: gs.Node):
     """The linear layer whose output is a factor of ``mul`` and read by ``mul`` alone (its output
     columns then take a per-channel scale of ``mul``'s output), or None."""
-    producers = {id(layer.node.outputs[0]): layer for layer in ctx.layers}
     for operand in mul.inputs:
-        layer = producers.get(id(operand))
-        if (layer is not None and len(operand.outputs) == 1 and operand not in ctx.graph.outputs
-                and layer.node.op == "MatMul"):
+        layer = _linear_layer_writing(ctx, operand)
+        if layer is not None and len(operand.outputs) == 1 and operand not in ctx.graph.outputs:
             return layer
     return None
 

@@ -9,6 +9,17 @@ import pytest
 from onnx import numpy_helper
 
 
+def pytest_addoption(parser):
+    group = parser.getgroup("cuda", "the CUDA kernels' suite (tests/test_cuda_gpu.py)")
+    group.addoption("--cuda-lib", default=None,
+                    help="the standalone CUDA library (default: build/cuda_standalone/libfptq_cuda_standalone.so, "
+                         "built by benchmarks/build_cuda_standalone.sh)")
+    group.addoption("--cuda-cases", choices=("full", "quick", "sanitize"), default="full",
+                    help="GPU cases: full (129), quick (59), or sanitize (5 small ones, no probes: for "
+                         "compute-sanitizer)")
+    group.addoption("--cuda-variants", default="all", help="kernel variants on the GPU: all, or ids such as auto,16,17")
+
+
 def model_from_text(text: str, weights: dict[str, np.ndarray], opset: int = 18) -> onnx.ModelProto:
     """Parse a graph written in ONNX text and attach ``weights`` as initializers.
 

@@ -14,7 +14,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import sysconfig
 import warnings
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import fptq_onnx
 from fptq_onnx import quant
 from fptq_onnx.op_contract import OP_DOMAIN, OP_TYPE, add_w4a8_function
 from fptq_onnx.session import has_cuda_kernel
+from fptq_onnx.testing import check_sass
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,16 +51,7 @@ def find_nvcc() -> str | None:
 
 def find_cuobjdump() -> str | None:
     """cuobjdump from PATH, the CUDA install or the nvidia-cuda-cuobjdump wheel of this Python."""
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    purelib = sysconfig.get_paths()["purelib"]
-    for pattern in ("/usr/local/cuda/bin/cuobjdump", f"{purelib}/nvidia/cu*/bin/cuobjdump",
-                    f"{purelib}/nvidia/cuda_cuobjdump/bin/cuobjdump"):
-        for candidate in sorted(glob.glob(pattern)):
-            if os.access(candidate, os.X_OK):
-                return candidate
-    return None
+    return check_sass.find_tool("cuobjdump")
 
 
 CUDA_BUILD_EXPECTED = find_nvcc() is not None and os.environ.get("FPTQ_CUDA", "").upper() not in ("OFF", "0", "FALSE", "NO")
@@ -190,24 +181,13 @@ def test_sass_uses_int8_tensor_cores(cuda_library):
     assert per_arch.get("sm_80", 0) > 0 and per_arch.get("sm_90", 0) > 0, per_arch
 
 
-def load_benchmark_module(name: str):
-    """A module of benchmarks/ (not a package) by file name."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sass_of_every_kernel_passes_check_sass(cuda_library):
-    """benchmarks/check_sass.py on the installed library: IMMA int8 in the sm_80 / sm_90 GEMM;
+    """fptq_onnx/testing/check_sass.py on the installed library: IMMA int8 in the sm_80 / sm_90 GEMM;
     in the sm_90a code int8 IGMMA, and in the TMA kernel bulk copies (UBLKCP), mbarrier waits
     and transaction arrives (SYNCS), setmaxnreg (USETMAXREG), A from registers and two
     accumulator sets where it overlaps; no local memory anywhere."""
     if find_cuobjdump() is None:
         pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
-    check_sass = load_benchmark_module("check_sass")
     failures, rows = check_sass.check(cuda_library)
     assert not failures, failures
     tma = {r["kernel"] for r in rows if r["arch"] == "sm_90a" and r["kernel"].startswith("w4a8_tma_kernel")}

@@ -200,3 +200,36 @@ def test_prepare_returns_cached_folder_without_network(tmp_path, monkeypatch):
     (folder / "config.json").write_text("{}")
     monkeypatch.setattr("subprocess.run", None)  # any install attempt would fail loudly
     assert prepare("smollm2-135m", progress=False) == folder
+
+
+# What torch.onnx, transformers and onnxscript print while exporting the tiny LLaMA with their
+# defaults (seen with torch 2.13, transformers 5): none of it may reach the user without --verbose.
+LIBRARY_OUTPUT = ("torchvision is not installed", "FutureWarning", "UserWarning", "DeprecationWarning",
+                  "[torch.onnx]", "Loading weights", "it/s]")
+
+
+def run_export_command(*args: str):
+    """``fptq-onnx ARGS`` in a fresh interpreter (the libraries' logging and warning state is
+    per process), from the checkout's root."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "fptq_onnx.cli", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=600)
+
+
+def test_export_prints_our_progress_and_the_libraries_output_only_with_verbose(tmp_path):
+    hf = save_tiny_llama(tmp_path / "hf")
+    quiet = run_export_command("export", str(hf), "-o", str(tmp_path / "quiet"), "--exporter", "torch")
+    assert quiet.returncode == 0, quiet.stderr
+    leaked = [text for text in LIBRARY_OUTPUT if text in quiet.stdout + quiet.stderr]
+    assert not leaked, quiet.stdout + quiet.stderr
+    assert quiet.stderr.splitlines() and all(line.startswith("[fptq-onnx] ") for line in quiet.stderr.splitlines())
+    assert quiet.stdout.splitlines() == ["exported with fptq-onnx's torch exporter", f"wrote {tmp_path / 'quiet' / 'model.onnx'}"]
+
+    loud = run_export_command("--verbose", "export", str(hf), "-o", str(tmp_path / "loud"), "--exporter", "torch")
+    assert loud.returncode == 0, loud.stderr
+    shown = [text for text in LIBRARY_OUTPUT if text in loud.stdout + loud.stderr]
+    assert "[torch.onnx]" in shown and "Loading weights" in shown and {"UserWarning", "FutureWarning"} & set(shown), shown
+    assert "[fptq-onnx] exporting LlamaForCausalLM" in loud.stderr

@@ -176,11 +176,29 @@ def test_conversion_keeps_the_cache_interface(fp32_past, w4a8_past):
 
 @pytest.mark.slow
 def test_w4a8_cache_matches_recompute(w4a8_past, prompts):
-    """The converted model, with its cache against recomputing the whole sequence (empty past)
-    each step: token for token (per-token activation scales do not depend on other tokens)."""
+    """The converted model, teacher-forced on its own greedy continuation: each cached step's
+    logits against recomputing the whole sequence (empty past).
+
+    Not token for token: the float ops between the int8 layers (attention over 1 or S rows) round
+    differently by ~1e-4, and a per-tensor static layer can round one activation the other way;
+    measured (2026-12-03) most steps agree to < 5e-4, while one prompt of five differs by up to 1.2
+    logits (range ~30) from its 10th step on. A wrong cache (positions, concatenation) moves the
+    logits by about their whole range."""
     session = InferenceSession(str(w4a8_past))
+    agree = steps = 0
     for prompt in prompts:
-        assert greedy_generate(session, prompt, NEW_TOKENS) == greedy_generate(session, prompt, NEW_TOKENS, use_cache=False)
+        tokens = greedy_generate(session, prompt, NEW_TOKENS, use_cache=False)
+        recomputed = run_step(session, np.array([prompt + tokens], np.int64))[0][0, len(prompt) - 1:-1]
+        logits, past = run_step(session, np.array([prompt], np.int64))
+        cached = [logits[0, -1]]
+        for i, token in enumerate(tokens[:-1]):
+            logits, past = run_step(session, np.array([[token]], np.int64), past, len(prompt) + i)
+            cached.append(logits[0, -1])
+        cached = np.stack(cached)
+        assert np.abs(cached - recomputed).max() <= 0.1 * np.abs(recomputed).max()
+        agree += int((cached.argmax(-1) == recomputed.argmax(-1)).sum())
+        steps += len(tokens)
+    assert agree >= 0.9 * steps
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import pytest
 
 from fptq_onnx import quant
@@ -361,3 +362,48 @@ def test_strategy_uses_its_own_thresholds(rng, tiny_block):
     ctx.thresholds = (1e-9, 1e-9)
     LayerStrategyPass(1e8, 1e9)(ctx)
     assert all(layer.band == "low" for layer in ctx.layers)
+
+
+def test_lae_folds_o_proj_into_the_value_columns_of_group_query_attention(tmp_path):
+    """The GenAI builder's tiny LLaMA (packed QKV -> GroupQueryAttention, 4 query heads on 2 KV
+    heads): o_proj's 1/s goes into the V columns of qkv_proj (no Mul node), with one scale per V
+    column shared by the query heads that read it, and logits are unchanged in float over a
+    prompt and a next step that reads the KV cache back."""
+    from genai_fixtures import build_tiny_genai_model
+
+    folder = build_tiny_genai_model(tmp_path)
+    model = onnx.load(str(folder / "model.onnx"))
+    ctx = context_of(model)
+    FindLinearLayersPass(exclude_lm_head=False)(ctx)
+    rng = np.random.default_rng(7)
+    for group in ctx.groups:
+        group.channel_max_abs = rng.uniform(0.5, 60, group.layers[0].k).astype(np.float32)
+    PassManager([LayerStrategyPass(0.001, 1e9), LaePass()])(ctx)
+    o_groups = [group for group in ctx.groups if group.layers[0].name.endswith("o_proj.MatMul")]
+    assert o_groups and not [n for n in ctx.graph.nodes if n.name.endswith("o_proj.MatMul/lae_scale")]
+    for group in o_groups:
+        assert group.layers[0].lae_folded_into.endswith("qkv_proj/MatMul")
+        per_head = group.lae_scales.reshape(4, 16)  # hidden 64 = 4 heads x 16
+        np.testing.assert_array_equal(per_head[0], per_head[1])  # query heads 0, 1 read KV head 0
+        np.testing.assert_array_equal(per_head[2], per_head[3])
+
+    after = export_model_proto(ctx)
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, after)]
+    inputs = {i.name: i for i in sessions[0].get_inputs()}
+    layers = sorted({int(name.split(".")[1]) for name in inputs if name.startswith("past_key_values")})
+
+    def step(session, ids, past, total):
+        feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, total), np.int64)}
+        for layer in layers:
+            for kind in ("key", "value"):
+                feed[f"past_key_values.{layer}.{kind}"] = past.get((layer, kind), np.zeros((1, 2, 0, 16), np.float32))
+        outputs = session.run(None, feed)
+        names = [o.name for o in session.get_outputs()]
+        presents = {(int(n.split(".")[1]), n.split(".")[2]): v for n, v in zip(names, outputs) if n.startswith("present")}
+        return outputs[names.index("logits")], presents
+
+    before_logits, before_past = step(sessions[0], [5, 9, 4, 7], {}, 4)
+    after_logits, after_past = step(sessions[1], [5, 9, 4, 7], {}, 4)
+    np.testing.assert_allclose(after_logits, before_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(step(sessions[1], [3], after_past, 5)[0], step(sessions[0], [3], before_past, 5)[0],
+                               rtol=1e-4, atol=1e-4)

@@ -1,36 +1,18 @@
 """The sm_90a TMA kernel's index math and pipeline protocol, emulated in numpy (no GPU, no nvcc):
-benchmarks/emu_tma.py against the float64 reference of the op. The GPU run of
-benchmarks/gpu_gemm.py checks the kernel itself; this pins down the layouts it was written from
-(tiled pre-swizzled Xq, weight atoms -> wgmma A registers, 128B-swizzle B operand, accumulator
-fragments, split-K) so that a change to one of them cannot go unnoticed on a machine without a GPU."""
+fptq_onnx/testing/cuda_emulation_tma.py against the float64 reference of the op. The GPU suite
+(tests/test_cuda_gpu.py, ``pytest -m gpu``) checks the kernel itself; this pins down the layouts it
+was written from (tiled pre-swizzled Xq, weight atoms -> wgmma A registers, 128B-swizzle B operand,
+accumulator fragments, split-K) so that a change to one of them cannot go unnoticed on a machine
+without a GPU."""
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fptq_onnx import quant
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load(name: str):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-emu_tma = load("emu_tma")
-gpu_gemm = load("gpu_gemm")
+from fptq_onnx.testing import cuda_emulation as emu
+from fptq_onnx.testing import cuda_emulation_tma as emu_tma
+from fptq_onnx.testing.cuda_correctness import random_problem
 
 
 @pytest.mark.parametrize("name,bt,M,N,K,gs,split,act_mode,sym,fused", [
@@ -43,10 +25,10 @@ gpu_gemm = load("gpu_gemm")
 ])
 def test_tma_kernel_emulation_matches_the_reference(name, bt, M, N, K, gs, split, act_mode, sym, fused):
     rng = np.random.default_rng(7)
-    x, B, scales, zp, act_scale = gpu_gemm.random_problem(rng, M, N, K, gs, sym, act_mode)
-    packed = gpu_gemm.emu_repack(B, scales, zp, N, K, gs)
-    xq, act, _ = gpu_gemm.emu_quantize(x, act_mode, act_scale, 128, -(-M // 4) * 4)
-    y = emu_tma.emu_gemm_tma(bt, split, xq, act, packed, gpu_gemm.packed_layout(N, K, gs), M, N, K, gs,
+    x, B, scales, zp, act_scale = random_problem(rng, M, N, K, gs, sym, act_mode)
+    packed = emu.emu_repack(B, scales, zp, N, K, gs)
+    xq, act, _ = emu.emu_quantize(x, act_mode, act_scale, 128, -(-M // 4) * 4)
+    y = emu_tma.emu_gemm_tma(bt, split, xq, act, packed, emu.packed_layout(N, K, gs), M, N, K, gs,
                              fused=(x, act_mode, act_scale) if fused else None)
     ref = quant.w4a8_matmul_reference(x, B, scales, zp, act_scale, act_mode)
     assert np.all(np.isfinite(y))
@@ -83,18 +65,20 @@ def test_tma_pipeline_protocol_under_random_schedules(stages, n_kt, overlap):
         emu_tma.emu_tma_pipeline(stages, n_kt, overlap, rng)
 
 
-def test_smem_sizes_fit_and_match_the_planner_mirror():
-    for bt in (16, 64, 128):
-        c = emu_tma.cfg(bt)
-        assert c["SMEM_BYTES"] <= 227 * 1024 and c["STAGE_BYTES"] % 1024 == 0
+@pytest.mark.parametrize("bt", [16, 64, 128])
+def test_stages_fit_shared_memory_and_stay_1024_aligned(bt):
+    """tma::Cfg<BT> as the source defines it: the 128B swizzle repeats every 1024 bytes, and an
+    sm_90 block gets at most 227 KB."""
+    c = emu_tma.cfg(bt)
+    assert c.SMEM_BYTES <= 227 * 1024 and c.STAGE_BYTES % 1024 == 0 and c.X_BYTES % 1024 == 0
 
 
 def test_fused_quantization_matches_the_quantize_kernel():
     """The FUSEQ producer's a_m and int8 tile bytes are those of quantize_rows_kernel's tiled Xq."""
     rng = np.random.default_rng(5)
     M, K, bt = 11, 384, 16
-    x, *_ = gpu_gemm.random_problem(rng, M, 64, K, 128, False, 1)
-    xq, act, _ = gpu_gemm.emu_quantize(x, 1, 0.0, 128, 12)
+    x, *_ = random_problem(rng, M, 64, K, 128, False, 1)
+    xq, act, _ = emu.emu_quantize(x, 1, 0.0, 128, 12)
     tiled = emu_tma.tiled_xq(xq, bt, K)
     a, inv = emu_tma.fused_quant_rows(x, 0, bt, 1, 0.0)
     assert np.array_equal(a[:M], act)
@@ -110,7 +94,7 @@ def test_cuda_row_scales_follow_the_nan_policy(act_mode):
     rows = {"finite": [1.0, -3.0, 0.5, 2.0], "nan": [1.0, np.nan, 0.5, 2.0], "inf": [1.0, np.inf, 0.5, 2.0],
             "nan and inf": [np.nan, -np.inf, 0.0, 0.0], "zero": [0.0] * 4, "subnormal max": [tiny / 4, 0.0, 0.0, 0.0]}
     x = np.asarray(list(rows.values()), np.float32)
-    xq, act, _ = gpu_gemm.emu_quantize_kernel(x, act_mode, 0.05, 4, 8)
+    xq, act, _ = emu.emu_quantize_kernel(x, act_mode, 0.05, 4, 8)
     poisoned = {"nan", "nan and inf"} | ({"inf"} if act_mode == 1 else set())
     for (name, row), a, q in zip(rows.items(), act, xq):
         assert np.isnan(a) == (name in poisoned), name

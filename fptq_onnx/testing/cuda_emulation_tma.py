@@ -8,45 +8,30 @@ Checks on the CPU the index math that no compiler checks and no CPU can run:
   wgmma A-operand register fragments (PTX ISA: wgmma .m64nNk32 .s8 A in registers, the same
   per-warp layout as mma.m16n8k32's A: a0 row g / k 4t.., a1 row g + 8, a2 k + 16, a3 both);
 * the B operand (Xq) read back through the 128B-swizzle descriptor as this repository reads
-  the PTX ISA (benchmarks/gpu_gemm.py wg_read_operand, the layout the H200 run proved);
+  the PTX ISA (:func:`.cuda_emulation.wg_read_operand`, the layout the H200 run proved);
 * the accumulator fragment ownership of m64nBT (register 4q + 2h + e is weight row
   16w + g + 8h, token 8q + 2t + e), the magic-number fold with the two per-thread scales,
   the epilogue's (token, weight row) -> Y[m, n] transpose and split-K;
 * the mbarrier protocol (full: one arrive.expect_tx + transaction bytes; empty: 8 warp
   arrivals; the OVERLAP consumers' issue-ahead order) under random schedules.
 
-Used by benchmarks/gpu_gemm.py (--emulate-only, --self-test) and tests/test_tma_emulation.py.
+The stage layout (``tma::Cfg<BT>``) and block size are read from the source (:mod:`.cuda_sources`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-TILE_K = 128
-K_STEPS = 4
-ATOM_N = 32
-ATOM_K = 32
-ATOM_BYTES = 512
-MAGIC_I = 0x4B400000
-MAGIC_F = np.float32(12582912.0)
-BN = 128  # weight rows per block
-TMA_VARIANTS = {16: (128, False), 17: (64, True), 18: (16, True), 19: (16, True)}  # id -> (BT, OVERLAP); 19 FUSEQ
+from . import cuda_sources
+from .cuda_emulation import (ATOM_BYTES, ATOM_K, ATOM_N, K_STEPS, MAGIC_F, MAGIC_I, TILE_K, Mbarrier,
+                             acc_coords, reduce_splits, row_scale, s8_bytes, wg_read_operand, widen_hi, widen_lo)
+
+BN = cuda_sources.constants("w4a8_cuda_sm90_tma.cu")["kBN"]  # weight rows per block
+x_desc = cuda_sources.one_line_function("w4a8_cuda_sm90_tma.cu", "x_desc")  # the B operand's descriptor
 
 
-def cfg(bt: int) -> dict:
-    """tma::Cfg<BT> of w4a8_cuda_sm90_tma.cu."""
-    c = dict(STAGES=6 if bt >= 128 else (8 if bt >= 64 else 10), X_BYTES=bt * TILE_K, W_BYTES=BN * TILE_K // 2,
-             S_BYTES=BN * 4, Z_BYTES=BN)
-    c["OFF_W"] = c["X_BYTES"]
-    c["OFF_S"] = c["OFF_W"] + c["W_BYTES"]
-    c["OFF_Z"] = c["OFF_S"] + c["S_BYTES"]
-    c["TX_BYTES"] = c["X_BYTES"] + c["W_BYTES"] + c["S_BYTES"] + c["Z_BYTES"]
-    c["STAGE_BYTES"] = (c["OFF_Z"] + c["Z_BYTES"] + 1023) // 1024 * 1024
-    c["BAR_OFF"] = c["STAGES"] * c["STAGE_BYTES"]
-    c["AM_OFF"] = c["BAR_OFF"] + 2 * c["STAGES"] * 8
-    c["SMEM_BYTES"] = 1024 + c["AM_OFF"] + 2 * bt * 4
-    c["NACC"] = bt // 2
-    assert c["X_BYTES"] % 1024 == 0 and c["SMEM_BYTES"] <= 227 * 1024
-    return c
+def cfg(bt: int):
+    """tma::Cfg<BT> of w4a8_cuda_sm90_tma.cu (STAGES, X_BYTES, OFF_W, ..., SMEM_BYTES, NACC)."""
+    return cuda_sources.struct_constants("w4a8_cuda_sm90_tma.cu", "Cfg", BT=bt)
 
 
 def xq_offset(m, k, K: int, tile_rows: int):
@@ -77,21 +62,6 @@ def tiled_xq(xq: np.ndarray, bt: int, K: int) -> np.ndarray:
     return out
 
 
-def widen_lo(w: np.ndarray, z4: np.ndarray) -> np.ndarray:
-    w = w.astype(np.int64)
-    return ((((w & 0x0F0F0F0F) | 0x80808080) - z4) ^ 0x80808080) & 0xFFFFFFFF
-
-
-def widen_hi(w: np.ndarray, z4: np.ndarray) -> np.ndarray:
-    w = w.astype(np.int64)
-    return (((((w >> 4) & 0x0F0F0F0F) | 0x80808080) - z4) ^ 0x80808080) & 0xFFFFFFFF
-
-
-def s8_bytes(words: np.ndarray) -> np.ndarray:
-    """uint32 [..., 4 regs] -> int8 [..., 16] (register i byte j at 4i + j)."""
-    return np.ascontiguousarray(words.astype("<u4")).view(np.int8)
-
-
 def a_fragment_matrix(regs: np.ndarray) -> np.ndarray:
     """The m64 x k32 int8 A operand that wgmma reads from the warpgroup's registers.
     regs uint32 [4 warps, 32 lanes, 4]. a_i of (warp w, lane g*4+t): row 16w + g (+8 for
@@ -106,48 +76,6 @@ def a_fragment_matrix(regs: np.ndarray) -> np.ndarray:
                 col = 4 * t + 16 * (i >> 1)
                 A[row, col:col + 4] = b[w, lane, 4 * i:4 * i + 4]
     return A
-
-
-def read_b_operand(smem: np.ndarray, saddr: int, rows: int) -> np.ndarray:
-    """[rows x 32] int8 of a K-major 128B-swizzled operand at saddr (SBO 1024), as
-    wg_read_operand of gpu_gemm.py reads mode 1."""
-    i = np.arange(rows, dtype=np.int64)[:, None]
-    j = np.arange(32, dtype=np.int64)[None, :]
-    addr = saddr + (i // 8) * 1024 + (i % 8) * 128 + j
-    addr = addr ^ (((addr >> 7) & 7) << 4)
-    assert addr.min() >= 0 and addr.max() < smem.size
-    return smem[addr].view(np.int8).astype(np.int64)
-
-
-def acc_coords(nacc: int):
-    """(rows [4, 32, nacc], cols [4, 32, nacc]) of the m64nN accumulator fragments; asserts
-    that they tile the 64 x N block exactly once."""
-    w = np.arange(4)[:, None, None]
-    lane = np.arange(32)[None, :, None]
-    r = np.arange(nacc)[None, None, :]
-    g, t = lane >> 2, lane & 3
-    rows = np.broadcast_to(16 * w + g + 8 * ((r >> 1) & 1), (4, 32, nacc))
-    cols = np.broadcast_to(8 * (r >> 2) + 2 * t + (r & 1), (4, 32, nacc))
-    cover = np.zeros((64, 2 * nacc), np.int64)
-    np.add.at(cover, (rows.ravel(), cols.ravel()), 1)
-    assert np.all(cover == 1), "accumulator fragments do not tile the block"
-    return rows, cols
-
-
-def row_scale(row: np.ndarray, act_mode: int, act_scale: float) -> tuple[np.float32, np.float32]:
-    """``(a_m as the epilogue uses it, 1 / a_m that quantizes)`` of one row, float32: the
-    kernels' ``row_scale`` (w4a8_cuda_device.cuh). The row max in both modes; a NaN in the row
-    (either mode) or an infinite dynamic a_m gives a_m = NaN (Y row NaN); a dynamic a_m below
-    2^-126 becomes 1."""
-    finfo = np.finfo(np.float32)
-    amax = np.float32(np.max(np.abs(row.astype(np.float32)))) if row.size else np.float32(0)  # NaN propagates
-    a = np.float32(amax / np.float32(127.0)) if act_mode == 1 else np.float32(act_scale)
-    if act_mode == 1 and a < finfo.tiny:
-        a = np.float32(1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.float32(1.0) / a
-    poisoned = bool(np.isnan(amax)) or not a <= finfo.max
-    return (np.float32(np.nan) if poisoned else a), inv
 
 
 def fused_quant_rows(x: np.ndarray, m0: int, bt: int, act_mode: int, act_scale: float):
@@ -168,8 +96,9 @@ def fused_quant_stage(x: np.ndarray, m0: int, bt: int, kt: int, inv: np.ndarray)
         r, c = tid >> 3, tid & 7
         q = np.zeros(16, np.int8)
         if m0 + r < M:
-            v = x[m0 + r, kt * TILE_K + 16 * c: kt * TILE_K + 16 * c + 16].astype(np.float32) * inv[r]
-            q = np.clip(np.rint(v), -127, 127).astype(np.int8)  # rint: half to even, like __float2int_rn
+            with np.errstate(invalid="ignore"):  # Inf * 0 is NaN; rint: half to even, NaN -> 0 (cvt.rni.s32.f32)
+                v = x[m0 + r, kt * TILE_K + 16 * c: kt * TILE_K + 16 * c + 16].astype(np.float32) * inv[r]
+                q = np.clip(np.nan_to_num(np.rint(v), nan=0.0), -127, 127).astype(np.int8)
         off = r * TILE_K + ((c ^ (r & 7)) << 4)
         img[off:off + 16] = q.view(np.uint8)
     return img
@@ -178,10 +107,10 @@ def fused_quant_stage(x: np.ndarray, m0: int, bt: int, kt: int, inv: np.ndarray)
 def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: np.ndarray, lay: dict,
                  M: int, N: int, K: int, gs: int, out_half: bool = False, fused=None) -> np.ndarray:
     """w4a8_tma_kernel<bt, *> (+ splitk_reduce_kernel) block by block, thread by thread for
-    every address; `lay` is gpu_gemm.packed_layout(N, K, gs). fused = (x, act_mode, act_scale):
+    every address; `lay` is :func:`.cuda_emulation.packed_layout` (N, K, gs). fused = (x, act_mode, act_scale):
     the FUSEQ kernel, which quantizes X itself (xq and act are then not used)."""
     c = cfg(bt)
-    nacc = c["NACC"]
+    nacc = c.NACC
     Npad, KB = lay["Npad"], K // ATOM_K
     assert K % TILE_K == 0 and gs % TILE_K == 0
     k_tiles = K // TILE_K
@@ -207,22 +136,22 @@ def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: n
                     a_blk, inv_blk = fused_quant_rows(fused[0], bx * bt, bt, fused[1], fused[2])
                 for kt in range(kt_begin, kt_end):
                     # producer: the bulk copies of k-tile kt into one stage image
-                    st = np.full(c["STAGE_BYTES"], 0xCD, np.uint8)
+                    st = np.full(c.STAGE_BYTES, 0xCD, np.uint8)
                     if fused is not None:
-                        st[0:c["X_BYTES"]] = fused_quant_stage(fused[0], bx * bt, bt, kt, inv_blk)
+                        st[0:c.X_BYTES] = fused_quant_stage(fused[0], bx * bt, bt, kt, inv_blk)
                     else:
-                        src = (bx * k_tiles + kt) * c["X_BYTES"]
-                        st[0:c["X_BYTES"]] = xt[src:src + c["X_BYTES"]]
+                        src = (bx * k_tiles + kt) * c.X_BYTES
+                        st[0:c.X_BYTES] = xt[src:src + c.X_BYTES]
                     for nb in range(BN // ATOM_N):
                         s0 = bp + (nb * KB + kt * K_STEPS) * ATOM_BYTES
-                        d0 = c["OFF_W"] + nb * K_STEPS * ATOM_BYTES
+                        d0 = c.OFF_W + nb * K_STEPS * ATOM_BYTES
                         st[d0:d0 + K_STEPS * ATOM_BYTES] = packed[s0:s0 + K_STEPS * ATOM_BYTES]
                     grp = kt // sub_per_group
                     s0 = lay["off_s"] + (grp * Npad + n0) * 4
-                    st[c["OFF_S"]:c["OFF_S"] + c["S_BYTES"]] = packed[s0:s0 + c["S_BYTES"]]
+                    st[c.OFF_S:c.OFF_S + c.S_BYTES] = packed[s0:s0 + c.S_BYTES]
                     s0 = lay["off_z"] + grp * Npad + n0
-                    st[c["OFF_Z"]:c["OFF_Z"] + c["Z_BYTES"]] = packed[s0:s0 + c["Z_BYTES"]]
-                    sS = st[c["OFF_S"]:c["OFF_S"] + c["S_BYTES"]].view("<f4")
+                    st[c.OFF_Z:c.OFF_Z + c.Z_BYTES] = packed[s0:s0 + c.Z_BYTES]
+                    sS = st[c.OFF_S:c.OFF_S + c.S_BYTES].view("<f4")
                     # consumers
                     for wgc in range(2):
                         acc = np.full((64, bt), MAGIC_I, np.int64)
@@ -231,12 +160,12 @@ def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: n
                             regs = np.zeros((4, 32, 4), np.int64)
                             for w in range(4):
                                 row = 64 * wgc + 16 * w + g  # [32]
-                                w_off = (c["OFF_W"] + ((2 * wgc + (w >> 1)) * K_STEPS) * ATOM_BYTES + lane * 16
+                                w_off = (c.OFF_W + ((2 * wgc + (w >> 1)) * K_STEPS) * ATOM_BYTES + lane * 16
                                          + 8 * (w & 1))
                                 addr = w_off + kk * ATOM_BYTES
                                 words = np.stack([st[a:a + 8].view("<u4") for a in addr]).astype(np.int64)  # LDS.64
-                                z40 = st[c["OFF_Z"] + row].astype(np.int64) * 0x01010101
-                                z41 = st[c["OFF_Z"] + row + 8].astype(np.int64) * 0x01010101
+                                z40 = st[c.OFF_Z + row].astype(np.int64) * 0x01010101
+                                z41 = st[c.OFF_Z + row + 8].astype(np.int64) * 0x01010101
                                 scl[w, :, 0] = sS[row]
                                 scl[w, :, 1] = sS[row + 8]
                                 regs[w, :, 0] = widen_lo(words[:, 0], z40)
@@ -244,7 +173,7 @@ def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: n
                                 regs[w, :, 2] = widen_hi(words[:, 0], z40)
                                 regs[w, :, 3] = widen_hi(words[:, 1], z41)
                             A = a_fragment_matrix(regs)
-                            B = read_b_operand(st, kk * 32, bt)  # x_desc(st + kk * 32)
+                            B = wg_read_operand(st, x_desc(kk * 32), bt)  # x_desc(st + kk * 32)
                             acc += A @ B.T
                         a_ = acc[rows_of, cols_of]  # [4, 32, nacc]
                         assert np.all(np.abs(a_ - MAGIC_I) < 2 ** 22)
@@ -261,10 +190,7 @@ def emu_gemm_tma(bt: int, split: int, xq: np.ndarray, act: np.ndarray, packed: n
                     else:
                         am = np.where(m < M, act[np.minimum(m, M - 1)], 0).astype(np.float32)
                     partial[bz, m[ok], n[ok]] = (facc[wgc] * am)[ok]
-    y = partial[0].copy()
-    for z in range(1, split):
-        y = (y + partial[z]).astype(np.float32)
-    return y.astype(np.float16) if out_half else y
+    return reduce_splits(partial, out_half)
 
 
 def emu_tma_pipeline(stages: int, n_kt: int, overlap: bool, rng) -> None:
@@ -274,30 +200,8 @@ def emu_tma_pipeline(stages: int, n_kt: int, overlap: bool, rng) -> None:
     count 8. Asserts no deadlock, that consumers read only landed data of the right k-tile,
     and that a stage is never refilled while a consumer still reads it (OVERLAP consumers hold
     k-tile i until after they issued i + 1)."""
-    class Bar:
-        def __init__(self, count):
-            self.count, self.pending, self.tx, self.phase = count, count, 0, 0
-
-        def arrive(self, tx=0):
-            self.tx += tx
-            self.pending -= 1
-            self._maybe_complete()
-
-        def complete_tx(self, nbytes):
-            self.tx -= nbytes
-            assert self.tx >= 0, "more bytes than expected"
-            self._maybe_complete()
-
-        def _maybe_complete(self):
-            if self.pending == 0 and self.tx == 0:
-                self.phase += 1
-                self.pending = self.count
-
-        def done(self, parity):  # try_wait.parity: the phase with this parity has completed
-            return (self.phase & 1) != parity
-
-    full = [Bar(1) for _ in range(stages)]
-    empty = [Bar(8) for _ in range(stages)]
+    full = [Mbarrier(1) for _ in range(stages)]
+    empty = [Mbarrier(8) for _ in range(stages)]
     content = [None] * stages   # k-tile whose bytes have all landed in the stage
     readers = [0] * stages      # consumer warps currently holding the stage
     copies: list = []           # (stage, k-tile, bytes) issued, not landed

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the machine code of the W4A8 CUDA kernels without a GPU (cuobjdump / nvdisasm only).
 
-    python benchmarks/check_sass.py LIB [--ptxas-log build/cuda_standalone/ptxas.log] [--json OUT]
+    python -m fptq_onnx.testing.check_sass LIB [--ptxas-log build/cuda_standalone/ptxas.log] [--json OUT]
 
 LIB: libfptq_ops.so (pip install) or build/cuda_standalone/libfptq_cuda_standalone.so. Asserts:
 
