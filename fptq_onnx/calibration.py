@@ -409,14 +409,14 @@ class _session_exposing:
             if name not in present:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         self.tmp = tempfile.TemporaryDirectory(prefix="fptq-calib-")
-        folder = Path(self.tmp.name)
-        for location in _external_locations(model):
-            _link_or_copy(self.model_path.parent / location, folder / location)
-        path = folder / "calibration.onnx"
-        onnx.save(model, str(path))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
+        try:  # from here on, also a Ctrl-C while linking or saving removes the folder
+            folder = Path(self.tmp.name)
+            for location in _external_locations(model):
+                _link_or_copy(self.model_path.parent / location, folder / location)
+            path = folder / "calibration.onnx"
+            onnx.save(model, str(path))
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                 ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented,
