@@ -5,18 +5,20 @@
 // (16 x 16 x 64 multiply-adds in 16 cycles: 8 times two vpdpbusd per cycle), adding
 // into a 16 x 16 int32 tile. A task takes its rows in blocks of 32 (2 A tiles) and its output
 // channels in pairs of 16-channel tiles (2 B tiles): 4 C accumulator tiles, the 8 tile
-// registers in all. Per group:
-//   1. unpack the group's weights of the tile pair once into a thread-local buffer as int8
-//      u - z (in [-15, 15]), 4 consecutive k per channel: the B tile layout;
-//   2. for every 32-row block: C = sum over the group's 64-k steps of q tile x (u - z) tile,
-//      which is exactly sum_k q * (u - z): the zero-point correction is in the weights;
-//   3. store the C tiles and fold them into float y: y = fma(s, float(C), y).
+// registers in all. A B tile is 16 rows of one quad each (w4a8_cpu_kernels.h: 16 channels x 4
+// consecutive k), so it is 16 quads of a tile in k order. Per group:
+//   1. the B tiles of the group and tile pair:
+//      4 bits: unpacked once into a thread-local buffer as int8 u - z (in [-15, 15]);
+//      8 bits: the packed chunks themselves (quads lo, hi, lo, ... in k order, 64 bytes apart),
+//      loaded straight from the weights, as unsigned u (0..255) for tdpbsud (signed A, unsigned B);
+//   2. for every 32-row block: C = sum over the group's 64-k steps of q tile x B tile, which is
+//      sum_k q * (u - z) for 4 bits and sum_k q * u for 8 bits;
+//   3. store the C tiles and fold them into float y: y = fma(s, float(C - z * q_sum), y) with
+//      z = 0 for 4 bits (their zero points are in the weights already).
 // After the last group, Y = a_m * y. The int32 sums and the float operations are those of the
 // AVX-512 kernels (acc - z * q_sum is the same integer), so results are bit for bit theirs.
-// Rows past the last whole block of 16, and groups that are not a multiple of 64 or whose zero
-// points do not fit the int8 weights (docs/ops.md has z <= 15), go to the AVX-512 kernels; so
-// do all 8-bit weights (W8A8MatMul): their u - z (-255..255) fits no int8 B tile, and tdpbusd
-// would need the activations re-laid out as the B tile (not done: no AMX machine to measure it).
+// Rows past the last whole block of 16, groups that are not a multiple of 64, and 4-bit zero
+// points that do not fit the int8 weights (docs/ops.md has z <= 15) go to the AVX-512 kernels.
 #include "w4a8_cpu_avx512.h"
 
 namespace fptq {
@@ -78,33 +80,54 @@ void unpack_group_signed(const GemmArgs& a, int64_t tile, int tiles, int64_t g, 
   }
 }
 
-// y[r, t] += s_t * float(C[r, t]) for rows [0, rows) of an int32 block c (row stride 32 int32:
-// tile t in columns 16t .. 16t + 15) into the float32 scratch y (same layout).
-// s: tile 0's scales of the group (stride groups * 16 between tiles).
-void fold_block(const int32_t* c, int rows, int tiles, const float* s, int64_t groups, float* y) {
+// Where the fold finds a group's scales, zero points and q sums: tile 0's scales and zero
+// points of the group (stride groups * 16 between tiles; zero_points null for 4 bits, whose
+// C already holds u - z), and the q sum of the block's row 0 (stride groups between rows).
+struct GroupFold {
+  const float* scales;
+  const uint8_t* zero_points;
+  const int32_t* q_sums;
+  int64_t groups;
+};
+
+// y[r, t] = fold_group(y[r, t], C[r, t], z_t, s_t, q_sum[r]) for rows [0, rows) of an int32
+// block c (row stride 32 int32: tile t in columns 16t .. 16t + 15) into the float32 scratch y
+// (same layout); `row` is the block's first row within the task.
+void fold_block(const int32_t* c, int rows, int tiles, const GroupFold& f, int64_t row, float* y) {
   for (int t = 0; t < tiles; ++t) {
-    const __m512 st = _mm512_loadu_ps(s + t * groups * kTileN);
+    const __m512 st = _mm512_loadu_ps(f.scales + t * f.groups * kTileN);
+    const __m512i zt = f.zero_points ? load_zero_points(f.zero_points + t * f.groups * kTileN) : _mm512_setzero_si512();
     for (int r = 0; r < rows; ++r) {
       float* yr = y + r * (kPairTiles * kTileN) + t * kTileN;
-      const __m512 acc = to_float(_mm512_loadu_si512(c + r * (kPairTiles * kTileN) + t * kTileN));
-      _mm512_storeu_ps(yr, _mm512_fmadd_ps(st, acc, _mm512_loadu_ps(yr)));
+      const __m512i acc = _mm512_loadu_si512(c + r * (kPairTiles * kTileN) + t * kTileN);
+      const int32_t q_sum = f.zero_points ? f.q_sums[(row + r) * f.groups] : 0;
+      _mm512_storeu_ps(yr, fold_group(_mm512_loadu_ps(yr), acc, zt, st, q_sum));
     }
   }
 }
 
 // One group for rows [0, rows) (a multiple of 16) of the task and `tiles` (1 or 2) tiles.
-// w: from unpack_group_signed; steps: group_padded / 4; q: row 0's q at the group's first
-// position; q_stride: bytes between q rows; c: int32 [2][32, 32] buffer; s: tile 0's scales of
-// the group; y: float32 [rows, 32] scratch.
+// b0, b1: the group's first B tile row of tile 0 and 1, b_stride bytes between B tile rows
+// (4 bits: unpack_group_signed's buffer; 8 bits: the packed weights); steps: group_padded / 4;
+// q: row 0's q at the group's first position; q_stride: bytes between q rows; c: int32
+// [2][32, 32] buffer; f: the fold's operands; y: float32 [rows, 32] scratch.
 // Software-pipelined: the float fold of a block's C (vector units) is issued after the next
 // block's tile instructions, so that it runs while the AMX unit works on them; hence two C
 // buffers in memory, the one being folded and the one being stored.
-void amx_group(const int8_t* w, int64_t steps, int tiles, const int8_t* q, int64_t q_stride, int64_t rows,
-               int32_t* c, const float* s, int64_t groups, float* y) {
-  const int64_t b_stride = tiles * kQuadBytes;
+template <int kBits>
+void amx_group(const void* b0, const void* b1, int64_t b_stride, int64_t steps, int tiles, const int8_t* q,
+               int64_t q_stride, int64_t rows, int32_t* c, const GroupFold& f, float* y) {
+// C += A x B: tdpbssd for the signed 4-bit u - z, tdpbsud (signed q, unsigned u) for 8-bit u
+// (a macro: the tile numbers must be literals).
+#define FPTQ_TILE_DOT(c, a, b)                         \
+  do {                                                 \
+    if constexpr (kBits == 8) _tile_dpbsud(c, a, b);   \
+    else _tile_dpbssd(c, a, b);                        \
+  } while (0)
   constexpr int64_t c_stride = kPairTiles * kTileN * sizeof(int32_t);
   constexpr int64_t c_size = kPairRows * kPairTiles * kTileN;
   int pending_rows = 0;  // rows of the block stored in c_pending, not yet folded
+  int64_t pending_row = 0;  // its first row
   const int32_t* c_pending = nullptr;
   float* y_pending = nullptr;
   for (int64_t row = 0, block = 0; row < rows; row += kPairRows, ++block) {
@@ -115,21 +138,20 @@ void amx_group(const int8_t* w, int64_t steps, int tiles, const int8_t* q, int64
     _tile_zero(7);
     for (int64_t step = 0; step < steps; step += kTileK / 4) {
       const int8_t* qk = q + row * q_stride + 4 * step;
-      const int8_t* wk = w + step * b_stride;
       FPTQ_TILE_LOAD(0, qk, q_stride);
-      FPTQ_TILE_LOAD(2, wk, b_stride);
-      _tile_dpbssd(4, 0, 2);
+      FPTQ_TILE_LOAD(2, static_cast<const uint8_t*>(b0) + step * b_stride, b_stride);
+      FPTQ_TILE_DOT(4, 0, 2);
       if (tiles > 1) {
-        FPTQ_TILE_LOAD(3, wk + kQuadBytes, b_stride);
-        _tile_dpbssd(5, 0, 3);
+        FPTQ_TILE_LOAD(3, static_cast<const uint8_t*>(b1) + step * b_stride, b_stride);
+        FPTQ_TILE_DOT(5, 0, 3);
       }
       if (two_a) {
         FPTQ_TILE_LOAD(1, qk + kTileRows * q_stride, q_stride);
-        _tile_dpbssd(6, 1, 2);
-        if (tiles > 1) _tile_dpbssd(7, 1, 3);
+        FPTQ_TILE_DOT(6, 1, 2);
+        if (tiles > 1) FPTQ_TILE_DOT(7, 1, 3);
       }
     }
-    if (pending_rows > 0) fold_block(c_pending, pending_rows, tiles, s, groups, y_pending);
+    if (pending_rows > 0) fold_block(c_pending, pending_rows, tiles, f, pending_row, y_pending);
     int32_t* c_block = c + (block % 2) * c_size;
     _tile_stored(4, c_block, c_stride);  // (has a "memory" clobber: the fold reads c after it)
     if (tiles > 1) _tile_stored(5, c_block + kTileN, c_stride);
@@ -138,19 +160,22 @@ void amx_group(const int8_t* w, int64_t steps, int tiles, const int8_t* q, int64
       if (tiles > 1) _tile_stored(7, c_block + kTileRows * kPairTiles * kTileN + kTileN, c_stride);
     }
     pending_rows = two_a ? kPairRows : kTileRows;
+    pending_row = row;
     c_pending = c_block;
     y_pending = y + row * kPairTiles * kTileN;
   }
-  if (pending_rows > 0) fold_block(c_pending, pending_rows, tiles, s, groups, y_pending);
+  if (pending_rows > 0) fold_block(c_pending, pending_rows, tiles, f, pending_row, y_pending);
 }
+#undef FPTQ_TILE_DOT
 
 // Rows [row_begin, row_begin + rows) (rows a multiple of 16) x tiles [tile_begin, tile_end).
 // Returns false, having done nothing, when its scratch cannot be allocated.
+template <int kBits>
 bool amx_tiles(const GemmArgs& a, int64_t row_begin, int64_t rows, int64_t tile_begin, int64_t tile_end) {
   const int64_t group_padded = a.chunks_per_group * kChunkK;
   const int64_t steps = group_padded / 4;
-  // Unpacked weights int8 [steps, 2, 64], C int32 [2][32, 32], y float32 [rows, 32].
-  const size_t weight_bytes = static_cast<size_t>(steps * kPairTiles * kQuadBytes);
+  // Unpacked 4-bit weights int8 [steps, 2, 64] (none for 8 bits), C int32 [2][32, 32], y float32 [rows, 32].
+  const size_t weight_bytes = kBits == 4 ? static_cast<size_t>(steps * kPairTiles * kQuadBytes) : 0;
   const size_t c_bytes = 2 * kPairRows * kPairTiles * kTileN * sizeof(int32_t);
   const size_t y_bytes = static_cast<size_t>(rows * kPairTiles * kTileN) * sizeof(float);
   thread_local TaskScratch scratch;  // this worker thread's: grown on demand, kept
@@ -166,9 +191,19 @@ bool amx_tiles(const GemmArgs& a, int64_t row_begin, int64_t rows, int64_t tile_
     const int tiles = tile_end - tile < kPairTiles ? 1 : kPairTiles;
     __builtin_memset(y, 0, y_bytes);
     for (int64_t g = 0; g < a.groups; ++g) {
-      unpack_group_signed(a, tile, tiles, g, weights);
-      amx_group(weights, steps, tiles, a.q + row_begin * a.q_stride + g * group_padded, a.q_stride, rows, c,
-                a.scales + (tile * a.groups + g) * kTileN, a.groups, y);
+      const int8_t* q = a.q + row_begin * a.q_stride + g * group_padded;
+      const int64_t tile_group = tile * a.groups + g;
+      if constexpr (kBits == 4) {
+        unpack_group_signed(a, tile, tiles, g, weights);
+        const GroupFold fold{a.scales + tile_group * kTileN, nullptr, nullptr, a.groups};
+        amx_group<4>(weights, weights + kQuadBytes, tiles * kQuadBytes, steps, tiles, q, a.q_stride, rows, c, fold, y);
+      } else {
+        const int64_t tile_bytes = a.groups * a.chunks_per_group * chunk_bytes(8);  // one tile's weights
+        const uint8_t* b0 = a.weights + tile_group * a.chunks_per_group * chunk_bytes(8);
+        const GroupFold fold{a.scales + tile_group * kTileN, a.zero_points + tile_group * kTileN,
+                             a.q_group_sums + row_begin * a.groups + g, a.groups};
+        amx_group<8>(b0, b0 + tile_bytes, kQuadBytes, steps, tiles, q, a.q_stride, rows, c, fold, y);
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = row_begin + r;
@@ -185,10 +220,12 @@ bool amx_tiles(const GemmArgs& a, int64_t row_begin, int64_t rows, int64_t tile_
 // TileKernels::gemm_tiles: whole blocks of 16 rows on AMX, the rest on the AVX-512 kernels.
 void gemm_tiles_amx(const GemmArgs& a, int64_t row_begin, int64_t row_end, int64_t tile_begin, int64_t tile_end) {
   const int64_t group_padded = a.chunks_per_group * kChunkK;
-  const bool amx_group_ok = a.weight_bits == 4 && group_padded % kTileK == 0 && group_padded <= kMaxGroup &&
-                            a.max_zero_point <= 15;
+  const bool amx_group_ok = group_padded % kTileK == 0 &&
+                            (a.weight_bits == 8 || (group_padded <= kMaxGroup && a.max_zero_point <= 15));
   const int64_t amx_rows = amx_group_ok ? (row_end - row_begin) / kTileRows * kTileRows : 0;
-  if (amx_rows > 0 && amx_tiles(a, row_begin, amx_rows, tile_begin, tile_end)) row_begin += amx_rows;
+  const bool done = amx_rows > 0 && (a.weight_bits == 8 ? amx_tiles<8>(a, row_begin, amx_rows, tile_begin, tile_end)
+                                                        : amx_tiles<4>(a, row_begin, amx_rows, tile_begin, tile_end));
+  if (done) row_begin += amx_rows;
   if (row_begin < row_end) kAvx512Kernels.gemm_tiles(a, row_begin, row_end, tile_begin, tile_end);
 }
 

@@ -154,14 +154,15 @@ def test_kernel_matches_function_body_and_reference(isa, bits, m, k, n, group_si
 @pytest.mark.parametrize("symmetric", [pytest.param(True, id="sym"), pytest.param(False, id="asym")])
 def test_w8_extreme_bytes_match_the_reference(isa, symmetric):
     """u = 0 and 255 against z = 0 and 255 (|u - z| = 255, the int16 limit of the AVX2 trick) with
-    |q| = 127 everywhere: the exact int32 sums of the 8-bit path, every ISA."""
+    |q| = 127 everywhere: the exact int32 sums of the 8-bit path, every ISA (41 rows: two AMX
+    tiles of 16 rows with unsigned u in tdpbsud, and 9 rows for the AVX-512 kernels)."""
     rng = np.random.default_rng(47)
     k, n, group_size = 256, 37, 64
     u = rng.choice(np.array([0, 1, 127, 128, 254, 255], np.uint8), (n, k))
     z = np.full((n, k // group_size), 128, np.uint8) if symmetric else rng.choice(
         np.array([0, 255, 128], np.uint8), (n, k // group_size))
     weights = {"B": u, "S": rng.uniform(0.5, 2, (n, k // group_size)).astype(np.float32), "Z": z}
-    x = np.where(rng.random((9, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    x = np.where(rng.random((41, k)) < 0.5, -1.0, 1.0).astype(np.float32)
     model = op_model(weights, 1.0 / 127, 8, k=k, n=n, group_size=group_size, act_mode=0)
     got = kernel_session(model).run(None, {"X": x})[0]
     assert_close(got, reference(x, weights, np.float32(1.0 / 127), 0, 8))
