@@ -15,8 +15,10 @@
 //   (5 cycles latency each) do not bound it first: each row spreads a group over 4 (one row)
 //   or 2 sets of accumulators, low and high nibbles apart. The high nibbles are not shifted
 //   down: vpdpbusd on (byte & 0xf0) gives 16 x their sum, shifted back once per group. The
-//   weights of a task are one contiguous stream, which the hardware prefetchers follow
-//   (software prefetching measured no gain). 8-bit chunks are two plain loads, hi not scaled.
+//   weights of a task are one contiguous stream, and every chunk's cache line is prefetched
+//   kStreamPrefetchBytes ahead into L2: the hardware prefetchers alone kept too few lines in
+//   flight when the weights come from DRAM, as in decoding. 8-bit chunks are two plain loads,
+//   hi not scaled.
 // * blocked (5 rows or more): compute-bound. The weights of kBlockTiles tiles and one group are
 //   unpacked once into a small thread-local buffer (one byte per weight, in the order the inner
 //   loop reads them; for 8 bits a copy of the quads, reordered) and reused by every block of
@@ -35,6 +37,14 @@ namespace cpu {
 namespace {
 
 // --- streaming path: kRows (1-4) rows x one tile, weights unpacked in registers -------------
+
+// How far ahead of the chunk being read its cache line is prefetched (prefetcht1: into L2, not
+// L1, which the stream would only flush). On the Sapphire Rapids-class Xeon (2 threads,
+// SmolLM2-135M decoding through onnxruntime-genai, 96 MB of weights per token) 8, 16 and 32 KB
+// ahead gave 116-118 tok/s against 87 without (1 thread; 194-212 against 161 with 2); the same
+// layers with weights from DRAM (cold): 1536x576 45 -> 22 us. A prefetch past the end of the
+// weights is harmless (it never faults).
+constexpr int64_t kStreamPrefetchBytes = 16 << 10;
 
 // kRows rows x one tile of kBits-bit weights. The int32 sums of a group are spread over
 // kSets x 2 accumulators per row (set e takes chunks c with c % kSets == e; quads lo and hi
@@ -56,6 +66,9 @@ void stream_block(const GemmArgs& a, int64_t tile, int64_t row) {
   // left in place (so 16 x their value).
   auto chunk = [&](__m512i* acc_lo, __m512i* acc_hi, const uint8_t* w_chunk, const int8_t* q_chunk) {
     __m512i lo, hi;
+    const char* ahead = reinterpret_cast<const char*>(w_chunk) + kStreamPrefetchBytes;
+    _mm_prefetch(ahead, _MM_HINT_T1);
+    if constexpr (kBits == 8) _mm_prefetch(ahead + 64, _MM_HINT_T1);  // a chunk is two lines
     if constexpr (kBits == 8) {
       lo = _mm512_loadu_si512(w_chunk);
       hi = _mm512_loadu_si512(w_chunk + kQuadBytes);
