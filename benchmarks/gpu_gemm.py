@@ -46,6 +46,13 @@ def log(*args) -> None:
     print(*args, flush=True)
 
 
+def failed(what: str) -> int:
+    """Logs the exception being handled as the failure of `what`; returns 1 (a failure to count)."""
+    log(f"FAIL {what}")
+    traceback.print_exc()
+    return 1
+
+
 def median_us(device: Device, fn, iters: int, warmup: int = 5) -> float:
     """Median microseconds of fn(i) over ``iters`` calls. On the GPU a spin kernel first keeps the
     device busy while all calls are queued, so host launch overhead stays out of the event
@@ -117,9 +124,7 @@ def gpu_bench(lib, device: Device, shapes, ms, results: list, gpu_name: str, sms
                 except Exception as e:  # noqa: BLE001 - a baseline only
                     log(f"note: MatMulNBits session K={K} N={N} failed: {str(e)[:200]}")
         except Exception:  # noqa: BLE001
-            failures += 1
-            log(f"FAIL setup K={K} N={N}")
-            traceback.print_exc()
+            failures += failed(f"setup K={K} N={N}")
             continue
         for M in ms:
             try:
@@ -135,9 +140,7 @@ def gpu_bench(lib, device: Device, shapes, ms, results: list, gpu_name: str, sms
                 t_fp16 = median_us(device, fp16, iters)
                 t_mnb = mnb.time_us(torch, x16, iters) if mnb is not None else None
             except Exception:  # noqa: BLE001
-                failures += 1
-                log(f"FAIL timing fp16 M={M} K={K} N={N}")
-                traceback.print_exc()
+                failures += failed(f"timing fp16 M={M} K={K} N={N}")
                 continue
             for v in variants:
                 try:
@@ -174,9 +177,7 @@ def gpu_bench(lib, device: Device, shapes, ms, results: list, gpu_name: str, sms
                                         roof_us=roof[0] if roof else None, roof_bound=roof[1] if roof else None,
                                         mnb_us=t_mnb))
                 except Exception:  # noqa: BLE001
-                    failures += 1
-                    log(f"FAIL timing {variant_name(v)} M={M} K={K} N={N}")
-                    traceback.print_exc()
+                    failures += failed(f"timing {variant_name(v)} M={M} K={K} N={N}")
         packs = w16 = None  # free this shape's weights before the next
         if not device.emulated:
             torch.cuda.empty_cache()

@@ -1015,10 +1015,9 @@ cudaError_t launch_gemm_any(const Plan& plan, const GemmArgs& args, cudaStream_t
   }
 }
 
-// The fields the two sm_90a launch structs (FptqSm90GemmArgs, FptqSm90TmaArgs) share, from the
-// mma.sync kernel's arguments and the plan.
-template <class H>
-void fill_sm90_args(const GemmArgs& a, const Plan& plan, H* h) {
+// The fields the two sm_90a launch structs share (FptqSm90Operands), from the mma.sync kernel's
+// arguments and the plan.
+void fill_sm90_args(const GemmArgs& a, const Plan& plan, FptqSm90Operands* h) {
   h->act = a.act;
   h->bp = a.bp;
   h->sp = a.sp;

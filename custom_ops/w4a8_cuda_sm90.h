@@ -9,16 +9,16 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
-#ifdef __cplusplus
+// C++ only (the argument structs share a base); the functions have C linkage for the weak
+// declarations in w4a8_cuda.cu.
 extern "C" {
-#endif
 
-// Everything the wgmma GEMM needs (the same buffers as the sm_80 GEMM; rowsums are not used:
-// the zero points are subtracted from the weights when they are widened to int8 in shared
-// memory). Only group sizes that are multiples of 128 (one sub-group per k-tile of 128).
-typedef struct FptqSm90GemmArgs {
-  const int8_t* xq;        // [M, K] int8
-  const float* act;        // [Mp] float32 a_m
+// What both sm_90a GEMMs read and how they tile it: the buffers of the sm_80 GEMM (rowsums are
+// not used: the zero points are subtracted from the weights when they are widened to int8) and
+// the plan's split. w4a8_cuda.cu fills it from the mma.sync kernel's arguments (fill_sm90_args).
+// Only group sizes that are multiples of 128 (one sub-group per k-tile of 128).
+struct FptqSm90Operands {
+  const float* act;        // [>= M] float32 a_m
   const uint8_t* bp;       // [Npad/32][K/32][512] weight atoms (w4a8_cuda.h)
   const float* sp;         // [G, Npad] scales
   const uint8_t* zp;       // [G, Npad] zero points
@@ -29,11 +29,17 @@ typedef struct FptqSm90GemmArgs {
   int sub_per_group;       // group_size / 128
   int k_tiles, tiles_per_split, split;
   int m_tiles, n_tiles;
-  int out_half, vec_out;
+  int out_half;            // y is float16
+};
+
+// The wgmma GEMM, w4a8_cuda_sm90.cu: Xq row-major, both operands in shared memory.
+struct FptqSm90GemmArgs : FptqSm90Operands {
+  const int8_t* xq;        // [M, K] int8
+  int vec_out;
   int bm;                  // block rows: 64 or 128
   int layout;              // shared-memory operand layout: 0 128B swizzle, 1 interleave (see the .cu)
   int persistent;          // 1: min(tiles, SMs) blocks walk the tiles (bm == 128 only)
-} FptqSm90GemmArgs;
+};
 
 // Launches the wgmma GEMM (grid m_tiles x n_tiles x split). cudaErrorNotSupported when the
 // current device is not sm_90 or the arguments name an unsupported tile/layout.
@@ -46,21 +52,10 @@ int fptq_w4a8_sm90_smem_bytes(int bm);
 // Computes Y^T = W * Xq^T: the weights are wgmma's A operand (widened from nibbles to int8 in
 // registers), the activations its B operand (bulk-copied into shared memory). Xq is read in the
 // tiled layout the quantize kernel writes for it (xq_tiled below); group sizes % 128 == 0.
-typedef struct FptqSm90TmaArgs {
+struct FptqSm90TmaArgs : FptqSm90Operands {
   const int8_t* xq_tiled;  // [m_tiles][k_tiles][bt][128] int8, 16-byte chunks pre-swizzled
                            // (chunk c of row r at c ^ (r & 7)); rows >= M are zero
-  const float* act;        // [>= M] float32 a_m
-  const uint8_t* bp;       // [Npad/32][K/32][512] weight atoms (w4a8_cuda.h)
-  const float* sp;         // [G, Npad] scales
-  const uint8_t* zp;       // [G, Npad] zero points
-  void* y;                 // [M, N] float32/float16 (split == 1)
-  float* partial;          // [split, M, N] float32 (split > 1)
-  int64_t M;
-  int N, Npad, K;
-  int sub_per_group;       // group_size / 128
-  int k_tiles, tiles_per_split, split;
-  int m_tiles, n_tiles;
-  int out_half, pdl;       // pdl: launched as a programmatic dependent of the quantize kernel
+  int pdl;                 // launched as a programmatic dependent of the quantize kernel
   int bt;                  // tokens per block: 16, 64 or 128
   int overlap;             // 1: two accumulator sets, the fold of k-tile i overlaps the wgmmas of i+1
   // Fused activation quantization (bt == 16 only; variant 19): when x is not null the kernel
@@ -69,7 +64,7 @@ typedef struct FptqSm90TmaArgs {
   int x_half, x_vec;       // X is float16; X allows 16-byte (float) / 8-byte (half) vector loads
   int act_mode;            // 0: a_m = *act_scale, 1: per-token max|x| / 127
   const float* act_scale;  // [1] float32 device (act_mode 0)
-} FptqSm90TmaArgs;
+};
 
 // Launches the TMA GEMM (grid m_tiles x n_tiles x split). cudaErrorNotSupported when the current
 // device is not sm_90 or (bt, overlap) names no compiled kernel.
@@ -78,6 +73,4 @@ cudaError_t fptq_w4a8_sm90_tma_gemm(const FptqSm90TmaArgs* args, cudaStream_t st
 // Dynamic shared memory of the TMA kernel for `bt` tokens per block (0 for an unsupported bt).
 int fptq_w4a8_sm90_tma_smem_bytes(int bt);
 
-#ifdef __cplusplus
-}
-#endif
+}  // extern "C"

@@ -10,7 +10,7 @@ import numpy as np
 
 from fptq_onnx.quant import INT8_MAX, ActMode
 
-from .base import ConversionContext, Pass, PassPreconditionError
+from .base import ConversionContext, Pass
 
 
 def static_activation_scale(channel_max_abs: np.ndarray, lae_scales: np.ndarray | None = None) -> float:
@@ -34,8 +34,7 @@ class StaticActivationScalesPass(Pass):
     name = "act_scales"
 
     def requires(self, ctx: ConversionContext) -> None:
-        if any(layer.act_mode is None for layer in ctx.layers):
-            raise PassPreconditionError(f"{self.name}: layers have no activation mode; run the strategy pass first")
+        self.require_layer_field(ctx, "act_mode", "run the strategy pass first")
 
     def call(self, ctx: ConversionContext) -> bool:
         for group in ctx.groups:

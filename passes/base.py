@@ -166,6 +166,11 @@ class Pass:
     def requires(self, ctx: ConversionContext) -> None:
         """Check preconditions; raise ``PassPreconditionError`` naming the pass and the fix."""
 
+    def require_layer_field(self, ctx: ConversionContext, field: str, fix: str) -> None:
+        """The precondition most passes have: every layer's ``field`` set by an earlier pass."""
+        if any(getattr(layer, field) is None for layer in ctx.layers):
+            raise PassPreconditionError(f"{self.name}: layers without {field}; {fix}")
+
     def call(self, ctx: ConversionContext) -> bool:
         """Transform ``ctx`` in place; return whether anything changed."""
         raise NotImplementedError

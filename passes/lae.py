@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from fptq_onnx.external_data import release_pages
 from fptq_onnx.quant import lae_scales, smoothquant_scales
 
-from .base import ConversionContext, LayerGroup, Pass, PassPreconditionError
+from .base import ConversionContext, LayerGroup, Pass
 
 # op type -> indices of the inputs that are multiplied per channel at the output
 _FOLDABLE_NORMS = {
@@ -75,8 +75,7 @@ class LaePass(Pass):
         return smoothquant_scales(channel_max, weight_max, self.alpha)
 
     def requires(self, ctx: ConversionContext) -> None:
-        if any(layer.band is None for layer in ctx.layers):
-            raise PassPreconditionError(f"{self.name}: layers have no band; run the strategy pass first")
+        self.require_layer_field(ctx, "band", "run the strategy pass first")
 
     def call(self, ctx: ConversionContext) -> bool:
         modified = False

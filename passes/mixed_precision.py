@@ -35,8 +35,7 @@ class MixedPrecisionPass(Pass):
         if (self.count or self.fraction) and any(layer.output_error is None for layer in ctx.layers):
             raise PassPreconditionError(f"{self.name}: needs every layer's output error; run output_error first "
                                         "(calibration with error rows > 0)")
-        if any(layer.group_size is None for layer in ctx.layers):
-            raise PassPreconditionError(f"{self.name}: needs the 4-bit group size; run quantize_weights first")
+        self.require_layer_field(ctx, "group_size", "run quantize_weights first")
 
     def call(self, ctx: ConversionContext) -> bool:
         pairs = [(layer, group) for group in ctx.groups for layer in group.layers]

@@ -24,7 +24,7 @@ import numpy as np
 from fptq_onnx.external_data import release_pages
 from fptq_onnx.quant import w4a8_matmul_reference, w8a8_matmul_reference
 
-from .base import ConversionContext, LayerGroup, LinearLayer, Pass, PassPreconditionError
+from .base import ConversionContext, LayerGroup, LinearLayer, Pass
 
 
 def layer_output_error(rows: np.ndarray, layer: LinearLayer, lae_scales: np.ndarray | None) -> float:
@@ -49,8 +49,7 @@ class LayerOutputErrorPass(Pass):
     name = "output_error"
 
     def requires(self, ctx: ConversionContext) -> None:
-        if any(layer.packed is None for layer in ctx.layers):
-            raise PassPreconditionError(f"{self.name}: layers without quantized weights; run quantize_weights first")
+        self.require_layer_field(ctx, "packed", "run quantize_weights first")
 
     def call(self, ctx: ConversionContext) -> bool:
         for group in ctx.groups:

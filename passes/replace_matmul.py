@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from fptq_onnx.op_contract import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE
 
-from .base import ConversionContext, Pass, PassPreconditionError
+from .base import ConversionContext, Pass
 
 
 class ReplaceMatMulPass(Pass):
@@ -26,10 +26,8 @@ class ReplaceMatMulPass(Pass):
     name = "replace_matmul"
 
     def requires(self, ctx: ConversionContext) -> None:
-        if any(layer.packed is None for layer in ctx.layers):
-            raise PassPreconditionError(f"{self.name}: layers without quantized weights; run quantize_weights first")
-        if any(layer.act_scale is None for layer in ctx.layers):
-            raise PassPreconditionError(f"{self.name}: layers without an activation scale; run act_scales first")
+        self.require_layer_field(ctx, "packed", "run quantize_weights first")
+        self.require_layer_field(ctx, "act_scale", "run act_scales first")
 
     def call(self, ctx: ConversionContext) -> bool:
         for layer in ctx.layers:

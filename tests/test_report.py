@@ -20,7 +20,7 @@ from fptq_onnx.passes.output_error import layer_output_error
 from fptq_onnx.pipeline import convert
 from fptq_onnx.report import check_report_path, output_error_summary
 
-from conftest import model_from_text, outlier_inputs
+from conftest import TINY_BLOCK, model_from_text, outlier_inputs
 
 # ------------------------------------------------------------------ row reservoir
 
@@ -119,19 +119,14 @@ def test_summary_lists_worst_layers_first_and_counts_the_rest():
 
 
 # one group per band with the paper's v0 = 15, v1 = 150: q/k read ~93 (mid, LAE folded into the
-# Mul by gamma), o reads ~6.5 (low), down reads ~2900 (high, after the Mul by 500)
-THREE_BANDS = """
-three (float[B, S, 128] x) => (float[B, S, 128] y) {
-    h = Mul (x, norm.weight)
-    q = MatMul (h, layers.0.q_proj.weight)
-    k = MatMul (h, layers.0.k_proj.weight)
-    qk = Add (q, k)
-    act = Relu (qk)
-    o = MatMul (act, layers.0.o_proj.weight)
-    big = Mul (o, gain)
-    y = MatMul (big, layers.0.down_proj.weight)
-}
-"""
+# Mul by gamma), o reads ~6.5 (low), down reads ~2900 (high, after the Mul by 500). TINY_BLOCK with
+# a plain gamma for its RMS norm and an o_proj and the gain between ReLU and down_proj.
+THREE_BANDS = (TINY_BLOCK.replace("tiny (", "three (")
+               .replace(TINY_BLOCK[TINY_BLOCK.index("    sq = "):TINY_BLOCK.index("    q = ")],
+                        "    hidden = Mul (x, norm.weight)\n")
+               .replace("    y = MatMul (act, layers.0.down_proj.weight)\n",
+                        "    o = MatMul (act, layers.0.o_proj.weight)\n    big = Mul (o, gain)\n"
+                        "    y = MatMul (big, layers.0.down_proj.weight)\n"))
 
 
 @pytest.fixture(scope="module")
