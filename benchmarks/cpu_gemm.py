@@ -47,8 +47,16 @@ names it.
 plus the weight bytes each reads per run (B, scales, zero points; int8 or float32 W), as GB/s at
 M = 1, where a matmul is one pass over its weights.
 
+``--cold COPIES`` times M = 1 with the weights coming from memory, as in decoding, where every
+layer's weights have left the caches by the time the next token reaches it: one model of COPIES
+nodes of the shape (``ours dyn`` and ``acc4``), each with its own weight bytes (a node's B is
+the shape's B rotated by its index, so that no two nodes share an initializer, which ORT could
+prepack once), all reading X; the time per run over COPIES is the time per layer, printed with
+the GB/s of weights it streams.
+
     python3 benchmarks/cpu_gemm.py [--threads 2] [--quick] [--isa auto] [--shapes 4096x4096,...] [--m 1,16]
     python3 benchmarks/cpu_gemm.py --w8 [--group 128] [--threads 2]
+    python3 benchmarks/cpu_gemm.py --cold 100 --shapes 576x3072,1536x576 [--threads 1]
 """
 from __future__ import annotations
 
@@ -251,6 +259,60 @@ def time_runners(runners: dict[str, "Runner"], k: int, n: int, ms: list[int], ro
     return rows
 
 
+def copies_model(model: bytes, copies: int, n: int) -> bytes:
+    """``model``'s one node `copies` times, node i reading B rotated by i + 1 bytes and writing
+    output Y<i> (the --cold models of the module docstring)."""
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    node, b = graph.node[0], next(t for t in graph.initializer if t.name == "B")
+    b_values = numpy_helper.to_array(b)
+    nodes, outputs = [], []
+    for i in range(copies):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name, copy.input[1], copy.output[0] = f"layer{i}", f"B{i}", f"Y{i}"
+        graph.initializer.append(numpy_helper.from_array(np.roll(b_values, i + 1), f"B{i}"))
+        nodes.append(copy)
+        outputs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, ["m", n]))
+    graph.initializer.remove(b)
+    del graph.node[:], graph.output[:]
+    graph.node.extend(nodes)
+    graph.output.extend(outputs)
+    return proto.SerializeToString()
+
+
+def bench_cold(args: argparse.Namespace) -> None:
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    print(f"CPU: {cpu_model_name()}; onnxruntime {ort.__version__}; intra-op threads: {args.threads}; "
+          f"our ISA: {args.isa}; M = 1, {args.cold} copies of each layer (weights from memory); "
+          f"median of {args.rounds} interleaved rounds; us per layer (GB/s of weights)")
+    print("| K x N | copies | MB in all | ours dyn | acc4 | acc4 / ours |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for k, n in shapes:
+        w = Weights.random(k, n, seed=k * 7 + n)
+        weight_bytes = w.packed.nbytes + w.scales.nbytes + w.zeros.nbytes
+        runners = {"ours dyn": Runner(copies_model(ours_model(w, 1, 1.0), args.cold, n), args.threads, ours=True),
+                   "acc4": Runner(copies_model(matmulnbits_model(w, 4), args.cold, n), args.threads, ours=False)}
+        x = np.random.default_rng(0).standard_normal((1, k), dtype=np.float32)
+        for runner in runners.values():
+            runner.binding = runner.session.io_binding()
+            runner.binding.bind_cpu_input("X", x)
+            for output in runner.session.get_outputs():
+                runner.binding.bind_output(output.name, "cpu")
+            runner.run()
+        samples: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(args.rounds):
+            for name, runner in runners.items():
+                # No settling pause here: decoding runs its layers back to back, and after an
+                # idle pause the first run is slower for reasons of its own (clock, threads).
+                runner.timed(2)
+                samples[name].append(runner.timed(5) / args.cold)
+        us = {name: statistics.median(s) * 1e6 for name, s in samples.items()}
+        cells = [f"{us[name]:.1f} ({weight_bytes / us[name] / 1e3:.1f})" for name in runners]
+        print(f"| {k}x{n} | {args.cold} | {weight_bytes * args.cold / 1e6:.0f} | {' | '.join(cells)} | "
+              f"{us['acc4'] / us['ours dyn']:.2f}x |", flush=True)
+
+
 def w8_models(k: int, n: int, group: int, seed: int) -> tuple[dict[str, bytes], dict[str, int], dict]:
     """The ``--w8`` contenders' models for one random [K, N] weight, the bytes of weights each
     reads per run, and the weight each holds (float64 [K, N], dequantized)."""
@@ -346,6 +408,8 @@ def main() -> None:
     parser.add_argument("--w8", action="store_true", help="the 8-bit-weight op against W4A8MatMul, ORT's "
                         "MatMulInteger and fp32 on SmolLM2's shapes (module docstring)")
     parser.add_argument("--group", type=int, default=GROUP, help=f"--w8: group size (default {GROUP})")
+    parser.add_argument("--cold", type=int, metavar="COPIES", help="M = 1 with weights from memory: COPIES "
+                        "nodes of each shape, each with its own weights (module docstring)")
     args = parser.parse_args()
     os.environ["FPTQ_CPU_ISA"] = args.isa  # read when our sessions are created
     if args.rounds is None:
@@ -353,6 +417,8 @@ def main() -> None:
     batch_s = 0.01 if args.quick else 0.04
     if args.w8:
         return bench_w8(args, batch_s)
+    if args.cold:
+        return bench_cold(args)
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = MS if args.m is None else [int(v) for v in args.m.split(",")]
     rows = []
