@@ -121,18 +121,19 @@ class ConvertConfig:
                                          "the minimum for fewer dynamic layers", accuracy=True)
     # Mixed precision: this many most sensitive layers keep 8-bit weights (W8A8), or as many as
     # fit in w8_fraction of the other quantized weights (the head, 8-bit already, is outside it).
-    # Default 12%: with the 8-bit head, SmolLM2's GenAI folder is then 103 MB (25%: 110 MB; the
-    # builder's int4 block-128 model: 84 MB, and issue 12 bounds ours at 1.25x that) at Brown
-    # perplexity 46.9 (25%: 45.1; 0%: 48.2; fp32 37.3), measured through GenAI
-    # (docs/performance.md, 2026-12-02). 25% had been chosen on Gemma-3-270m's PIQA (62.5 -> 64.3,
-    # docs/accuracy.md) with the head in float; 12% there is not measured yet.
+    # Default 3%: decode reads every 8-bit layer's weights twice over, and in onnxruntime-genai
+    # (2 threads, docs/performance.md "Session 8") SmolLM2-135M decodes at 198.6-214.2 tok/s with
+    # 3% against 175.8-176.4 with 12% (0%: 199.3), Brown perplexity 47.45 against 46.49 (0%:
+    # 48.00; the builder's int4 block-128 model: 64.60); Gemma-3-270m 63.6 against 58.8 tok/s,
+    # Brown 32.15 against 30.93 (0%: 33.14; ORT's int4 block 128: 49.11). 3% of the weights are
+    # SmolLM2's 3 most sensitive down_proj layers.
     w8_layers: int = option(0, "mixed precision: keep the N layers with the largest output error (or those "
                                "within P% of the weights) at 8-bit weights; 0: all 4-bit", accuracy=True,
                             type=count_or_percent, metavar="N|P%",
                             to_fields=lambda budget: dict(w8_layers=budget[0], w8_fraction=budget[1]),
                             shown=lambda config: f"{config.w8_fraction:.0%}" if config.w8_fraction
                             else str(config.w8_layers))
-    w8_fraction: float = option(0.12, None, flag="--w8-layers")
+    w8_fraction: float = option(0.03, None, flag="--w8-layers")
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ NEW_KEYS = {
     "04_act_scales": {"act_scale"},
     "05_quantize_weights": {"group_size", "weight_symmetric", "weight_error", "weight_rounding", "weight_clip"},
     "06_output_error": {"output_error"},
-    "07_mixed_precision": set(),  # no layer of this block fits the default 12% budget
+    "07_mixed_precision": set(),  # no layer of this block fits the default 3% budget
     "08_replace_matmul": set(),
     "09_tied_embedding": set(),  # the block has no embedding
 }
