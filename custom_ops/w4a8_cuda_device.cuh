@@ -10,6 +10,15 @@
 namespace fptq {
 namespace w4a8cuda {
 
+// A function issuing one PTX instruction without operands, and one whose only operand is the
+// template constant N (the wait instructions). The "memory" clobber keeps the compiler from
+// moving loads and stores across it: each orders memory or asynchronous work.
+#define FPTQ_PTX_ORDERING(name, ptx) \
+  __device__ __forceinline__ void name() { asm volatile(ptx ";\n" ::: "memory"); }
+#define FPTQ_PTX_WAIT_N(name, ptx) \
+  template <int N>                 \
+  __device__ __forceinline__ void name() { asm volatile(ptx " %0;\n" ::"n"(N) : "memory"); }
+
 // Shared-memory (.shared window) address of a generic pointer, for PTX operands that take a
 // 32-bit shared address (cp.async, ldmatrix, mbarrier, bulk copies).
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -28,15 +37,9 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   cp_async16(smem_u32(smem), gmem, valid);
 }
 
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
+FPTQ_PTX_ORDERING(cp_async_commit, "cp.async.commit_group")
 // Waits until at most N of this thread's cp.async groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+FPTQ_PTX_WAIT_N(cp_async_wait, "cp.async.wait_group")
 
 // Programmatic dependent launch (sm_90+; no-ops before, and when not launched as a dependent).
 // wait: blocks until the preceding grid has completed and its writes are visible.
@@ -156,9 +159,7 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
 // Makes the initialized barriers visible to the async proxy (bulk copies complete on them).
-__device__ __forceinline__ void mbar_fence_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
+FPTQ_PTX_ORDERING(mbar_fence_init, "fence.mbarrier_init.release.cluster")
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile(
       "{\n.reg .b64 st;\nmbarrier.arrive.release.cta.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
@@ -240,21 +241,12 @@ __device__ __forceinline__ void sts128(uint32_t a, uint4 v) {
 // ---- wgmma ordering (sm_90a) ------------------------------------------------------------
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Orders this thread's register / shared-memory writes before the following wgmmas read them.
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
+FPTQ_PTX_ORDERING(wgmma_fence, "wgmma.fence.sync.aligned")
+FPTQ_PTX_ORDERING(wgmma_commit, "wgmma.commit_group.sync.aligned")
 // Waits until at most N committed wgmma groups of this warpgroup are still in flight.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
+FPTQ_PTX_WAIT_N(wgmma_wait, "wgmma.wait_group.sync.aligned")
 // Shared memory written by ordinary stores that the async proxy (wgmma, bulk copies) reads next.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
+FPTQ_PTX_ORDERING(fence_proxy_async, "fence.proxy.async.shared::cta")
 #endif
 
 // Keeps the compiler from moving accumulator accesses across the wgmma fences.
@@ -273,6 +265,9 @@ inline cudaError_t require_sm90_device() {
   if (e != cudaSuccess) return e;
   return major == 9 && minor == 0 ? cudaSuccess : cudaErrorNotSupported;
 }
+
+#undef FPTQ_PTX_ORDERING
+#undef FPTQ_PTX_WAIT_N
 
 }  // namespace w4a8cuda
 }  // namespace fptq
