@@ -259,6 +259,18 @@ def time_runners(runners: dict[str, "Runner"], k: int, n: int, ms: list[int], ro
     return rows
 
 
+def parse_shapes(text: str | None, default: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``--shapes`` ("KxN,KxN"), or `default` when not given."""
+    return default if text is None else [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs a count >= 1, got {text}")
+    return value
+
+
 def copies_model(model: bytes, copies: int, n: int) -> bytes:
     """``model``'s one node `copies` times, node i reading B rotated by i + 1 bytes and writing
     output Y<i> (the --cold models of the module docstring)."""
@@ -282,7 +294,7 @@ def copies_model(model: bytes, copies: int, n: int) -> bytes:
 
 
 def bench_cold(args: argparse.Namespace) -> None:
-    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes, SHAPES)
     print(f"CPU: {cpu_model_name()}; onnxruntime {ort.__version__}; intra-op threads: {args.threads}; "
           f"our ISA: {args.isa}; M = 1, {args.cold} copies of each layer (weights from memory); "
           f"median of {args.rounds} interleaved rounds; us per layer (GB/s of weights)")
@@ -354,7 +366,7 @@ def w8_models(k: int, n: int, group: int, seed: int) -> tuple[dict[str, bytes], 
 
 
 def bench_w8(args: argparse.Namespace, batch_s: float) -> None:
-    shapes = W8_SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes, W8_SHAPES)
     ms = W8_MS if args.m is None else [int(v) for v in args.m.split(",")]
     rows, traffic = [], {}
     for k, n in shapes:
@@ -408,7 +420,7 @@ def main() -> None:
     parser.add_argument("--w8", action="store_true", help="the 8-bit-weight op against W4A8MatMul, ORT's "
                         "MatMulInteger and fp32 on SmolLM2's shapes (module docstring)")
     parser.add_argument("--group", type=int, default=GROUP, help=f"--w8: group size (default {GROUP})")
-    parser.add_argument("--cold", type=int, metavar="COPIES", help="M = 1 with weights from memory: COPIES "
+    parser.add_argument("--cold", type=positive_int, metavar="COPIES", help="M = 1 with weights from memory: COPIES "
                         "nodes of each shape, each with its own weights (module docstring)")
     args = parser.parse_args()
     os.environ["FPTQ_CPU_ISA"] = args.isa  # read when our sessions are created
@@ -419,7 +431,7 @@ def main() -> None:
         return bench_w8(args, batch_s)
     if args.cold:
         return bench_cold(args)
-    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes, SHAPES)
     ms = MS if args.m is None else [int(v) for v in args.m.split(",")]
     rows = []
     for k, n in shapes:
