@@ -21,7 +21,7 @@ the spinning threads of the one timed before it. After the pause, ~5 ms of untim
 the session's own (by then sleeping) threads again: on this VM the first runs after idling were
 several times slower, which skewed short batches. Weights stay in the caches between runs
 (one node runs again and again), as they do for no real model: the numbers compare kernels,
-not end-to-end decoding speed (see benchmarks/e2e_cpu.py for that).
+not end-to-end decoding speed (see benchmarks/e2e_genai.py for that).
 
 Ratios are speedups of ours (dynamic mode) over the contender: contender time / our time,
 > 1 means ours is faster.
