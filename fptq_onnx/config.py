@@ -134,6 +134,11 @@ class ConvertConfig:
                             shown=lambda config: f"{config.w8_fraction:.0%}" if config.w8_fraction
                             else str(config.w8_layers))
     w8_fraction: float = option(0.03, None, flag="--w8-layers")
+    # one group over all of K lets the AMX kernel fold its int32 sums into float once per output
+    # instead of once per group (docs/performance.md "Session 8": the fold is what keeps 8-bit
+    # layers behind MatMulInteger at M >= 16)
+    w8_per_channel: bool = option(False, "8-bit layers and head with one scale and zero point per output "
+                                         "channel (all of K) instead of groups of --group-size", accuracy=True)
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
 
     def __post_init__(self):

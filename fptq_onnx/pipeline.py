@@ -153,7 +153,8 @@ def conversion_passes(config: ConvertConfig) -> list[Pass]:
     if config.calibration.error_rows:
         passes.append(LayerOutputErrorPass())
     if config.w8_layers or config.w8_fraction or head_at_8:
-        passes.append(MixedPrecisionPass(config.w8_layers, config.w8_fraction, head=head_at_8))
+        passes.append(MixedPrecisionPass(config.w8_layers, config.w8_fraction, head=head_at_8,
+                                         per_channel=config.w8_per_channel))
     passes.append(ReplaceMatMulPass())
     if not config.exclude_lm_head:
         passes.append(TiedEmbeddingPass())

@@ -2,8 +2,8 @@
 
 W4A8's error is mostly weight error (``docs/accuracy.md``), and it is concentrated: on SmolLM2 a
 handful of layers have output errors several times the median. Giving those layers 8-bit weights
-(group-wise like their 4-bit weights: the same group size and symmetry;
-``quant.quantize_weight_groupwise_int8``) removes most of their error for a small size cost.
+(group-wise like their 4-bit weights: the same group size and symmetry, or with ``per_channel``
+one group over all of K; ``quant.quantize_weight_groupwise_int8``) removes most of their error for a small size cost.
 Activations stay int8 with the layer's scheme, so the layer is W8A8: ``W8A8MatMul``, W4A8MatMul's
 contract with one byte per weight (``docs/ops.md``), which our CPU kernel runs.
 
@@ -28,8 +28,8 @@ class MixedPrecisionPass(Pass):
 
     name = "mixed_precision"
 
-    def __init__(self, count: int = 0, fraction: float = 0.0, head: bool = False):
-        self.count, self.fraction, self.head = count, fraction, head
+    def __init__(self, count: int = 0, fraction: float = 0.0, head: bool = False, per_channel: bool = False):
+        self.count, self.fraction, self.head, self.per_channel = count, fraction, head, per_channel
 
     def requires(self, ctx: ConversionContext) -> None:
         if (self.count or self.fraction) and any(layer.output_error is None for layer in ctx.layers):
@@ -42,7 +42,7 @@ class MixedPrecisionPass(Pass):
         outputs = {tensor.name for tensor in ctx.graph.outputs}
         for layer, group in pairs:
             if self.head and is_lm_head(layer, outputs):
-                _to_8_bits(layer, group)
+                _to_8_bits(layer, group, self.per_channel)
         # the budget is a share of the other layers' weights: the head is not chosen by it
         rest = [(layer, group) for layer, group in pairs if layer.weight_bits != 8]
         total = sum(layer.k * layer.n for layer, _ in rest)
@@ -52,15 +52,17 @@ class MixedPrecisionPass(Pass):
             size = layer.k * layer.n
             if chosen >= self.count and weights + size > self.fraction * total:
                 break
-            _to_8_bits(layer, group)
+            _to_8_bits(layer, group, self.per_channel)
             chosen, weights = chosen + 1, weights + size
         return False  # decisions only; the replacement pass writes W8A8MatMul nodes
 
 
-def _to_8_bits(layer: LinearLayer, group) -> None:
-    """Re-quantize ``layer`` with 8-bit group-wise weights and measure its output error again
-    (where calibration kept sample rows)."""
+def _to_8_bits(layer: LinearLayer, group, per_channel: bool) -> None:
+    """Re-quantize ``layer`` with 8-bit group-wise weights (``per_channel``: one group of K) and
+    measure its output error again (where calibration kept sample rows)."""
     layer.w4_output_error = layer.output_error
+    if per_channel:
+        layer.group_size = layer.k + layer.k % 2  # one group; the op takes even group sizes
     u, scales, zero_points = quantize_weight_groupwise_int8(layer.weight, layer.group_size, layer.symmetric)
     layer.packed = (u, scales, zero_points)  # the op's B [N, K] as it is
     layer.weight_error = relative_weight_error(layer.weight, u, scales, zero_points, layer.group_size)

@@ -216,6 +216,25 @@ def test_mixed_precision_moves_the_worst_layer_to_8_bits(tiny_workdir):
     np.testing.assert_allclose(got, body, rtol=0, atol=1e-4 * np.abs(body).max())
 
 
+def test_mixed_precision_per_channel_has_one_group_of_k(tiny_workdir):
+    result = _convert(tiny_workdir, "w8pc", w8_layers=1, w8_per_channel=True)
+    [moved] = [layer for layer in result.layers if layer.weight_bits == 8]
+    converted = onnx.load(str(tiny_workdir / "w8pc.onnx"))
+    node = next(n for n in converted.graph.node if n.op_type == W8A8_OP_TYPE)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in converted.graph.initializer}
+    u, scales, zeros = (inits[name] for name in node.input[1:4])
+    assert scales.shape == zeros.shape == (moved.n, 1)
+    assert {a.name: a.i for a in node.attribute}["group_size"] == moved.k
+    # the per-channel grid of the layer's own (LAE-scaled) weight, from quant's formulas
+    expected = quant.quantize_weight_groupwise_int8(moved.weight, moved.k, symmetric=False)
+    for got, want in zip((u, scales, zeros), expected):
+        np.testing.assert_array_equal(got, want)
+    x = outlier_inputs(np.random.default_rng(7), (1, 16, 128))
+    got = InferenceSession(str(tiny_workdir / "w8pc.onnx")).run(None, {"x": x})[0]
+    body = run_model(str(tiny_workdir / "w8pc.onnx"), {"x": x})[0]  # stock ORT: the function bodies
+    np.testing.assert_allclose(got, body, rtol=0, atol=1e-4 * np.abs(body).max())
+
+
 def test_mixed_precision_size_budget(tiny_workdir):
     result = _convert(tiny_workdir, "w8", w8_layers=0, w8_fraction=0.34)  # one 128x256 layer of three
     assert sum(layer.weight_bits == 8 for layer in result.layers) == 1
