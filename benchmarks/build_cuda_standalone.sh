@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the W4A8 CUDA kernels (custom_ops/w4a8_cuda.cu for sm_80 / sm_90 + compute_90 PTX;
-# w4a8_cuda_sm90.cu and w4a8_cuda_sm90_tma.cu for sm_90a) into a standalone shared library for
+# w4a8_cuda_sm90_tma.cu for sm_90a) into a standalone shared library for
 # tests/test_cuda_gpu.py and benchmarks/gpu_gemm.py (ctypes; no ONNX Runtime), and checks the machine code: IMMA / IGMMA /
 # bulk-copy / mbarrier instructions present, no register spills, no local memory.
 #
@@ -39,25 +39,21 @@ common=(-O3 -std=c++17 -Xcompiler -fPIC --threads 0
     echo "ERROR: nvcc failed on w4a8_cuda.cu" >&2
     exit 1
   }
-# 2. The Hopper wgmma kernels, sm_90a only: w4a8_cuda_sm90.cu (variants wg*, 3-13) and
-#    w4a8_cuda_sm90_tma.cu (variants 16-19). A failure here is reported and the library is
-#    built without that object (its variants then return cudaErrorNotSupported).
+# 2. The Hopper TMA wgmma kernel, sm_90a only: w4a8_cuda_sm90_tma.cu (variants 16-19). A
+#    failure here is reported and the library is built without that object (its variants then
+#    return cudaErrorNotSupported).
 objs=("$tmp/w4a8_cuda.o")
-sm90_status=""
 : > "$tmp/ptxas_sm90.log"
-for src in w4a8_cuda_sm90 w4a8_cuda_sm90_tma; do
-  if [[ "${FPTQ_NO_SM90A:-0}" == "1" ]]; then
-    sm90_status="skipped (FPTQ_NO_SM90A=1)"
-    break
-  elif "$nvcc_bin" "${common[@]}" -gencode arch=compute_90a,code=sm_90a \
-       -c -o "$tmp/$src.o" "$repo/custom_ops/$src.cu" >> "$tmp/ptxas_sm90.log" 2>&1; then
-    objs+=("$tmp/$src.o")
-    sm90_status+="$src.cu built; "
-  else
-    sm90_status+="$src.cu FAILED (see ptxas.log), library built without it; "
-    grep -v '^ptxas info\|^    0 bytes stack' "$tmp/ptxas_sm90.log" | tail -40 >&2
-  fi
-done
+if [[ "${FPTQ_NO_SM90A:-0}" == "1" ]]; then
+  sm90_status="skipped (FPTQ_NO_SM90A=1)"
+elif "$nvcc_bin" "${common[@]}" -gencode arch=compute_90a,code=sm_90a \
+     -c -o "$tmp/w4a8_cuda_sm90_tma.o" "$repo/custom_ops/w4a8_cuda_sm90_tma.cu" > "$tmp/ptxas_sm90.log" 2>&1; then
+  objs+=("$tmp/w4a8_cuda_sm90_tma.o")
+  sm90_status="w4a8_cuda_sm90_tma.cu built"
+else
+  sm90_status="w4a8_cuda_sm90_tma.cu FAILED (see ptxas.log), library built without it"
+  grep -v '^ptxas info\|^    0 bytes stack' "$tmp/ptxas_sm90.log" | tail -40 >&2
+fi
 cat "$tmp/ptxas_sm90.log" >> "$tmp/ptxas.log" 2>/dev/null || true
 "$nvcc_bin" -shared -cudart static -o "$tmp/lib.so" "${objs[@]}" >> "$tmp/ptxas.log" 2>&1 || {
   tail -20 "$tmp/ptxas.log" >&2
@@ -69,7 +65,7 @@ grep -v '^ptxas info\|^    [0-9]* bytes stack' "$tmp/ptxas.log" || true
 mkdir -p "$out"
 mv -f "$tmp/lib.so" "$lib"
 mv -f "$tmp/ptxas.log" "$out/ptxas.log"
-echo "sm_90a wgmma kernels: $sm90_status"
+echo "sm_90a TMA kernel: $sm90_status"
 
 # cuobjdump: PATH, the CUDA install, or the nvidia-cuda-cuobjdump wheel of a Python here.
 cuobjdump_bin="$(command -v cuobjdump || true)"

@@ -264,7 +264,7 @@ def main() -> int:
     ap.add_argument("--rebuild", action="store_true", help="run the build script even if the .so exists")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--json", type=Path, default=None, help="write the timings here")
-    ap.add_argument("--variants", default="all", help="kernel variants to time: 'all' or a list like auto,0,3 "
+    ap.add_argument("--variants", default="all", help="kernel variants to time: 'all' or a list like auto,0,16 "
                                                       "(ids: w4a8_cuda.h)")
     ap.add_argument("--iters", type=int, default=50, help="timed calls per point (median)")
     ap.add_argument("--self-test", action="store_true",

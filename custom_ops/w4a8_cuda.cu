@@ -25,12 +25,8 @@
 #include "w4a8_cuda_device.cuh"
 #include "w4a8_cuda_sm90.h"
 
-// The Hopper wgmma GEMM lives in w4a8_cuda_sm90.cu (built for sm_90a only). Weak: a build
-// without that file links, and the wgmma variants then report cudaErrorNotSupported.
-extern "C" cudaError_t fptq_w4a8_sm90_gemm(const FptqSm90GemmArgs* args, cudaStream_t stream)
-    __attribute__((weak));
-extern "C" int fptq_w4a8_sm90_smem_bytes(int bm) __attribute__((weak));
-// The TMA (bulk copy) wgmma GEMM, w4a8_cuda_sm90_tma.cu (same build and weak-link rules).
+// The Hopper TMA (bulk copy) wgmma GEMM lives in w4a8_cuda_sm90_tma.cu (built for sm_90a only).
+// Weak: a build without that file links, and the TMA variants then report cudaErrorNotSupported.
 extern "C" cudaError_t fptq_w4a8_sm90_tma_gemm(const FptqSm90TmaArgs* args, cudaStream_t stream)
     __attribute__((weak));
 extern "C" int fptq_w4a8_sm90_tma_smem_bytes(int bt) __attribute__((weak));
@@ -219,19 +215,16 @@ int blocks_per_sm(int cfg, int smem_bytes, int smem_per_sm) {
 // Which GEMM a variant launches.
 enum class Kernel {
   kMma,    // w4a8_gemm_kernel: mma.sync, sm_80+ (this file)
-  kWgmma,  // w4a8_wgmma_kernel: wgmma from shared memory, sm_90a (w4a8_cuda_sm90.cu)
   kTma,    // w4a8_tma_kernel: bulk copies + register-A wgmma, sm_90a (w4a8_cuda_sm90_tma.cu)
 };
 
 // How it launches it (bits of Variant::flags).
 enum VariantFlag : unsigned {
-  kPdl = 1u << 0,          // programmatic dependent launch (sm_90+): the GEMM behind the quantize
-                           // kernel (not with kFusedQuant: there is none), the split-K reduction
-                           // behind the GEMM
-  kPersistent = 1u << 1,   // kWgmma: min(tiles, SMs) blocks walk the tiles
-  kFusedReduce = 1u << 2,  // kMma: the last block of each tile sums the split-K partials
-  kOverlap = 1u << 3,      // kTma: two accumulator sets, the fold of k-tile i overlaps i+1's wgmmas
-  kFusedQuant = 1u << 4,   // kTma: the GEMM quantizes X itself (no quantize kernel, no Xq)
+  kPdl = 1u << 0,         // programmatic dependent launch (sm_90+): the GEMM behind the quantize
+                          // kernel (not with kFusedQuant: there is none), the split-K reduction
+                          // behind the GEMM
+  kOverlap = 1u << 1,     // kTma: two accumulator sets, the fold of k-tile i overlaps i+1's wgmmas
+  kFusedQuant = 1u << 2,  // kTma: the GEMM quantizes X itself (no quantize kernel, no Xq)
 };
 
 struct Variant {
@@ -239,33 +232,24 @@ struct Variant {
   const char* name;  // as benchmarks and logs print it
   Kernel kernel;
   int rows;          // rows of X (tokens) per block: kMma the tile config's BM (kConfigBM),
-                     // kWgmma the block's BM, kTma its BT
-  int layout;        // kWgmma: shared-memory operand layout, 0 128B swizzle / 1 interleave
+                     // kTma its BT
   unsigned flags;    // VariantFlag bits
   bool has(VariantFlag f) const { return (flags & f) != 0; }
 };
 
 // docs/cuda_kernel.md, "Variants", has the measurements behind each row.
 constexpr Variant kVariants[] = {
-    // id                               name            kernel          rows layout flags
-    {FPTQ_W4A8_VARIANT_MMA16,           "mma16",        Kernel::kMma,    16,  0,    0},
-    {FPTQ_W4A8_VARIANT_MMA32,           "mma32",        Kernel::kMma,    32,  0,    0},
-    {FPTQ_W4A8_VARIANT_MMA128,          "mma128",       Kernel::kMma,   128,  0,    0},
-    {FPTQ_W4A8_VARIANT_WGMMA128_SW128,  "wg128_sw128",  Kernel::kWgmma, 128,  0,    0},
-    {FPTQ_W4A8_VARIANT_WGMMA128_ILV,    "wg128_ilv",    Kernel::kWgmma, 128,  1,    0},
-    {FPTQ_W4A8_VARIANT_WGMMA64_SW128,   "wg64_sw128",   Kernel::kWgmma,  64,  0,    0},
-    {FPTQ_W4A8_VARIANT_WGMMA64_ILV,     "wg64_ilv",     Kernel::kWgmma,  64,  1,    0},
-    {FPTQ_W4A8_VARIANT_MMA16_PDL,       "mma16_pdl",    Kernel::kMma,    16,  0,    kPdl},
-    {FPTQ_W4A8_VARIANT_MMA32_PDL,       "mma32_pdl",    Kernel::kMma,    32,  0,    kPdl},
-    {FPTQ_W4A8_VARIANT_MMA128_PDL,      "mma128_pdl",   Kernel::kMma,   128,  0,    kPdl},
-    {FPTQ_W4A8_VARIANT_WGMMA128P_SW128, "wg128p_sw128", Kernel::kWgmma, 128,  0,    kPersistent},
-    {FPTQ_W4A8_VARIANT_WGMMA128P_ILV,   "wg128p_ilv",   Kernel::kWgmma, 128,  1,    kPersistent},
-    {FPTQ_W4A8_VARIANT_MMA16_PDL_FR,    "mma16_pdl_fr", Kernel::kMma,    16,  0,    kPdl | kFusedReduce},
-    {FPTQ_W4A8_VARIANT_MMA32_PDL_FR,    "mma32_pdl_fr", Kernel::kMma,    32,  0,    kPdl | kFusedReduce},
-    {FPTQ_W4A8_VARIANT_TMA128,          "tma128",       Kernel::kTma,   128,  0,    kPdl},
-    {FPTQ_W4A8_VARIANT_TMA64,           "tma64",        Kernel::kTma,    64,  0,    kPdl | kOverlap},
-    {FPTQ_W4A8_VARIANT_TMA16,           "tma16",        Kernel::kTma,    16,  0,    kPdl | kOverlap},
-    {FPTQ_W4A8_VARIANT_TMA16_FUSED,     "tma16f",       Kernel::kTma,    16,  0,    kPdl | kOverlap | kFusedQuant},
+    // id                            name          kernel         rows flags
+    {FPTQ_W4A8_VARIANT_MMA16,        "mma16",      Kernel::kMma,   16,  0},
+    {FPTQ_W4A8_VARIANT_MMA32,        "mma32",      Kernel::kMma,   32,  0},
+    {FPTQ_W4A8_VARIANT_MMA128,       "mma128",     Kernel::kMma,  128,  0},
+    {FPTQ_W4A8_VARIANT_MMA16_PDL,    "mma16_pdl",  Kernel::kMma,   16,  kPdl},
+    {FPTQ_W4A8_VARIANT_MMA32_PDL,    "mma32_pdl",  Kernel::kMma,   32,  kPdl},
+    {FPTQ_W4A8_VARIANT_MMA128_PDL,   "mma128_pdl", Kernel::kMma,  128,  kPdl},
+    {FPTQ_W4A8_VARIANT_TMA128,       "tma128",     Kernel::kTma,  128,  kPdl},
+    {FPTQ_W4A8_VARIANT_TMA64,        "tma64",      Kernel::kTma,   64,  kPdl | kOverlap},
+    {FPTQ_W4A8_VARIANT_TMA16,        "tma16",      Kernel::kTma,   16,  kPdl | kOverlap},
+    {FPTQ_W4A8_VARIANT_TMA16_FUSED,  "tma16f",     Kernel::kTma,   16,  kPdl | kOverlap | kFusedQuant},
 };
 
 // The row of `id`, or null for an id that names no variant (AUTO included).
@@ -291,14 +275,12 @@ const Variant& default_sm80_variant(int64_t M) {
 }
 
 // Whether `v` can run this group size on a device of compute capability `cc` (major * 10 +
-// minor): PDL needs sm_90+; the Hopper kernels need sm_90 exactly (sm_90a code), group sizes
-// that are multiples of 128 and their object linked in.
+// minor): PDL needs sm_90+; the Hopper kernel needs sm_90 exactly (sm_90a code), group sizes
+// that are multiples of 128 and its object linked in.
 bool variant_supported(const Variant& v, int group_size, int cc) {
   switch (v.kernel) {
     case Kernel::kMma:
       return !v.has(kPdl) || cc >= 90;
-    case Kernel::kWgmma:
-      return cc == 90 && group_size % kTileK == 0 && fptq_w4a8_sm90_gemm != nullptr;
     case Kernel::kTma:
       return cc == 90 && group_size % kTileK == 0 && fptq_w4a8_sm90_tma_gemm != nullptr;
   }
@@ -345,9 +327,7 @@ struct Plan {
   int smem = 0, occupancy = 1;
   int64_t m_tiles = 0, Mp = 0;
   size_t off_xq = 0, off_act = 0, off_rowsum = 0, off_partial = 0, total = 0;
-  size_t off_counters = 0;  // fused split-K reduction: int32 [m_tiles * n_tiles] tile counters
-  int xq_tile_rows = 0;     // TMA kernel: Xq in the tiled layout with tiles of this many rows
-  int64_t n_counters = 0;
+  int xq_tile_rows = 0;  // TMA kernel: Xq in the tiled layout with tiles of this many rows
 };
 
 bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_per_sm,
@@ -357,12 +337,6 @@ bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_p
   p->sg = sub_group_size(group_size);
   const int bm = variant.rows;
   switch (variant.kernel) {
-    case Kernel::kWgmma:
-      if (group_size % kTileK != 0) return false;
-      p->cfg = bm == 128 ? 3 : 4;
-      p->smem = fptq_w4a8_sm90_smem_bytes != nullptr ? fptq_w4a8_sm90_smem_bytes(bm) : 0;
-      p->occupancy = 1;
-      break;
     case Kernel::kTma:
       if (group_size % kTileK != 0) return false;
       p->cfg = 5;
@@ -413,11 +387,7 @@ bool make_plan(int64_t M, int N, int K, int group_size, int sm_count, int smem_p
       p->off_rowsum + static_cast<size_t>(K / p->sg) * p->Mp * sizeof(int32_t), kBufferAlign);
   const size_t partial_bytes =
       p->split > 1 ? static_cast<size_t>(p->split) * Mz * N * sizeof(float) : 0;
-  p->off_counters = align_up(p->off_partial + partial_bytes, kBufferAlign);
-  p->n_counters = variant.has(kFusedReduce) && p->split > 1 ? p->m_tiles * p->n_tiles : 0;
-  p->total = M == 0 ? 0
-                    : align_up(p->off_counters + static_cast<size_t>(p->n_counters) * sizeof(int32_t),
-                               kBufferAlign);
+  p->total = M == 0 ? 0 : align_up(p->off_partial + partial_bytes, kBufferAlign);
   return true;
 }
 
@@ -510,8 +480,6 @@ struct QuantArgs {
   int8_t* xq;                // [M, K] out
   float* act;                // [Mp] out: a_m
   int32_t* rowsum;           // [K/sg, Mp] out: sum of xq over each sub-group, 0 for m >= M
-  int32_t* counters;         // [n_counters] out: zeroed (fused split-K reduction of the GEMM)
-  int64_t n_counters;
   int tile_rows;             // 0: xq row-major [M, K]; else the TMA kernel's tiled layout with
                              // tiles of tile_rows rows (xq_offset), rows M .. grid-1 zeroed
 };
@@ -538,9 +506,6 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const Quan
   const int64_t m = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_sub = p.K / p.sg;
-  for (int64_t i = m * kQuantThreads + tid; i < p.n_counters; i += static_cast<int64_t>(gridDim.x) * kQuantThreads) {
-    p.counters[i] = 0;  // the GEMM's tile counters of this call (it waits for this grid)
-  }
   if (m >= p.M) {  // padding rows: the GEMM copies rowsums 4 rows at a time
     if (m < p.Mp) {
       for (int j = tid; j < n_sub; j += kQuantThreads) p.rowsum[static_cast<int64_t>(j) * p.Mp + m] = 0;
@@ -631,8 +596,6 @@ struct GemmArgs {
   int out_half;            // y is float16
   int vec_out;             // y allows paired stores (N even, 8/4-byte aligned)
   int pdl;                 // launched as a programmatic dependent of the quantize kernel
-  int32_t* counters;       // fused split-K reduction: per-tile arrival counters (zeroed by
-                           // the quantize kernel), null otherwise
 };
 
 // A block's views of the global inputs: 64-bit bases set once, so that the per-copy offsets
@@ -905,37 +868,6 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) w4a8_gemm_kernel(co
       }
     }
   }
-
-  // Fused split-K reduction: the last block to finish a tile sums its partials in split order
-  // (the same order and bits as splitk_reduce_kernel) and writes Y.
-  if (split && p.counters != nullptr) {
-    __shared__ int s_last;
-    __threadfence();  // this block's partials are visible device-wide before it is counted
-    __syncthreads();
-    if (tid == 0) {
-      const int old = atomicAdd(p.counters + static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y, 1);
-      s_last = old == static_cast<int>(gridDim.z) - 1;
-    }
-    __syncthreads();
-    if (s_last) {
-      __threadfence();
-      const int rows = static_cast<int>(p.M - m0 < C::BM ? p.M - m0 : C::BM);
-      const int64_t mn = p.M * static_cast<int64_t>(p.N);
-      for (int idx = tid; idx < rows * C::BN; idx += C::THREADS) {
-        const int64_t m = m0 + idx / C::BN;
-        const int n = n0 + idx % C::BN;
-        if (n >= p.N) continue;
-        const int64_t i = m * p.N + n;
-        float acc_s = __ldcg(p.partial + i);  // L2: written by other blocks
-        for (int z = 1; z < static_cast<int>(gridDim.z); ++z) acc_s += __ldcg(p.partial + z * mn + i);
-        if (p.out_half) {
-          static_cast<__half*>(p.y)[i] = __float2half_rn(acc_s);
-        } else {
-          static_cast<float*>(p.y)[i] = acc_s;
-        }
-      }
-    }
-  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1015,9 +947,9 @@ cudaError_t launch_gemm_any(const Plan& plan, const GemmArgs& args, cudaStream_t
   }
 }
 
-// The fields the two sm_90a launch structs share (FptqSm90Operands), from the mma.sync kernel's
-// arguments and the plan.
-void fill_sm90_args(const GemmArgs& a, const Plan& plan, FptqSm90Operands* h) {
+// The TMA kernel's operands and split (w4a8_cuda_sm90.h), from the mma.sync kernel's arguments
+// and the plan.
+void fill_sm90_args(const GemmArgs& a, const Plan& plan, FptqSm90TmaArgs* h) {
   h->act = a.act;
   h->bp = a.bp;
   h->sp = a.sp;
@@ -1052,8 +984,6 @@ cudaError_t launch_quantize(const Plan& plan, const T* x, int64_t M, int K, int 
   q.xq = reinterpret_cast<int8_t*>(ws + plan.off_xq);
   q.act = reinterpret_cast<float*>(ws + plan.off_act);
   q.rowsum = reinterpret_cast<int32_t*>(ws + plan.off_rowsum);
-  q.counters = reinterpret_cast<int32_t*>(ws + plan.off_counters);
-  q.n_counters = plan.n_counters;
   q.tile_rows = plan.xq_tile_rows;
   const int64_t rows = plan.xq_tile_rows ? plan.m_tiles * plan.xq_tile_rows : plan.Mp;
   const int64_t grid = rows > plan.Mp ? rows : plan.Mp;
@@ -1186,7 +1116,6 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, i
   a.out_half = dtype == FPTQ_DTYPE_FLOAT16;
   a.vec_out = (N % 2 == 0) && reinterpret_cast<uintptr_t>(Y) % (2 * elem) == 0;
   a.pdl = v.has(kPdl) ? 1 : 0;
-  a.counters = plan.n_counters > 0 ? reinterpret_cast<int32_t*>(ws + plan.off_counters) : nullptr;
   if (v.kernel == Kernel::kTma) {
     FptqSm90TmaArgs h;
     fill_sm90_args(a, plan, &h);
@@ -1204,19 +1133,10 @@ extern "C" cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, i
     h.act_mode = act_mode;
     h.act_scale = act_scale;
     e = fptq_w4a8_sm90_tma_gemm(&h, stream);
-  } else if (v.kernel == Kernel::kWgmma) {
-    FptqSm90GemmArgs h;
-    fill_sm90_args(a, plan, &h);
-    h.xq = a.xq;
-    h.vec_out = a.vec_out;
-    h.bm = v.rows;
-    h.layout = v.layout;
-    h.persistent = v.has(kPersistent) ? 1 : 0;
-    e = fptq_w4a8_sm90_gemm(&h, stream);
   } else {
     e = launch_gemm_any(plan, a, stream);
   }
-  if (e != cudaSuccess || plan.split == 1 || plan.n_counters > 0) return e;
+  if (e != cudaSuccess || plan.split == 1) return e;
 
   // Stage 3: reduce the split-K partials.
   const int64_t mn = M * static_cast<int64_t>(N);
@@ -1284,7 +1204,7 @@ extern "C" int fptq_w4a8_variant_info(int variant, int device_cc, int group_size
   return variant_supported(*v, group_size, device_cc) ? 1 : 0;
 }
 
-extern "C" int fptq_w4a8_sm90_linked(void) { return fptq_w4a8_sm90_gemm != nullptr ? 1 : 0; }
+extern "C" int fptq_w4a8_sm90_linked(void) { return fptq_w4a8_sm90_tma_gemm != nullptr ? 1 : 0; }
 
 extern "C" int fptq_w4a8_resolve_variant(int64_t M, int group_size, int device_cc) {
   return resolve_variant(FPTQ_W4A8_VARIANT_AUTO, M, group_size, device_cc)->id;

@@ -30,35 +30,24 @@
 // FPTQ_CUDA_VARIANT=<id> overrides it where that variant supports the call). What each one
 // launches is its row of the descriptor table kVariants in w4a8_cuda.cu:
 //   mma16/32/128       sm_80+ mma.sync kernel with 16 / 32 / 128-row tiles (any group size)
-//   wg128_*, wg64_*    sm_90a wgmma kernel (w4a8_cuda_sm90.cu), 128 / 64 x 128 tiles, operand
-//                      layout 128B swizzle (sw128) or interleave (ilv); group_size % 128 == 0
 //   *_pdl              the mma.sync kernel launched as a programmatic dependent (sm_90+): the
 //                      GEMM starts, and loads its first weight tiles, while the quantize kernel runs
-//   wg128p_*           the 128-row wgmma kernel as a persistent kernel (one block per SM walks the tiles)
-//   *_pdl_fr           PDL with the split-K reduction fused into the GEMM (the last block of each
-//                      tile sums the partials): one launch less (sm_90+)
 //   tma128/64/16       sm_90a bulk-copy (TMA) + register-A wgmma kernel (w4a8_cuda_sm90_tma.cu),
 //                      128 weight rows x 128 / 64 / 16 tokens per block (group_size % 128 == 0)
 //   tma16f             tma16 with the activation quantization fused into the GEMM: no quantize
 //                      kernel (one launch per call unless K is split)
 // Ids never change meaning (logs, benchmarks/results and FPTQ_CUDA_VARIANT name them), so the
-// ids of deleted variants stay unused: 5 and 8 (wg128_ilv2, wg64_ilv2: interleave with the two
-// descriptor strides swapped, a hedge that failed its probe on the H200, docs/device-log.md).
+// ids of deleted variants stay unused (docs/cuda_kernel.md, "Variants"): 3-8, 12, 13 (the first
+// sm_90a wgmma kernel, operands in shared memory; 5 and 8 failed their probe, the others were
+// correct but slower on the H200) and 14, 15 (mma16/32_pdl_fr, split-K reduction fused into the
+// GEMM: slower than mma16/32_pdl over their M buckets).
 #define FPTQ_W4A8_VARIANT_AUTO (-1)
 #define FPTQ_W4A8_VARIANT_MMA16 0
 #define FPTQ_W4A8_VARIANT_MMA32 1
 #define FPTQ_W4A8_VARIANT_MMA128 2
-#define FPTQ_W4A8_VARIANT_WGMMA128_SW128 3
-#define FPTQ_W4A8_VARIANT_WGMMA128_ILV 4
-#define FPTQ_W4A8_VARIANT_WGMMA64_SW128 6
-#define FPTQ_W4A8_VARIANT_WGMMA64_ILV 7
 #define FPTQ_W4A8_VARIANT_MMA16_PDL 9
 #define FPTQ_W4A8_VARIANT_MMA32_PDL 10
 #define FPTQ_W4A8_VARIANT_MMA128_PDL 11
-#define FPTQ_W4A8_VARIANT_WGMMA128P_SW128 12
-#define FPTQ_W4A8_VARIANT_WGMMA128P_ILV 13
-#define FPTQ_W4A8_VARIANT_MMA16_PDL_FR 14
-#define FPTQ_W4A8_VARIANT_MMA32_PDL_FR 15
 #define FPTQ_W4A8_VARIANT_TMA128 16
 #define FPTQ_W4A8_VARIANT_TMA64 17
 #define FPTQ_W4A8_VARIANT_TMA16 18
@@ -155,7 +144,7 @@ int fptq_w4a8_plan_info(int64_t M, int N, int K, int group_size, int sm_count,
                         int smem_per_sm, int64_t* out, size_t* workspace_bytes);
 
 // ---- Variant hooks (tests, benchmarks). variant: FPTQ_W4A8_VARIANT_*; AUTO = the plain call;
-// an id that names no variant (5, 8, 20 and up) is cudaErrorInvalidValue. A variant the device
+// an id that names no variant (3-8, 12-15, 20 and up) is cudaErrorInvalidValue. A variant the device
 // or shape cannot run returns cudaErrorNotSupported. The workspace size depends on the
 // variant: ask with the same variant.
 cudaError_t fptq_w4a8_workspace_size_variant(int64_t M, int N, int K, int group_size, int variant,
@@ -166,15 +155,15 @@ cudaError_t fptq_w4a8_matmul_cuda_variant(const void* X, int dtype, int64_t M, i
                                           size_t workspace_bytes, void* Y, int variant,
                                           cudaStream_t stream);
 // fptq_w4a8_plan_info for a given variant (AUTO: the sm_80 default). out[0] is 0-2 for the
-// mma.sync configs, 3 / 4 for the wgmma kernel with 128 / 64-row tiles, 5 for the TMA kernel
-// (out[4] m-tiles of 128 / 64 / 16 tokens, out[5] n-tiles of 128 weight rows).
+// mma.sync configs, 5 for the TMA kernel (out[4] m-tiles of 128 / 64 / 16 tokens, out[5]
+// n-tiles of 128 weight rows; 3 and 4 were the deleted wgmma kernel's).
 int fptq_w4a8_plan_info_variant(int64_t M, int N, int K, int group_size, int sm_count,
                                 int smem_per_sm, int variant, int64_t* out,
                                 size_t* workspace_bytes);
 // 1 if `variant` runs group_size on a device of compute capability device_cc (major*10+minor),
 // 0 if not, -1 for an id that names no variant. Host only.
 int fptq_w4a8_variant_info(int variant, int device_cc, int group_size);
-// 1 if the sm_90a wgmma kernel is linked into this library. Host only.
+// 1 if the sm_90a TMA kernel (w4a8_cuda_sm90_tma.cu) is linked into this library. Host only.
 int fptq_w4a8_sm90_linked(void);
 // The variant AUTO picks for M rows on a device of compute capability device_cc. Host only.
 int fptq_w4a8_resolve_variant(int64_t M, int group_size, int device_cc);

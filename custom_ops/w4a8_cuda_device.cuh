@@ -1,6 +1,6 @@
 // Device helpers shared by the W4A8 CUDA kernels (w4a8_cuda.cu: sm_80+ mma.sync;
-// w4a8_cuda_sm90.cu and w4a8_cuda_sm90_tma.cu: sm_90a wgmma). Small PTX wrappers only; each
-// says why it exists. Include from .cu files only (nvcc), after <cuda_fp16.h>.
+// w4a8_cuda_sm90_tma.cu: sm_90a wgmma). Small PTX wrappers only; each says why it exists.
+// Include from .cu files only (nvcc), after <cuda_fp16.h>.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -200,13 +200,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 
 // ---- explicit shared-memory accesses (addresses computed as integers, so plain pointers
 // would compile to generic loads/stores) ------------------------------------------------------
-__device__ __forceinline__ uint4 lds128(uint32_t a) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(a));
-  return v;
-}
 __device__ __forceinline__ uint2 lds64(uint32_t a) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(a));
@@ -221,14 +214,6 @@ __device__ __forceinline__ float lds_f32(uint32_t a) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
   return v;
-}
-__device__ __forceinline__ float2 lds_f2(uint32_t a) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
-  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
 }
 __device__ __forceinline__ void sts_f32(uint32_t a, float v) {
   asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(a), "f"(v) : "memory");

@@ -1,23 +1,25 @@
 // Internal interface between w4a8_cuda.cu (planner, dispatch, sm_80 kernels) and
-// w4a8_cuda_sm90.cu (the Hopper wgmma GEMM, built only for sm_90a). Not part of the public API.
+// w4a8_cuda_sm90_tma.cu (the Hopper TMA + wgmma GEMM, built only for sm_90a). Not part of the
+// public API.
 //
-// w4a8_cuda.cu declares fptq_w4a8_sm90_gemm as a weak symbol: when w4a8_cuda_sm90.cu is not
-// compiled in (no sm_90a toolchain, or a build that leaves it out) the pointer is null and the
-// wgmma variants report cudaErrorNotSupported; the sm_80 path is unaffected.
+// w4a8_cuda.cu declares fptq_w4a8_sm90_tma_gemm as a weak symbol: when w4a8_cuda_sm90_tma.cu is
+// not compiled in (no sm_90a toolchain, or a build that leaves it out) the pointer is null and
+// the TMA variants report cudaErrorNotSupported; the sm_80 path is unaffected.
 #pragma once
 
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
-// C++ only (the argument structs share a base); the functions have C linkage for the weak
-// declarations in w4a8_cuda.cu.
+// The functions have C linkage for the weak declarations in w4a8_cuda.cu.
 extern "C" {
 
-// What both sm_90a GEMMs read and how they tile it: the buffers of the sm_80 GEMM (rowsums are
-// not used: the zero points are subtracted from the weights when they are widened to int8) and
-// the plan's split. w4a8_cuda.cu fills it from the mma.sync kernel's arguments (fill_sm90_args).
-// Only group sizes that are multiples of 128 (one sub-group per k-tile of 128).
-struct FptqSm90Operands {
+// The TMA (bulk copy) + register-A wgmma GEMM (variants 16-19) computes Y^T = W * Xq^T: the
+// weights are wgmma's A operand (widened from nibbles to int8 in registers), the activations its
+// B operand (bulk-copied into shared memory). It reads the sm_80 GEMM's buffers (not the
+// rowsums: the zero points are subtracted while widening) with the plan's split, Xq in the tiled
+// layout the quantize kernel writes for it (xq_tiled below); w4a8_cuda.cu fills this struct
+// from the mma.sync kernel's arguments. Only group sizes that are multiples of 128.
+struct FptqSm90TmaArgs {
   const float* act;        // [>= M] float32 a_m
   const uint8_t* bp;       // [Npad/32][K/32][512] weight atoms (w4a8_cuda.h)
   const float* sp;         // [G, Npad] scales
@@ -30,29 +32,6 @@ struct FptqSm90Operands {
   int k_tiles, tiles_per_split, split;
   int m_tiles, n_tiles;
   int out_half;            // y is float16
-};
-
-// The wgmma GEMM, w4a8_cuda_sm90.cu: Xq row-major, both operands in shared memory.
-struct FptqSm90GemmArgs : FptqSm90Operands {
-  const int8_t* xq;        // [M, K] int8
-  int vec_out;
-  int bm;                  // block rows: 64 or 128
-  int layout;              // shared-memory operand layout: 0 128B swizzle, 1 interleave (see the .cu)
-  int persistent;          // 1: min(tiles, SMs) blocks walk the tiles (bm == 128 only)
-};
-
-// Launches the wgmma GEMM (grid m_tiles x n_tiles x split). cudaErrorNotSupported when the
-// current device is not sm_90 or the arguments name an unsupported tile/layout.
-cudaError_t fptq_w4a8_sm90_gemm(const FptqSm90GemmArgs* args, cudaStream_t stream);
-
-// Dynamic shared memory the kernel for `bm` asks for (0 for an unsupported bm).
-int fptq_w4a8_sm90_smem_bytes(int bm);
-
-// ---- The TMA (bulk copy) + register-A wgmma GEMM, w4a8_cuda_sm90_tma.cu (variants 16-19) ----
-// Computes Y^T = W * Xq^T: the weights are wgmma's A operand (widened from nibbles to int8 in
-// registers), the activations its B operand (bulk-copied into shared memory). Xq is read in the
-// tiled layout the quantize kernel writes for it (xq_tiled below); group sizes % 128 == 0.
-struct FptqSm90TmaArgs : FptqSm90Operands {
   const int8_t* xq_tiled;  // [m_tiles][k_tiles][bt][128] int8, 16-byte chunks pre-swizzled
                            // (chunk c of row r at c ^ (r & 7)); rows >= M are zero
   int pdl;                 // launched as a programmatic dependent of the quantize kernel

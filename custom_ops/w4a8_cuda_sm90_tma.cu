@@ -4,10 +4,10 @@
 // Compiled only for sm_90a (-gencode arch=compute_90a,code=sm_90a); for any other target the
 // kernel body is empty and the launcher reports cudaErrorNotSupported.
 //
-// Why (docs/cuda_kernel.md, "The TMA kernel"): the first wgmma kernel (w4a8_cuda_sm90.cu)
-// widened every weight into shared memory from one producer warpgroup (32-bit STS, a proxy
-// fence, a barrier per k-tile) and each consumer folded its int32 sums only after waiting for
-// its own wgmmas: 0.41x cuBLAS fp16 at large M. Here
+// Why (docs/cuda_kernel.md, "The TMA kernel"): the first wgmma kernel (w4a8_cuda_sm90.cu, since
+// deleted) widened every weight into shared memory from one producer warpgroup (32-bit STS, a
+// proxy fence, a barrier per k-tile) and each consumer folded its int32 sums only after waiting
+// for its own wgmmas: 0.41x cuBLAS fp16 at large M. Here
 //   * the copies are single-thread bulk copies (cp.async.bulk ... mbarrier::complete_tx): one
 //     instruction per 2 KB of weights or per BT x 128 activation tile, no per-16-byte cp.async
 //     issue cost, and the "full" barrier completes when the bytes have landed;

@@ -91,17 +91,6 @@ def test_split_k_never_leaves_a_split_empty(lib, M, N, K):
     assert 1 <= p["split"] <= 16 and emu.ceil_div(p["k_tiles"], p["tiles_per_split"]) == p["split"]
 
 
-@pytest.mark.parametrize("variant", of_kernel("wgmma"), ids=variant_name)
-def test_wgmma_plans(lib, variant):
-    bm, linked = variants()[variant].rows, lib.fptq_w4a8_sm90_linked() == 1
-    p = plan(lib, 300, 4096, 4096, 128, variant)
-    assert p["cfg"] == (3 if bm == 128 else 4) and p["m_tiles"] == emu.ceil_div(300, bm) and p["occupancy"] == 1
-    if linked:
-        assert p["smem"] == emu.wg_cfg(bm).SMEM_BYTES
-    assert plan_rc(lib, 300, 4096, 4096, 64, variant) == -1  # group sizes multiple of 128 only
-    assert lib.fptq_w4a8_variant_info(variant, 90, 128) == linked and lib.fptq_w4a8_variant_info(variant, 89, 128) == 0
-
-
 @pytest.mark.parametrize("variant", of_kernel("tma"), ids=variant_name)
 def test_tma_plans(lib, variant):
     info = variants()[variant]
@@ -130,10 +119,6 @@ def test_pdl_variants_run_the_mma_tile_of_their_rows_on_sm90_only(lib, variant):
     p = plan(lib, 40, 4096, 4096, 64, variant)
     assert mma_tile(p["cfg"], 64).BM == info.rows
     assert lib.fptq_w4a8_variant_info(variant, 90, 64) == 1 and lib.fptq_w4a8_variant_info(variant, 80, 64) == 0
-    if "fused_reduce" in info.flags:  # the split-K tile counters follow the partials
-        plain = next(v for v, i in variants().items() if i.kernel == "mma" and i.flags == {"pdl"} and i.rows == info.rows)
-        a, b = plan(lib, 1, 4096, 4096, 128, plain), plan(lib, 1, 4096, 4096, 128, variant)
-        assert b["split"] == a["split"] > 1 and b["workspace"] >= a["workspace"] + b["m_tiles"] * b["n_tiles"] * 4
 
 
 @pytest.mark.parametrize("M", [1, 40, 300])
@@ -142,7 +127,8 @@ def test_auto_on_sm80_is_the_mma_tile_for_m(lib, M):
     assert chosen.kernel == "mma" and not chosen.flags and chosen.rows == (16 if M <= 16 else (32 if M <= 64 else 128))
 
 
-@pytest.mark.parametrize("variant", [5, 8, 20, -2], ids=["deleted 5", "deleted 8", "past the table", "below AUTO"])
+@pytest.mark.parametrize("variant", [3, 5, 8, 12, 14, 20, -2],
+                         ids=["deleted 3", "deleted 5", "deleted 8", "deleted 12", "deleted 14", "past the table", "below AUTO"])
 def test_ids_that_name_no_variant_are_invalid(lib, variant):
     assert lib.fptq_w4a8_variant_info(variant, 90, 128) == -1
     assert plan_rc(lib, 16, 4096, 4096, 128, variant) == -1
@@ -173,8 +159,8 @@ def test_probes_run_in_child_processes_and_survive_a_failing_one(library_path):
     """run_probes on the emulated library: the child that fails (id 5 names no variant) exits,
     and a new child takes the variants after it."""
     pytest.importorskip("torch")
-    verdicts = cuda_correctness.run_probes(library_path, [3, 5, 16], log=lambda line: None, emulated=True)
-    assert verdicts[3] == "ok" and verdicts[16] == "ok", verdicts
+    verdicts = cuda_correctness.run_probes(library_path, [9, 5, 16], log=lambda line: None, emulated=True)
+    assert verdicts[9] == "ok" and verdicts[16] == "ok", verdicts
     assert verdicts[5].startswith("FAIL"), verdicts
 
 

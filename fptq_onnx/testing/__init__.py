@@ -2,7 +2,7 @@
 
 * :mod:`.cuda_sources`: the CUDA kernels' constants and variant table, read from ``custom_ops/``;
 * :mod:`.cuda_emulation`, :mod:`.cuda_emulation_tma`: numpy emulations of the kernels' index
-  math (mma.sync, wgmma and TMA kernels, the quantize kernel, the pipeline protocols);
+  math (mma.sync and TMA kernels, the quantize kernel, the pipeline protocols);
 * :mod:`.cuda_library`: the standalone CUDA library through ctypes, and an emulated stand-in;
 * :mod:`.cuda_correctness`: the GPU correctness suite (``tests/test_cuda_gpu.py`` runs it,
   ``benchmarks/gpu_gemm.py`` uses it to decide which variants it times);

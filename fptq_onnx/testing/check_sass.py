@@ -8,8 +8,8 @@ LIB: libfptq_ops.so (pip install) or build/cuda_standalone/libfptq_cuda_standalo
 * every kernel of every target: no local memory (cuobjdump -res-usage STACK:0 LOCAL:0, no LDL/STL
   in the SASS), at most 255 registers;
 * sm_80 and sm_90 code: int8 mma.sync (IMMA.16832.S8.S8) in the mma.sync GEMM;
-* sm_90a code (when the library has it): int8 wgmma (IGMMA ... .S8.S8) in both Hopper kernels;
-  in the TMA kernel (w4a8_cuda_sm90_tma.cu, `w4a8_tma_kernel<BT, OVERLAP>`) every instance has
+* sm_90a code (when the library has it): the TMA kernel (w4a8_cuda_sm90_tma.cu,
+  `w4a8_tma_kernel<BT, OVERLAP, FUSEQ>`): in every instance int8 wgmma (IGMMA ... .S8.S8),
   bulk copies (UBLKCP: the TMA engine), mbarrier waits and transaction arrives (SYNCS.PHASECHK,
   SYNCS.ARRIVE.TRANS64), register reallocation (USETMAXREG), wgmma with its A operand in
   registers (`IGMMA... Rd, Ra, gdesc[..]`), and the OVERLAP instances two accumulator sets
@@ -54,7 +54,7 @@ def find_tool(name: str) -> str | None:
 
 def short_name(mangled: str) -> str:
     """A readable kernel name: the template name and its integer / bool arguments."""
-    m = re.search(r"\d(w4a8_tma_kernel|w4a8_wgmma_kernel|w4a8_gemm_kernel|quantize_rows_kernel|"
+    m = re.search(r"\d(w4a8_tma_kernel|w4a8_gemm_kernel|quantize_rows_kernel|"
                   r"splitk_reduce_kernel|repack_weights_kernel|repack_scales_kernel)(I.*)?$", mangled)
     if not m:
         return mangled[-60:]
@@ -142,10 +142,9 @@ def check(lib: str, ptxas_log: str | None = None) -> tuple[list[str], list[dict]
         if name.startswith("w4a8_gemm_kernel") and arch in ("sm_80", "sm_90") and not any(
                 o.startswith("IMMA.16832.S8.S8") for o in ops):
             failures.append(f"{where}: no IMMA.16832.S8.S8 (int8 mma.sync)")
-        if name.startswith(("w4a8_wgmma_kernel", "w4a8_tma_kernel")) and arch == "sm_90a":
+        if name.startswith("w4a8_tma_kernel") and arch == "sm_90a":
             if not any(o.startswith("IGMMA") and o.endswith(".S8.S8") for o in ops):
                 failures.append(f"{where}: no int8 IGMMA")
-        if name.startswith("w4a8_tma_kernel") and arch == "sm_90a":
             for what, ok in (("UBLKCP (bulk copy)", row["ublkcp"] > 0),
                              ("SYNCS.PHASECHK (mbarrier wait)", any(o.startswith("SYNCS.PHASECHK") for o in ops)),
                              ("SYNCS.ARRIVE.TRANS64 (mbarrier arrive / expect_tx)",

@@ -122,7 +122,7 @@ SANITIZE_CASES = case_table("""
 """)
 
 # A variant's first device runs, in a child process (run_probes): the small cases with group sizes
-# the Hopper kernels take, and one with many blocks (split-K, a persistent walk).
+# the Hopper kernel takes, and one with many blocks (split-K).
 PROBE_CASES = [c for c in SANITIZE_CASES if c.group_size % 128 == 0] + [Case(300, 4096, 2048, 128, 1, False, "float32")]
 
 # Small enough for cuda_library.EmulatedLibrary.

@@ -8,13 +8,12 @@ Checks on the CPU what no compiler checks and no CPU can run, against the float6
 * the mma.sync GEMM (``w4a8_gemm_kernel``) block by block, warp by warp and lane by lane: the
   XOR-swizzled shared-memory tiles, ldmatrix / LDS.128 fragment loads, the mma.m16n8k32
   fragment layouts of the PTX ISA, the magic-number int->float fold and split-K;
-* the sm_90a wgmma GEMM (``w4a8_wgmma_kernel``): the producer's copies and widening byte by byte
-  into a shared-memory image, the consumers' operands read back through the descriptors as this
-  repository reads the PTX ISA's canonical layouts (the reading the H200 confirmed), the
-  accumulator fragment ownership, the fold, split-K; its mbarrier protocol under random schedules.
+* what the sm_90a TMA kernel's emulation (:mod:`.cuda_emulation_tma`) shares: the nibble widening,
+  a wgmma operand read through its shared-memory descriptor, the accumulator fragment ownership
+  and the mbarrier.
 
-The TMA kernel has its own module, :mod:`.cuda_emulation_tma`. Every constant (tile sizes, stage
-counts, magic numbers, descriptor fields) is read from the sources by :mod:`.cuda_sources`.
+Every constant (tile sizes, stage counts, magic numbers) is read from the sources by
+:mod:`.cuda_sources`.
 """
 from __future__ import annotations
 
@@ -34,9 +33,6 @@ MAGIC_I = _HEADER["kMagicI"]
 MAGIC_F = np.float32(_HEADER["kMagicF"])
 BUFFER_ALIGN = _HEADER["kBufferAlign"]
 QUANT_THREADS = cuda_sources.constants("w4a8_cuda.cu")["kQuantThreads"]
-_SM90 = cuda_sources.constants("w4a8_cuda_sm90.cu")
-WG_BN = _SM90["kBN"]  # columns per wgmma block
-WG_LAG = _SM90["kLag"]  # k-tiles between a stage's copies and its widening
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -172,7 +168,7 @@ def s8_bytes(words: np.ndarray) -> np.ndarray:
 
 
 def widen_lo(w: np.ndarray, z4: np.ndarray) -> np.ndarray:
-    """The Hopper kernels' nibble widening: the even nibbles of ``w`` as four int8 ``u - z``
+    """The Hopper kernel's nibble widening: the even nibbles of ``w`` as four int8 ``u - z``
     (``z4``: the zero point in each byte), no borrow between bytes."""
     w = np.asarray(w, np.int64)
     return ((((w & 0x0F0F0F0F) | 0x80808080) - z4) ^ 0x80808080) & 0xFFFFFFFF
@@ -370,54 +366,23 @@ def emu_gemm(cfg, split: int, xq, act, rowsum, packed, M, N, K, gs, Mp, out_half
     return reduce_splits(partial, out_half)
 
 
-
-def wg_cfg(bm: int):
-    """sm90::Cfg<BM> of w4a8_cuda_sm90.cu (STAGES, OFF_B, ..., SMEM_BYTES, WN, NACC)."""
-    return cuda_sources.struct_constants("w4a8_cuda_sm90.cu", "Cfg", BM=bm)
-
-
-def wg_tile_off(sw: bool, r, c):
-    """tile_off<SW>(r, c): byte offset of row r, 16-byte chunk c of an operand tile."""
-    r = np.asarray(r, np.int64)
-    c = np.asarray(c, np.int64)
-    if sw:
-        return r * 128 + ((c ^ (r & 7)) << 4)
-    return (r >> 3) * 1024 + c * 128 + (r & 7) * 16
-
-
-def wg_layout_desc(layout: int):
-    """(lbo, sbo, mode, kstep_bytes) that fptq_w4a8_sm90_gemm passes for a layout."""
-    fields = cuda_sources.wgmma_descriptor_fields()[layout]
-    return fields["lbo"], fields["sbo"], fields["mode"], fields["kstep_bytes"]
-
-
 def wg_desc_fields(desc: int):
     return dict(start=(desc & 0x3FFF) << 4, lbo=((desc >> 16) & 0x3FFF) << 4,
                 sbo=((desc >> 32) & 0x3FFF) << 4, base=(desc >> 49) & 7, mode=(desc >> 62) & 3)
 
 
-# make_desc(saddr, lbo, sbo, mode) of w4a8_cuda_sm90.cu: a wgmma shared-memory matrix descriptor.
-wg_make_desc = cuda_sources.one_line_function("w4a8_cuda_sm90.cu", "make_desc")
-
-
 def wg_read_operand(smem: np.ndarray, desc: int, rows: int) -> np.ndarray:
     """The [rows x 32] int8 K-major operand a wgmma k32 step reads through `desc`, as this
-    repository reads the PTX ISA canonical layouts (shared memory starting 1024-aligned; the
-    reading the H200 confirmed for both):
-      128B swizzle: row i, byte j at start + (i // 8) * SBO + (i % 8) * 128 + j, then the 16-byte
-                    chunk bits [4:6] XOR the row bits [7:9] of the address;
-      interleave:   8 x 16-byte core matrices of 128 contiguous bytes, LBO steps along K and SBO
-                    along the rows."""
+    repository reads the PTX ISA's 128B-swizzle canonical layout (shared memory starting
+    1024-aligned; the reading the H200 confirmed): row i, byte j at
+    start + (i // 8) * SBO + (i % 8) * 128 + j, then the 16-byte chunk bits [4:6] XOR the row bits
+    [7:9] of the address."""
     f = wg_desc_fields(desc)
+    assert f["mode"] == 1, "only the 128B swizzle is used"
     i = np.arange(rows, dtype=np.int64)[:, None]
     j = np.arange(32, dtype=np.int64)[None, :]
-    if f["mode"] == 1:
-        addr = f["start"] + (i // 8) * f["sbo"] + (i % 8) * 128 + j
-        addr = addr ^ (((addr >> 7) & 7) << 4)
-    elif f["mode"] == 0:
-        addr = f["start"] + (i // 8) * f["sbo"] + (j // 16) * f["lbo"] + (i % 8) * 16 + j % 16
-    else:
-        raise AssertionError("unexpected swizzle mode")
+    addr = f["start"] + (i // 8) * f["sbo"] + (i % 8) * 128 + j
+    addr = addr ^ (((addr >> 7) & 7) << 4)
     assert addr.min() >= 0 and addr.max() < smem.size
     return smem[addr].view(np.int8).astype(np.int64)
 
@@ -436,110 +401,6 @@ def acc_coords(nacc: int):
     np.add.at(cover, (rows.ravel(), cols.ravel()), 1)
     assert np.all(cover == 1), "accumulator fragments do not tile the block"
     return rows, cols
-
-
-def emu_gemm_wgmma(bm: int, layout: int, split: int, xq, act, packed, M, N, K, gs, out_half=False):
-    """w4a8_wgmma_kernel (+ splitk_reduce_kernel): producer copies and widening thread by thread
-    into a byte image of shared memory, consumer wgmmas read back through the descriptors."""
-    c = wg_cfg(bm)
-    sw = layout == 0
-    lbo, sbo, mode, kstep = wg_layout_desc(layout)
-    lay = packed_layout(N, K, gs)
-    Npad, KB = lay["Npad"], K // ATOM_K
-    assert K % TILE_K == 0 and gs % TILE_K == 0
-    k_tiles = K // TILE_K
-    tps = ceil_div(k_tiles, split)
-    assert ceil_div(k_tiles, tps) == split
-    sub_per_group = gs // TILE_K
-    xq_bytes = np.ascontiguousarray(xq).view(np.uint8).ravel()
-    act = act.astype(np.float32)
-    partial = np.full((split, M, N), np.nan, np.float32)
-    m_tiles, n_tiles = ceil_div(M, bm), ceil_div(N, WG_BN)
-    tid = np.arange(128)
-    rows_of, cols_of = acc_coords(c.NACC)  # fragment ownership: each of the 64 x WN outputs once
-    for bz in range(split):
-        for bx in range(m_tiles):
-            for by in range(n_tiles):
-                m0, n0 = bx * bm, by * WG_BN
-                kt_begin = bz * tps
-                kt_end = min(kt_begin + tps, k_tiles)
-                rows = min(M - m0, bm)
-                bp_base = lay["off_b"] + (n0 // ATOM_N) * KB * ATOM_BYTES
-                acc = [np.full((64, c.WN), MAGIC_I, np.int64) for _ in range(2)]
-                facc = [np.zeros((64, c.WN), np.float32) for _ in range(2)]
-                for kt in range(kt_begin, kt_end):
-                    st = np.full(c.STAGE_BYTES, 0xCD, np.uint8)  # one stage; garbage elsewhere
-                    k0 = kt * TILE_K
-                    # issue(): A, packed weights, scales, zero points
-                    for j in range(bm * 8 // 128):
-                        cc = tid + j * 128
-                        r, ch = cc >> 3, cc & 7
-                        dst = wg_tile_off(sw, r, ch)
-                        for q in range(128):
-                            if r[q] < rows:
-                                src = (m0 + int(r[q])) * K + k0 + int(ch[q]) * 16
-                                st[dst[q] : dst[q] + 16] = xq_bytes[src : src + 16]
-                            else:
-                                st[dst[q] : dst[q] + 16] = 0
-                    for j in range(4):
-                        cc = tid + j * 128
-                        nbl, kbl, ch = cc >> 7, (cc >> 5) & 3, cc & 31
-                        for q in range(128):
-                            dst = c.OFF_P + (nbl[q] * 4 + kbl[q]) * ATOM_BYTES + ch[q] * 16
-                            src = bp_base + (nbl[q] * KB + kt * 4 + kbl[q]) * ATOM_BYTES + ch[q] * 16
-                            st[dst : dst + 16] = packed[src : src + 16]
-                    grp = kt // sub_per_group
-                    for q in range(32):
-                        src = lay["off_s"] + (grp * Npad + n0 + q * 4) * 4
-                        st[c.OFF_S + q * 16 : c.OFF_S + q * 16 + 16] = packed[src : src + 16]
-                    for q in range(8):
-                        src = lay["off_z"] + grp * Npad + n0 + q * 16
-                        st[c.OFF_Z + q * 16 : c.OFF_Z + q * 16 + 16] = packed[src : src + 16]
-                    # widen(): every producer thread
-                    lane, kbl = tid & 31, tid >> 5
-                    g, t = lane >> 2, lane & 3
-                    for nbl in range(4):
-                        for q in range(128):
-                            off = c.OFF_P + (nbl * 4 + kbl[q]) * ATOM_BYTES + lane[q] * 16
-                            ws = st[off : off + 16].view("<u4")
-                            for j in range(4):
-                                n = nbl * 32 + 8 * j + g[q]
-                                z4 = int(st[c.OFF_Z + n]) * 0x01010101
-                                lo, hi = int(widen_lo(ws[j], z4)), int(widen_hi(ws[j], z4))
-                                for val, chunk in ((lo, 2 * kbl[q]), (hi, 2 * kbl[q] + 1)):
-                                    a = c.OFF_B + int(wg_tile_off(sw, n, chunk)) + 4 * int(t[q])
-                                    st[a : a + 4] = np.array([val], "<u4").view(np.uint8)
-                    # consumers
-                    sS = st[c.OFF_S : c.OFF_S + c.S_BYTES].view("<f4")
-                    for wgc in range(2):
-                        row0 = 64 * wgc if bm == 128 else 0
-                        col0 = 0 if bm == 128 else 64 * wgc
-                        for kk in range(K_STEPS):
-                            da = wg_make_desc(row0 * 128 + kk * kstep, lbo, sbo, mode)
-                            db = wg_make_desc(c.OFF_B + col0 * 128 + kk * kstep, lbo, sbo, mode)
-                            A = wg_read_operand(st, da, 64)
-                            Bt = wg_read_operand(st, db, c.WN)
-                            acc[wgc] += A @ Bt.T
-                        # fold: register r of (warp, lane) is (rows_of, cols_of)
-                        a_ = acc[wgc][rows_of, cols_of]
-                        assert np.all(np.abs(a_ - MAGIC_I) < 2**22)
-                        d = a_.astype("<u4").view("<f4") - MAGIC_F
-                        s = sS[col0 + cols_of]
-                        f = facc[wgc][rows_of, cols_of]
-                        facc[wgc][rows_of, cols_of] = (d.astype(np.float64) * s.astype(np.float64) + f.astype(np.float64)).astype(np.float32)
-                        acc[wgc][:] = MAGIC_I
-                # epilogue
-                for wgc in range(2):
-                    row0 = 64 * wgc if bm == 128 else 0
-                    col0 = 0 if bm == 128 else 64 * wgc
-                    for rr in range(64):
-                        m = m0 + row0 + rr
-                        if m >= M:
-                            continue
-                        ncols = min(c.WN, N - (n0 + col0))
-                        if ncols > 0:
-                            partial[bz, m, n0 + col0 : n0 + col0 + ncols] = facc[wgc][rr, :ncols] * act[m]
-    return reduce_splits(partial, out_half)
 
 
 class Mbarrier:
@@ -568,57 +429,3 @@ class Mbarrier:
     def done(self, parity: int) -> bool:
         """The phase with this parity has completed."""
         return (self.phase & 1) != parity
-
-
-def emu_wgmma_pipeline(stages: int, n_kt: int, lag: int, rng) -> None:
-    """The producer / consumer mbarrier protocol of w4a8_wgmma_kernel under a random schedule:
-    phase-parity waits as the PTX ISA defines them; asserts no deadlock and that every consumer
-    reads stage data of the right k-tile, and that the producer never overwrites a stage that a
-    consumer still reads."""
-    full = [Mbarrier(1) for _ in range(stages)]
-    empty = [Mbarrier(2) for _ in range(stages)]
-    content = [None] * stages  # k-tile whose data the stage holds (after widening)
-    in_use = [0] * stages
-
-    def producer():
-        for i in range(n_kt):
-            if i >= stages:
-                while not empty[i % stages].done(((i // stages) - 1) & 1):
-                    yield
-            assert in_use[i % stages] == 0, "producer overwrites a stage in use"
-            content[i % stages] = ("copying", i)
-            yield
-            if i >= lag:
-                j = i - lag
-                content[j % stages] = ("ready", j)
-                full[j % stages].arrive()
-                yield
-        for j in range(max(0, n_kt - lag), n_kt):
-            content[j % stages] = ("ready", j)
-            full[j % stages].arrive()
-            yield
-
-    def consumer():
-        for i in range(n_kt):
-            s = i % stages
-            while not full[s].done((i // stages) & 1):
-                yield
-            assert content[s] == ("ready", i), (content[s], i)
-            in_use[s] += 1
-            yield
-            assert content[s] == ("ready", i)
-            in_use[s] -= 1
-            empty[s].arrive()
-            yield
-
-    actors = [producer(), consumer(), consumer()]
-    alive = list(actors)
-    steps = 0
-    while alive:
-        a = alive[rng.integers(len(alive))]
-        try:
-            next(a)
-        except StopIteration:
-            alive.remove(a)
-        steps += 1
-        assert steps < 100000, "deadlock"

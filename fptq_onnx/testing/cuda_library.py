@@ -105,7 +105,7 @@ class Device:
 
 class EmulatedLibrary:
     """The library's GPU entry points emulated on host memory (an sm_90 device with the sm_90a
-    kernels linked), its host-only ones passed through."""
+    kernel linked), its host-only ones passed through."""
 
     SMS, SMEM_PER_SM = 132, 233472
 
@@ -168,8 +168,6 @@ class EmulatedLibrary:
         if info.kernel == "tma":
             fused = (x, act_mode, act_scale) if "fused_quant" in info.flags else None
             y = emu_tma.emu_gemm_tma(info.rows, p["split"], xq, act, pk, lay, M, N, K, gs, out_half=half, fused=fused)
-        elif info.kernel == "wgmma":
-            y = emu.emu_gemm_wgmma(info.rows, info.layout, p["split"], xq, act, pk, M, N, K, gs, out_half=half)
         else:
             y = emu.emu_gemm(cuda_sources.mma_tile(p["cfg"], sg), p["split"], xq, act, rowsum, pk, M, N, K, gs, Mp,
                              out_half=half)

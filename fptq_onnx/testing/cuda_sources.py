@@ -231,43 +231,29 @@ def mma_tile(cfg: int, sg: int) -> SimpleNamespace:
     return struct_constants("w4a8_cuda.cu", "Tile", **mma_tile_configs()[cfg], SG_=sg)
 
 
-@functools.cache
-def wgmma_descriptor_fields() -> dict[int, dict]:
-    """``{layout: {"lbo", "sbo", "mode", "kstep_bytes"}}``: the descriptor fields
-    ``fptq_w4a8_sm90_gemm`` (w4a8_cuda_sm90.cu) sets for operand layout 0 and 1."""
-    match = re.search(r"if \(args->layout == 0\) \{(.*?)\} else \{(.*?)\}", source("w4a8_cuda_sm90.cu"), re.S)
-    if match is None:
-        raise ValueError("the layout branch of fptq_w4a8_sm90_gemm was not found in w4a8_cuda_sm90.cu")
-    return {layout: {name: int(value) for name, value in re.findall(r"ka\.(\w+) = (\d+);", body)}
-            for layout, body in enumerate(match.groups())}
-
-
 # ---------------------------------------------------------------------------------------------
 # The kernel variants
 # ---------------------------------------------------------------------------------------------
 
 
-_FLAG_NAMES = {"kPdl": "pdl", "kPersistent": "persistent", "kFusedReduce": "fused_reduce",
-               "kOverlap": "overlap", "kFusedQuant": "fused_quant"}
+_FLAG_NAMES = {"kPdl": "pdl", "kOverlap": "overlap", "kFusedQuant": "fused_quant"}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of ``kVariants`` (w4a8_cuda.cu): ``kernel`` is ``"mma"``, ``"wgmma"`` or
-    ``"tma"``; ``rows`` the tokens per block; ``layout`` the wgmma operand layout; ``flags``
-    the names of its VariantFlag bits (``"pdl"``, ``"persistent"``, ``"fused_reduce"``,
-    ``"overlap"``, ``"fused_quant"``)."""
+    """One row of ``kVariants`` (w4a8_cuda.cu): ``kernel`` is ``"mma"`` or ``"tma"``; ``rows``
+    the tokens per block; ``flags`` the names of its VariantFlag bits (``"pdl"``, ``"overlap"``,
+    ``"fused_quant"``)."""
 
     id: int
     name: str
     kernel: str
     rows: int
-    layout: int
     flags: frozenset
 
     @property
     def on_hopper_only(self) -> bool:
-        """Needs sm_90 features (wgmma, bulk copies or programmatic dependent launch)."""
+        """Needs sm_90 features (wgmma and bulk copies, or programmatic dependent launch)."""
         return self.kernel != "mma" or "pdl" in self.flags
 
 
@@ -281,14 +267,14 @@ def defines(name: str) -> dict[str, int]:
 def variants() -> dict[int, Variant]:
     """``{id: Variant}`` in the order of the table."""
     ids = defines("w4a8_cuda.h")
-    rows = re.findall(r'\{(FPTQ_W4A8_VARIANT_\w+),\s*"(\w+)",\s*Kernel::k(\w+),\s*(\d+),\s*(\d+),\s*([\w| ]+)\}',
+    rows = re.findall(r'\{(FPTQ_W4A8_VARIANT_\w+),\s*"(\w+)",\s*Kernel::k(\w+),\s*(\d+),\s*([\w| ]+)\}',
                       source("w4a8_cuda.cu"))
     if not rows:
         raise ValueError("no rows of kVariants found in w4a8_cuda.cu")
     table = {}
-    for macro, name, kernel, block_rows, layout, flags in rows:
+    for macro, name, kernel, block_rows, flags in rows:
         bits = frozenset(_FLAG_NAMES[f.strip()] for f in flags.split("|") if f.strip() != "0")
-        table[ids[macro]] = Variant(ids[macro], name, kernel.lower(), int(block_rows), int(layout), bits)
+        table[ids[macro]] = Variant(ids[macro], name, kernel.lower(), int(block_rows), bits)
     return table
 
 
