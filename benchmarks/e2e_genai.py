@@ -27,7 +27,9 @@ issue 12's table in DIR, each once (a folder that exists is reused):
 Where the builder cannot build the model (Gemma-3-270m: ``KeyError: 'rope_type'``), the fp32
 row is ``fptq-onnx export --exporter torch --with-past`` (our KV-cache export, to which
 ``convert`` gives a GenAI config) and the int4 rows are ONNX Runtime's MatMulNBits quantizer
-(``ort-int4-b32``, ``ort-int4-b128``: symmetric, accuracy_level 4) on that same fp32 model.
+(``ort-int4-b32``, ``ort-int4-b128``: symmetric, accuracy_level 4) on that same fp32 model;
+``ort-int4-b128-fused`` quantizes it after our RMSNorm and GELU fusions (which ``convert`` runs
+on our rows), to tell the fusions' share of the difference from the rest.
 
 ``--ppl`` adds Brown perplexity through GenAI's own logits (``fptq_onnx.evaluate.evaluate_genai``,
 3,072 tokens in 512-token windows). ``--threads 1,2`` measures each thread count in turn. Every
@@ -49,7 +51,9 @@ from pathlib import Path
 BUILDER_ROWS = {"builder-fp32": ["-p", "fp32"], "builder-int4": ["-p", "int4"],
                 "builder-int4-b128": ["-p", "int4", "--extra_options", "block_size=128"]}
 OURS_ROWS = {"fptq-w4a8": [], "fptq-w4a8-w8-0": ["--w8-layers", "0"]}
-ORT_ROWS = {"ort-int4-b32": 32, "ort-int4-b128": 128}
+# (block, fused): "fused" first runs our RMSNorm and GELU fusions on the fp32 graph (convert runs
+# them on ours), to show how much of the gap is those fusions
+ORT_ROWS = {"ort-int4-b32": (32, False), "ort-int4-b128": (128, False), "ort-int4-b128-fused": (128, True)}
 
 
 def cpu_name() -> str:
@@ -116,9 +120,9 @@ def build_rows(recipe: str, workdir: Path, samples: int) -> list[Path]:
 
             write_decoder_config(fp32, onnx.load(str(fp32 / "model.onnx"), load_external_data=False))
         folders.append(fp32)
-        for name, block in ORT_ROWS.items():
+        for name, (block, fused) in ORT_ROWS.items():
             if not (workdir / name / "genai_config.json").is_file():
-                ort_int4_folder(fp32, workdir / name, block)
+                ort_int4_folder(fp32, workdir / name, block, fused)
             folders.append(workdir / name)
     calib = text_path("sotu", progress=False)
     for name, options in OURS_ROWS.items():
@@ -130,16 +134,27 @@ def build_rows(recipe: str, workdir: Path, samples: int) -> list[Path]:
     return folders
 
 
-def ort_int4_folder(fp32: Path, out: Path, block: int) -> None:
-    """ORT's MatMulNBits quantizer (symmetric, ``block``, accuracy_level 4) on ``fp32``'s model,
-    saved with a GenAI ``decoder`` config read off the graph (no custom-op library: MatMulNBits
-    is ORT's own) and the tokenizer."""
+def ort_int4_folder(fp32: Path, out: Path, block: int, fused: bool = False) -> None:
+    """ORT's MatMulNBits quantizer (symmetric, ``block``, accuracy_level 4) on ``fp32``'s model
+    (``fused``: after our FuseRmsNormPass and FuseGeluPass), saved with a GenAI ``decoder`` config
+    read off the graph (no custom-op library: MatMulNBits is ORT's own) and the tokenizer."""
     import onnx
+    import onnx_graphsurgeon as gs
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    from fptq_onnx.passes.base import ConversionContext, PassManager
+    from fptq_onnx.passes.fuse_gelu import FuseGeluPass
+    from fptq_onnx.passes.fuse_rms_norm import FuseRmsNormPass
     from fptq_onnx.tokenizer import copy_tokenizer
 
     model = onnx.load(str(fp32 / "model.onnx"))
+    if fused:
+        ctx = ConversionContext(graph=gs.import_onnx(model))
+        PassManager([FuseRmsNormPass(), FuseGeluPass()])(ctx)
+        fused_model = gs.export_onnx(ctx.graph)
+        if "com.microsoft" not in {o.domain for o in fused_model.opset_import}:  # FastGelu's
+            fused_model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        model = fused_model
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4)
     quantizer = MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()

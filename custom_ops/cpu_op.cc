@@ -1,6 +1,6 @@
-// The CPUExecutionProvider kernels of ai.fptq::W4A8MatMul and W8A8MatMul (one class, the weight
-// width a template parameter): checks the inputs, repacks the weights once and caches them, and
-// runs w4a8_cpu.h on ONNX Runtime's intra-op thread pool.
+// The CPUExecutionProvider kernels of ai.fptq::W4A8MatMul, W8A8MatMul and W4A8RescoredMatMul
+// (one class, the weight width and the rescoring template parameters): checks the inputs, repacks
+// the weights once and caches them, and runs w4a8_cpu.h on ONNX Runtime's intra-op thread pool.
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -20,13 +20,18 @@ namespace {
 // float16 X is widened and Y narrowed (round to nearest even, like the function body's
 // CastLike), which costs two passes over X and Y, small next to the matmul.
 // kBits: 4 (W4A8MatMul) or 8 (W8A8MatMul); everything but the repacking of B is shared.
-template <class XT, int kBits>
+// kRescored: W4A8RescoredMatMul, W4A8MatMul followed by the top-k residual (kBits 4).
+template <class XT, int kBits, bool kRescored = false>
 class CpuKernel {
  public:
   static_assert(std::is_same_v<XT, float> || std::is_same_v<XT, Ort::Float16_t>, "float32 or float16 X");
   static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
   static constexpr int kWeightBits = kBits;
-  static constexpr const char* kName = op_type_for_bits(kBits);
+  static_assert(!kRescored || kBits == 4, "the rescored head has 4-bit weights");
+  static constexpr const char* kName = kRescored ? kRescoredOpType : op_type_for_bits(kBits);
+  static constexpr int kSinceVersion =
+      kRescored ? kRescoredOpSinceVersion : kBits == 8 ? kW8OpSinceVersion : kOpSinceVersion;
+  static constexpr int kInputCount = kRescored ? kNumRescoredInputs : kNumInputs;
   static constexpr ONNXTensorElementDataType kXType =
       std::is_same_v<XT, float> ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   static OrtMemType InputMemoryType(size_t /*input*/) { return OrtMemTypeDefault; }
@@ -36,7 +41,7 @@ class CpuKernel {
   // table is set); info: the node. Throws on a bad attribute or ISA request.
   CpuKernel(const OrtApi& /*api*/, const OrtKernelInfo* info)
       : node_(Ort::ConstKernelInfo(info).GetNodeName()),
-        attrs_(read_attributes(Ort::ConstKernelInfo(info), kBits)),
+        attrs_(read_attributes(Ort::ConstKernelInfo(info), kBits, kRescored)),
         isa_(isa_from_environment(node_)),
         weights_constant_(inputs_constant(Ort::ConstKernelInfo(info), {kInB, kInScales, kInZeroPoints})) {}
 
@@ -58,15 +63,25 @@ class CpuKernel {
     };
     const std::shared_ptr<const cpu::PackedWeights> weights = packed_weights(t, parallel_for);
     const int64_t m = t.problem.M;
+    cpu::ResidualWeights residual;
+    if constexpr (kRescored) {
+      const ResidualTensors r = bind_residual(context, attrs_, node_);
+      residual = {r.b, r.scales, r.zero_points, attrs_.K, attrs_.N, attrs_.group_size};
+    }
+    auto run = [&](const float* x, float* y) {
+      cpu::w4a8_matmul(x, m, *weights, attrs_.act_mode, act_scale, y, isa_, parallel_for);
+      if constexpr (kRescored) {
+        cpu::add_residual_on_top_k(x, m, residual, attrs_.act_mode, act_scale, attrs_.top_k, y, parallel_for);
+      }
+    };
     if constexpr (std::is_same_v<XT, float>) {
-      cpu::w4a8_matmul(static_cast<const float*>(t.x), m, *weights, attrs_.act_mode, act_scale,
-                       static_cast<float*>(t.y), isa_, parallel_for);
+      run(static_cast<const float*>(t.x), static_cast<float*>(t.y));
     } else {
       const auto* x16 = static_cast<const XT*>(t.x);
       auto* y16 = static_cast<XT*>(t.y);
       std::vector<float> x(static_cast<size_t>(m * attrs_.K)), y(static_cast<size_t>(m * attrs_.N));
       for (size_t i = 0; i < x.size(); ++i) x[i] = x16[i].ToFloat();
-      cpu::w4a8_matmul(x.data(), m, *weights, attrs_.act_mode, act_scale, y.data(), isa_, parallel_for);
+      run(x.data(), y.data());
       for (size_t i = 0; i < y.size(); ++i) y16[i] = XT(y[i]);
     }
   }
@@ -115,6 +130,8 @@ template <class XT>
 using CpuW4A8Kernel = CpuKernel<XT, 4>;
 template <class XT>
 using CpuW8A8Kernel = CpuKernel<XT, 8>;
+template <class XT>
+using CpuRescoredKernel = CpuKernel<XT, 4, /*kRescored=*/true>;
 
 const OrtCustomOp* cpu_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x_type) {
   return w4a8_op_for<CpuW4A8Kernel>(api_version, x_type);
@@ -122,6 +139,10 @@ const OrtCustomOp* cpu_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x
 
 const OrtCustomOp* cpu_w8a8_op(uint32_t api_version, ONNXTensorElementDataType x_type) {
   return w4a8_op_for<CpuW8A8Kernel>(api_version, x_type);
+}
+
+const OrtCustomOp* cpu_rescored_op(uint32_t api_version, ONNXTensorElementDataType x_type) {
+  return w4a8_op_for<CpuRescoredKernel>(api_version, x_type);
 }
 
 }  // namespace fptq

@@ -196,6 +196,9 @@ class CudaW4A8Kernel {
   static constexpr int kDtype = std::is_same_v<XT, float> ? FPTQ_DTYPE_FLOAT32 : FPTQ_DTYPE_FLOAT16;
   // W4A8MatMul only: W8A8MatMul has no CUDA kernel (docs/ops.md), its nodes run on the CPU kernel.
   static constexpr int kWeightBits = 4;
+  static constexpr const char* kName = kOpType;
+  static constexpr int kSinceVersion = kOpSinceVersion;
+  static constexpr int kInputCount = kNumInputs;
   // Every input on the device, act_scale included (the launcher reads it there).
   static OrtMemType InputMemoryType(size_t /*input*/) { return OrtMemTypeDefault; }
 

@@ -18,6 +18,10 @@ const OrtCustomOp* cpu_w4a8_op(uint32_t api_version, ONNXTensorElementDataType x
 // a CUDA session ORT places its nodes on CPUExecutionProvider.
 const OrtCustomOp* cpu_w8a8_op(uint32_t api_version, ONNXTensorElementDataType x_type);
 
+// ai.fptq::W4A8RescoredMatMul (since version 2) on CPUExecutionProvider: the language-model
+// head, W4A8MatMul plus its 4-bit residual on each row's top_k channels (cpu_op.cc). CPU only.
+const OrtCustomOp* cpu_rescored_op(uint32_t api_version, ONNXTensorElementDataType x_type);
+
 #if defined(FPTQ_WITH_CUDA)
 // ai.fptq::W4A8MatMul on CUDAExecutionProvider (cuda_op.cc: W4A8CustomOp<CudaW4A8Kernel<...>>
 // from w4a8_op.h, calling the launchers of w4a8_cuda.h); same contract as cpu_w4a8_op.

@@ -85,6 +85,7 @@ Library build_library(const OrtApiBase* api_base) {
     Ort::ThrowOnError(lib.api->CreateCustomOpDomain(kOpDomain, &lib.domain));
     add_ops(*lib.api, lib.domain, lib.api_version, cpu_w4a8_op);
     add_ops(*lib.api, lib.domain, lib.api_version, cpu_w8a8_op);
+    add_ops(*lib.api, lib.domain, lib.api_version, cpu_rescored_op);
     add_cuda_ops(*lib.api, lib.domain, lib.api_version);
   });
   return lib;

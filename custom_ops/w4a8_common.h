@@ -19,6 +19,11 @@ constexpr int kOpSinceVersion = 1;
 constexpr const char* kW8OpType = "W8A8MatMul";
 constexpr int kW8OpSinceVersion = 2;
 
+// The language-model head's op: W4A8MatMul over every channel, plus a second 4-bit weight (the
+// residual of the first) on the top_k channels of each row (docs/ops.md). CPU only.
+constexpr const char* kRescoredOpType = "W4A8RescoredMatMul";
+constexpr int kRescoredOpSinceVersion = 2;
+
 // The op type of the kernel for `weight_bits`-bit weights (4 or 8), for registration and messages.
 constexpr const char* op_type_for_bits(int64_t weight_bits) { return weight_bits == 8 ? kW8OpType : kOpType; }
 
@@ -29,6 +34,11 @@ constexpr int kInScales = 2;
 constexpr int kInZeroPoints = 3;
 constexpr int kInActScale = 4;
 constexpr int kNumInputs = 5;
+// W4A8RescoredMatMul's residual weight, in the layout of B, scales and zero_points.
+constexpr int kInResidualB = 5;
+constexpr int kInResidualScales = 6;
+constexpr int kInResidualZeroPoints = 7;
+constexpr int kNumRescoredInputs = 8;
 
 // act_mode attribute values.
 constexpr int64_t kActPerTensorStatic = 0;  // a_m = act_scale for every row
@@ -50,9 +60,12 @@ struct W4A8Attrs {
   int64_t group_size = 0;  // weights per (n, group) along K; even
   int64_t act_mode = 0;    // kActPerTensorStatic or kActPerTokenDynamic
   int64_t weight_bits = 4; // 4 (B: two weights per byte) or 8 (B: one byte per weight)
+  int64_t top_k = 0;       // W4A8RescoredMatMul: channels per row that get the residual; 0: another op
   // G = ceil(K / group_size): a K that is not a multiple of group_size ends in a partial group
   // (ONNX Runtime's MatMulNBits does the same).
   int64_t groups() const { return group_size > 0 ? (K + group_size - 1) / group_size : 0; }
+  // The node's op type, for messages.
+  const char* op_type() const { return top_k > 0 ? kRescoredOpType : op_type_for_bits(weight_bits); }
 };
 
 // Shapes of one call after checking: X viewed as [M, K], Y as [M, N].

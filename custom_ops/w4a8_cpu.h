@@ -74,5 +74,19 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
 void w4a8_matmul(const float* x, int64_t m, const PackedWeights& w, int64_t act_mode, float act_scale, float* y,
                  Isa isa, const ParallelFor& parallel_for);
 
+// W4A8RescoredMatMul's residual weight as stored (docs/ops.md layout of B, scales, zero_points).
+struct ResidualWeights {
+  const uint8_t* b = nullptr;            // uint8 [N, ceil(K/2)], even k in the low nibble
+  const float* scales = nullptr;         // float32 [N, G]
+  const uint8_t* zero_points = nullptr;  // uint8 [N, G]
+  int64_t k = 0, n = 0, group_size = 0;
+};
+
+// The rescoring of W4A8RescoredMatMul (w4a8_cpu_rescore.cc): y [M, N] holds W4A8MatMul's C;
+// on each row's top_k channels by C (ties: the lower channel), adds R, the W4A8MatMul of the
+// residual r for x [M, K] with the same act_mode and act_scale. top_k in [1, N].
+void add_residual_on_top_k(const float* x, int64_t m, const ResidualWeights& r, int64_t act_mode, float act_scale,
+                           int64_t top_k, float* y, const ParallelFor& parallel_for);
+
 }  // namespace cpu
 }  // namespace fptq

@@ -66,15 +66,16 @@ bool inputs_constant(const Ort::ConstKernelInfo& info, std::initializer_list<int
   return true;
 }
 
-W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info, int64_t weight_bits) {
+W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info, int64_t weight_bits, bool rescored) {
   const std::string node = info.GetNodeName();
-  const char* op_type = op_type_for_bits(weight_bits);
+  const char* op_type = rescored ? kRescoredOpType : op_type_for_bits(weight_bits);
   W4A8Attrs attrs;
   attrs.weight_bits = weight_bits;
   attrs.K = int_attribute(info, "K", op_type, node);
   attrs.N = int_attribute(info, "N", op_type, node);
   attrs.group_size = int_attribute(info, "group_size", op_type, node);
   attrs.act_mode = int_attribute(info, "act_mode", op_type, node);
+  if (rescored) attrs.top_k = int_attribute(info, "top_k", op_type, node);
 
   // Bounds keep every size product (N * K, M * K) far from int64 overflow.
   constexpr int64_t kMaxDim = int64_t{1} << 31;
@@ -88,13 +89,34 @@ W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info, int64_t weight_bits)
   } else if (attrs.act_mode != kActPerTensorStatic && attrs.act_mode != kActPerTokenDynamic) {
     why << "act_mode=" << attrs.act_mode << " must be " << kActPerTensorStatic << " (per-tensor static) or "
         << kActPerTokenDynamic << " (per-token dynamic)";
+  } else if (rescored && (attrs.top_k < 1 || attrs.top_k > attrs.N)) {
+    why << "top_k=" << attrs.top_k << " must be in [1, N=" << attrs.N << "]";
   }
   if (!why.str().empty()) fail_invalid(op_type, node, why.str());
   return attrs;
 }
 
+namespace {
+
+// Checks the weight inputs b, b + 1 (scales) and b + 2 (zero_points) against attrs; names: of
+// the three, for messages.
+void expect_weights(Ort::KernelContext& context, const W4A8Attrs& attrs, int b, const char* const (&names)[3],
+                    const std::string& node) {
+  const char* op_type = attrs.op_type();
+  const std::vector<int64_t> grouped = {attrs.N, attrs.groups()};
+  const bool bytes = attrs.weight_bits == 8;  // one weight per byte of B, else two
+  expect_shape(input_shape(context, b, names[0], op_type, node), {attrs.N, bytes ? attrs.K : (attrs.K + 1) / 2},
+               names[0], bytes ? "[N, K]" : "[N, ceil(K/2)]", op_type, node);
+  for (int i = 1; i < 3; ++i) {
+    expect_shape(input_shape(context, b + i, names[i], op_type, node), grouped, names[i], "[N, ceil(K/group_size)]",
+                 op_type, node);
+  }
+}
+
+}  // namespace
+
 W4A8Tensors bind_tensors(Ort::KernelContext& context, const W4A8Attrs& attrs, const std::string& node) {
-  const char* op_type = op_type_for_bits(attrs.weight_bits);
+  const char* op_type = attrs.op_type();
   const std::vector<int64_t> x_shape = input_shape(context, kInX, "X", op_type, node);
   const ONNXTensorElementDataType x_type = context.GetInput(kInX).GetTensorTypeAndShapeInfo().GetElementType();
   if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
@@ -104,14 +126,7 @@ W4A8Tensors bind_tensors(Ort::KernelContext& context, const W4A8Attrs& attrs, co
     fail_invalid(op_type, node,
                  "X has shape " + shape_str(x_shape) + ", its last dim must be K=" + std::to_string(attrs.K));
   }
-  const std::vector<int64_t> grouped = {attrs.N, attrs.groups()};
-  const bool bytes = attrs.weight_bits == 8;  // one weight per byte of B, else two
-  expect_shape(input_shape(context, kInB, "B", op_type, node), {attrs.N, bytes ? attrs.K : (attrs.K + 1) / 2}, "B",
-               bytes ? "[N, K]" : "[N, ceil(K/2)]", op_type, node);
-  expect_shape(input_shape(context, kInScales, "scales", op_type, node), grouped, "scales",
-               "[N, ceil(K/group_size)]", op_type, node);
-  expect_shape(input_shape(context, kInZeroPoints, "zero_points", op_type, node), grouped, "zero_points",
-               "[N, ceil(K/group_size)]", op_type, node);
+  expect_weights(context, attrs, kInB, {"B", "scales", "zero_points"}, node);
   int64_t act_scale_count = 1;
   for (int64_t d : input_shape(context, kInActScale, "act_scale", op_type, node)) act_scale_count *= d;
   if (act_scale_count != 1) {
@@ -132,6 +147,13 @@ W4A8Tensors bind_tensors(Ort::KernelContext& context, const W4A8Attrs& attrs, co
   y_shape.back() = attrs.N;
   t.y = context.GetOutput(0, y_shape).GetTensorMutableRawData();
   return t;
+}
+
+ResidualTensors bind_residual(Ort::KernelContext& context, const W4A8Attrs& attrs, const std::string& node) {
+  expect_weights(context, attrs, kInResidualB, {"residual_B", "residual_scales", "residual_zero_points"}, node);
+  return {context.GetInput(kInResidualB).GetTensorData<uint8_t>(),
+          context.GetInput(kInResidualScales).GetTensorData<float>(),
+          context.GetInput(kInResidualZeroPoints).GetTensorData<uint8_t>()};
 }
 
 }  // namespace fptq

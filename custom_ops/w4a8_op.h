@@ -6,6 +6,9 @@
 //     static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
 //     static constexpr ONNXTensorElementDataType kXType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // X and Y
 //     static constexpr int kWeightBits = 4;   // 4: W4A8MatMul, 8: W8A8MatMul (same inputs, B one byte per weight)
+//     static constexpr const char* kName = kOpType;          // the op type it serves
+//     static constexpr int kSinceVersion = kOpSinceVersion;  // of the ai.fptq domain
+//     static constexpr int kInputCount = kNumInputs;         // kNumRescoredInputs for W4A8RescoredMatMul
 //     static OrtMemType InputMemoryType(size_t input);   // where ORT places each input
 //     MyKernel(const OrtApi& api, const OrtKernelInfo* info);   // may throw
 //     void Compute(OrtKernelContext* context);                   // may throw; called concurrently
@@ -36,9 +39,10 @@ namespace fptq {
 [[noreturn]] void fail_invalid(const char* op_type, const std::string& node, const std::string& message);
 
 // Reads and checks the attributes K, N, group_size and act_mode (docs/ops.md) of a node of the
-// op for weight_bits-bit weights (4 or 8; stored in the result).
+// op for weight_bits-bit weights (4 or 8; stored in the result), and with `rescored`
+// (W4A8RescoredMatMul) top_k too, in [1, N].
 // info: the kernel info of the node. Throws (fail_invalid) on a missing or out-of-range one.
-W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info, int64_t weight_bits);
+W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info, int64_t weight_bits, bool rescored = false);
 
 // The tensors of one call, checked against the attributes. Pointers are in the memory ORT
 // gave the kernel for each input (host memory for the CPU kernel).
@@ -57,6 +61,14 @@ struct W4A8Tensors {
 // allocates the output Y[..., N] with X's type. context: the kernel context of the call; attrs: from
 // read_attributes(); node: the node's name for messages. Throws (fail_invalid) on a mismatch.
 W4A8Tensors bind_tensors(Ort::KernelContext& context, const W4A8Attrs& attrs, const std::string& node);
+
+// W4A8RescoredMatMul's residual weight (inputs 5-7), checked like B, scales and zero_points.
+struct ResidualTensors {
+  const uint8_t* b = nullptr;            // uint8 [N, ceil(K/2)]
+  const float* scales = nullptr;         // float32 [N, G]
+  const uint8_t* zero_points = nullptr;  // uint8 [N, G]
+};
+ResidualTensors bind_residual(Ort::KernelContext& context, const W4A8Attrs& attrs, const std::string& node);
 
 // True when every listed input is a constant initializer, whose buffer ORT keeps, unchanged,
 // at one address for the session's lifetime: only then may packed weights be reused.
@@ -133,8 +145,8 @@ class GuardedKernel {
   Kernel kernel_;
 };
 
-// The OrtCustomOp for ai.fptq::W4A8MatMul (since version 1) or, for Kernel::kWeightBits = 8,
-// W8A8MatMul (since version 2) on Kernel's execution provider.
+// The OrtCustomOp of Kernel::kName (W4A8MatMul since version 1; W8A8MatMul, Kernel::kWeightBits = 8,
+// and W4A8RescoredMatMul since version 2) on Kernel's execution provider.
 template <class Kernel>
 struct W4A8CustomOp : Ort::CustomOpBase<W4A8CustomOp<Kernel>, GuardedKernel<Kernel>, /*WithStatus=*/true> {
   static_assert(Kernel::kWeightBits == 4 || Kernel::kWeightBits == 8, "4- or 8-bit weights");
@@ -142,20 +154,21 @@ struct W4A8CustomOp : Ort::CustomOpBase<W4A8CustomOp<Kernel>, GuardedKernel<Kern
   // an op struct that claims a newer version than its own.
   explicit W4A8CustomOp(uint32_t api_version) {
     this->version = api_version;
-    this->start_ver_ = Kernel::kWeightBits == 8 ? kW8OpSinceVersion : kOpSinceVersion;
+    this->start_ver_ = Kernel::kSinceVersion;
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     return run_guarded(api, [&] { *kernel = new GuardedKernel<Kernel>(api, info); });
   }
-  const char* GetName() const { return op_type_for_bits(Kernel::kWeightBits); }
+  const char* GetName() const { return Kernel::kName; }
   const char* GetExecutionProviderType() const { return Kernel::kExecutionProvider; }
 
-  size_t GetInputTypeCount() const { return kNumInputs; }
+  size_t GetInputTypeCount() const { return Kernel::kInputCount; }
+  // X, then (B uint8, scales float, zero_points uint8, act_scale float) and the residual's
+  // (B, scales, zero_points): the odd inputs are uint8, the even ones float.
   ONNXTensorElementDataType GetInputType(size_t index) const {
     if (index == kInX) return Kernel::kXType;
-    return index == kInB || index == kInZeroPoints ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
-                                                   : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return index % 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtMemType GetInputMemoryType(size_t index) const { return Kernel::InputMemoryType(index); }
 

@@ -15,7 +15,12 @@ from typing import Any, Callable
 from .errors import UserError
 
 BANDS = ("low", "mid", "high")
-LM_HEAD_CHOICES = ("w8", "w4", "float")  # 8-bit weights, 4-bit weights, left in float
+# 8-bit weights, 4-bit, 4-bit + residual on top-k, float; auto: w8 or rescored by the head's share
+LM_HEAD_CHOICES = ("auto", "w8", "w4", "rescored", "float")
+# --lm-head auto takes "rescored" when the head holds more than this share of the quantized
+# weights: decode reads them all once per token, so there the head's bytes are most of a
+# token's (Gemma-3-270m: 63%; SmolLM2-135M: 21%, where w8 is kept)
+AUTO_RESCORED_SHARE = 0.5
 ACCURACY_GROUP = "accuracy options (defaults chosen by measurement, docs/accuracy.md)"
 
 
@@ -98,8 +103,12 @@ class ConvertConfig:
     nodes_to_exclude: str | None = option(None, "leave layers whose name matches in float", metavar="REGEX")
     # The head is quantized (an fp32 head was 113 of 185 MB of SmolLM2) at 8 bits: a 4-bit head
     # took SmolLM2's Brown perplexity from 49.9 to 65.7
-    lm_head: str = option("w8", "the language-model head: 8-bit weights (a tied embedding then reads them), "
-                                "4-bit, or left in float", choices=LM_HEAD_CHOICES)
+    lm_head: str = option("auto", "the language-model head: 8-bit weights (a tied embedding then reads them), "
+                                  "4-bit, rescored (4-bit, plus a 4-bit residual on each token's --lm-head-top-k "
+                                  "largest logits: a token reads 4 bits per weight, the logits that count get 8), "
+                                  "left in float, or auto: rescored where the head is more than half of the "
+                                  "model's weights, else w8", choices=LM_HEAD_CHOICES)
+    lm_head_top_k: int = option(256, "with --lm-head rescored: logits per token that get the residual", accuracy=True)
     fold_lae: bool = option(True, "fold LAE's 1/s into the preceding norm where possible, else a Mul node",
                             flag="--lae-fold")
     # bands whose groups get equalization scales (the paper: only "mid"; every band measured
@@ -136,8 +145,11 @@ class ConvertConfig:
     w8_fraction: float = option(0.03, None, flag="--w8-layers")
     # one group over all of K lets the AMX kernel fold its int32 sums into float once per output
     # instead of once per group (docs/performance.md "Session 8": the fold is what keeps 8-bit
-    # layers behind MatMulInteger at M >= 16)
-    w8_per_channel: bool = option(False, "8-bit layers and head with one scale and zero point per output "
+    # layers behind MatMulInteger at M >= 16). Measured in onnxruntime-genai ("Session 9"): SmolLM2
+    # decodes at 310.4 / 200.9 tok/s against 293.1 / 187.0 (2 / 1 threads), prefills 512 tokens in
+    # 300 / 552 ms against 308 / 606, Brown 47.74 against 47.45; Gemma-3 ("Session 11") the same
+    # speeds within noise, Brown 32.33 against 32.15, 5 MB smaller
+    w8_per_channel: bool = option(True, "8-bit layers and head with one scale and zero point per output "
                                          "channel (all of K) instead of groups of --group-size", accuracy=True)
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
 
@@ -153,6 +165,8 @@ class ConvertConfig:
                 raise UserError(f"--nodes-to-exclude is not a valid regular expression: {error}") from None
         if self.lm_head not in LM_HEAD_CHOICES:
             raise UserError(f"--lm-head takes {', '.join(LM_HEAD_CHOICES)}, got {self.lm_head!r}")
+        if self.lm_head_top_k < 1:
+            raise UserError(f"--lm-head-top-k must be >= 1, got {self.lm_head_top_k}")
         unknown = set(self.lae_bands) - set(BANDS)
         if unknown:
             raise UserError(f"--lae-bands takes low, mid, high; got {', '.join(sorted(unknown))}")
@@ -178,9 +192,9 @@ class ConvertConfig:
     def exclude_lm_head(self) -> bool:
         return self.lm_head == "float"
 
-    @property
-    def lm_head_bits(self) -> int | None:
-        return None if self.exclude_lm_head else int(self.lm_head[1:])
+    def auto_lm_head(self, head_share: float) -> str:
+        """``--lm-head auto``'s choice for a head holding ``head_share`` of the quantized weights."""
+        return "rescored" if head_share > AUTO_RESCORED_SHARE else "w8"
 
     @property
     def hessian_kind(self) -> str:

@@ -18,11 +18,12 @@ import onnx
 
 from .errors import UserError
 from .model_io import load_model
-from .op_contract import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE
+from .op_contract import OP_DOMAIN, OP_TYPE, RESCORED_OP_TYPE, W8A8_OP_TYPE
 from .quant import ActMode
 
 RUNS_STOCK = "runs in stock onnxruntime via the function body; fptq_onnx.InferenceSession for the fast kernel"
-LAYER_OPS = {OP_TYPE: 4, W8A8_OP_TYPE: 8}  # op type -> bits per weight
+LAYER_OPS = {OP_TYPE: 4, W8A8_OP_TYPE: 8, RESCORED_OP_TYPE: 4}  # op type -> bits per weight read (the rescored
+# head stores 8: its 4-bit weight and 4-bit residual)
 NEEDS_LIBRARY = ("needs the fptq op library (no function body): fptq_onnx.InferenceSession, or "
                  "SessionOptions.register_custom_ops_library(fptq_onnx.library_path())")
 
@@ -93,7 +94,7 @@ def _layer_info(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto])
     k = k_op
     if " -> " in decisions.get("k_padded", ""):  # "576 -> 640": the layer's own K, then the op's
         k = int(decisions["k_padded"].split(" -> ")[0])
-    weights = node.input[1:4]  # packed, scales, zero points
+    weights = [*node.input[1:4], *node.input[5:8]]  # packed, scales, zero points (and the rescored head's residual)
     mode = attrs.get("act_mode")
     scheme = str(ActMode(mode)) if mode in set(ActMode) else f"act_mode {mode}"
     if decisions.get("lae") == "yes":

@@ -17,6 +17,11 @@ and the kernels are tested against it. The body follows ``docs/ops.md`` step by 
 Layers kept at 8-bit weights (mixed precision, ``W8A8MatMul``: the same contract with ``u`` the
 bytes of ``B[N, K]``) share everything but the unpacking of ``B``.
 
+The language-model head may be ``W4A8RescoredMatMul``: ``C = W4A8MatMul(X, B, ...)`` on every
+channel and, on the ``top_k`` channels of each row with the largest ``C`` (ties: the lower one),
+``C + R`` with ``R = W4A8MatMul(X, residual_B, ...)``, the 4-bit residual of the head's weight.
+Its body calls the two W4A8MatMul functions and selects with ``TopK`` / ``ScatterElements``.
+
 Both activation paths are computed and one is selected with ``Where`` on the ``act_mode``
 attribute: a function body cannot branch on an attribute otherwise, and the fallback path is
 about portability, not speed.
@@ -30,6 +35,7 @@ import onnx.parser
 OP_DOMAIN = "ai.fptq"
 OP_TYPE = "W4A8MatMul"
 W8A8_OP_TYPE = "W8A8MatMul"
+RESCORED_OP_TYPE = "W4A8RescoredMatMul"  # the language-model head (docs/ops.md), since version 2
 # Version of the ai.fptq domain the models import. 2: W8A8MatMul with W4A8MatMul's inputs
 # (docs/ops.md); version 1 (sessions 4-5) had int8 W[K, N] with per-channel scales. Our kernel
 # serves W8A8MatMul from version 2 only, so version-1 models still run their own function body.
@@ -133,6 +139,28 @@ _UNPACK_BYTES_TEXT = """
 """
 
 
+# W4A8RescoredMatMul: C and C + R from two W4A8MatMul calls (the same activations), C + R on the
+# top_k channels of C. TopK keeps the lower index of equal values, as the kernel does.
+_RESCORED_TEXT = """
+<domain: "{OP_DOMAIN}", opset_import: ["" : {opset}, "{OP_DOMAIN}" : {version}]>
+{RESCORED_OP_TYPE} <K, N, group_size, act_mode, top_k> (X, B, scales, zero_points, act_scale, residual_B,
+    residual_scales, residual_zero_points) => (Y)
+{{
+    coarse = {OP_DOMAIN}.{OP_TYPE} <K: int = @K, N: int = @N, group_size: int = @group_size,
+        act_mode: int = @act_mode> (X, B, scales, zero_points, act_scale)
+    residual = {OP_DOMAIN}.{OP_TYPE} <K: int = @K, N: int = @N, group_size: int = @group_size,
+        act_mode: int = @act_mode> (X, residual_B, residual_scales, residual_zero_points, act_scale)
+    fine = Add (coarse, residual)
+    k_scalar = Constant <value_int: int = @top_k> ()
+    last_axis = Constant <value_ints = [-1]> ()
+    k_1d = Unsqueeze (k_scalar, last_axis)
+    top_values, top_channels = TopK <axis = -1, largest = 1, sorted = 1> (coarse, k_1d)
+    fine_top = GatherElements <axis = -1> (fine, top_channels)
+    Y = ScatterElements <axis = -1> (coarse, top_channels, fine_top)
+}}
+"""
+
+
 def _function(op_type: str, unpack: str, opset: int) -> onnx.FunctionProto:
     if opset < MIN_OPSET:
         raise ValueError(f"the {op_type} function body needs ONNX opset >= {MIN_OPSET}, the model has {opset}")
@@ -159,6 +187,15 @@ def w8a8_function(opset: int = 18) -> onnx.FunctionProto:
     return _function(W8A8_OP_TYPE, _UNPACK_BYTES_TEXT, opset)
 
 
+def rescored_function(opset: int = 18) -> onnx.FunctionProto:
+    """The W4A8RescoredMatMul function (the head, ``ai.fptq`` since version 2): two calls of the
+    W4A8MatMul function, which the model must carry too (:func:`add_w4a8_function` adds both)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"the {RESCORED_OP_TYPE} function body needs ONNX opset >= {MIN_OPSET}, the model has {opset}")
+    return onnx.parser.parse_function(_RESCORED_TEXT.format(
+        OP_DOMAIN=OP_DOMAIN, OP_TYPE=OP_TYPE, RESCORED_OP_TYPE=RESCORED_OP_TYPE, opset=opset, version=OP_VERSION))
+
+
 def add_w4a8_function(model: onnx.ModelProto) -> None:
     """Attach the function (at the model's opset) and the ``ai.fptq`` opset import (idempotent).
 
@@ -175,14 +212,16 @@ def add_w4a8_function(model: onnx.ModelProto) -> None:
         imports[OP_DOMAIN].version = OP_VERSION
     if not any(f.domain == OP_DOMAIN and f.name == OP_TYPE for f in model.functions):
         model.functions.append(w4a8_function(default.version))
-    uses_w8 = any(node.domain == OP_DOMAIN and node.op_type == W8A8_OP_TYPE for node in model.graph.node)
-    if uses_w8 and not any(f.domain == OP_DOMAIN and f.name == W8A8_OP_TYPE for f in model.functions):
-        model.functions.append(w8a8_function(default.version))
+    used = {node.op_type for node in model.graph.node if node.domain == OP_DOMAIN}
+    present = {f.name for f in model.functions if f.domain == OP_DOMAIN}
+    for op_type, make in ((W8A8_OP_TYPE, w8a8_function), (RESCORED_OP_TYPE, rescored_function)):
+        if op_type in used and op_type not in present:
+            model.functions.append(make(default.version))
 
 
 def single_op_model(weights: dict, act_scale, *, k: int, n: int, group_size: int, act_mode: int, x_rank: int = 2,
                     graph_inputs=(), attrs: dict | None = None, function: onnx.FunctionProto | None = None,
-                    x_type: int = onnx.TensorProto.FLOAT, op_type: str = OP_TYPE) -> bytes:
+                    x_type: int = onnx.TensorProto.FLOAT, op_type: str = OP_TYPE, top_k: int | None = None) -> bytes:
     """A serialized model of one W4A8MatMul (or W8A8MatMul) node ``Y = op(X, B, S, Z, A)`` and the
     op's function: what the kernel tests and benchmarks run on each backend.
 
@@ -193,16 +232,19 @@ def single_op_model(weights: dict, act_scale, *, k: int, n: int, group_size: int
     invalid-attribute tests); x_rank: rank of X, every dim dynamic (so that the kernel, not
     ORT's graph-input check, sees a wrong last dim); graph_inputs: names among B, S, Z, A fed at
     run time instead of stored as initializers; function: a FunctionProto added before the stock
-    body (which then is not added); x_type: element type of X and Y; op_type: ``OP_TYPE`` or
-    ``W8A8_OP_TYPE`` (the node is named "w4a8" or "w8a8").
+    body (which then is not added); x_type: element type of X and Y; op_type: ``OP_TYPE``,
+    ``W8A8_OP_TYPE`` (the node is named "w4a8" or "w8a8") or ``RESCORED_OP_TYPE`` (weights also
+    hold the residual's "RB", "RS", "RZ"; top_k: its attribute).
     """
     from onnx import TensorProto, helper, numpy_helper
 
     values = {**weights, "A": np.asarray(act_scale, np.float32)}
-    node = helper.make_node(op_type, ["X", "B", "S", "Z", "A"], ["Y"], name=op_type[:4].lower(), domain=OP_DOMAIN,
-                            **(attrs if attrs is not None else
-                               dict(K=k, N=n, group_size=group_size, act_mode=act_mode)))
-    dtypes = {"B": TensorProto.UINT8, "S": TensorProto.FLOAT, "Z": TensorProto.UINT8, "A": TensorProto.FLOAT}
+    names = ["X", "B", "S", "Z", "A"] + (["RB", "RS", "RZ"] if op_type == RESCORED_OP_TYPE else [])
+    default_attrs = dict(K=k, N=n, group_size=group_size, act_mode=act_mode, **({} if top_k is None else {"top_k": top_k}))
+    node = helper.make_node(op_type, names, ["Y"], name=op_type[:4].lower(), domain=OP_DOMAIN,
+                            **(attrs if attrs is not None else default_attrs))
+    dtypes = {"B": TensorProto.UINT8, "S": TensorProto.FLOAT, "Z": TensorProto.UINT8, "A": TensorProto.FLOAT,
+              "RB": TensorProto.UINT8, "RS": TensorProto.FLOAT, "RZ": TensorProto.UINT8}
     leading = [f"d{i}" for i in range(x_rank - 1)]
     inputs = [helper.make_tensor_value_info("X", x_type, leading + ["k"])]
     inputs += [helper.make_tensor_value_info(name, dtypes[name], values[name].shape) for name in graph_inputs]

@@ -31,12 +31,15 @@ import onnx_graphsurgeon as gs
 from fptq_onnx.passes.act_scales import StaticActivationScalesPass
 from fptq_onnx.passes.auto_thresholds import AutoThresholdsPass
 from fptq_onnx.passes.base import ConversionContext, LayerGroup, LinearLayer, Pass, PassManager, Rejection
-from fptq_onnx.passes.find_linears import FindLinearLayersPass, module_paths
+from fptq_onnx.passes.find_linears import FindLinearLayersPass, is_lm_head, module_paths
+from fptq_onnx.passes.fuse_gelu import FuseGeluPass
+from fptq_onnx.passes.fuse_rms_norm import FuseRmsNormPass
 from fptq_onnx.passes.lae import LaePass
 from fptq_onnx.passes.mixed_precision import MixedPrecisionPass
 from fptq_onnx.passes.output_error import LayerOutputErrorPass
 from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from fptq_onnx.passes.replace_matmul import ReplaceMatMulPass
+from fptq_onnx.passes.rescored_head import RescoredHeadPass
 from fptq_onnx.passes.strategy import LayerStrategyPass
 from fptq_onnx.passes.tied_embedding import TiedEmbeddingPass
 
@@ -46,7 +49,7 @@ from .errors import UserError
 from .external_data import export_streaming, initializer_bytes, map_external_data, uses_external_data
 from .genai import write_model_folder
 from .model_io import check_output_path, default_opset, load_model, save_model_atomic
-from .op_contract import MIN_OPSET, add_w4a8_function
+from .op_contract import MIN_OPSET, OP_DOMAIN, add_w4a8_function
 from .report import check_report_path, write_report
 from .tokenizer import copy_tokenizer
 
@@ -142,10 +145,10 @@ def find_layers(model: onnx.ModelProto, config: ConvertConfig, model_path: Path 
 
 def conversion_passes(config: ConvertConfig) -> list[Pass]:
     """The passes after finding the layers, with ``config``'s settings."""
-    head_at_8 = config.lm_head_bits == 8
+    head_at_8, rescored = config.lm_head == "w8", config.lm_head == "rescored"
     passes = [
-        AutoThresholdsPass(config.lae_bands, config.group_size, config.symmetric, config.auto_tolerance)
-        if config.auto_thresholds else LayerStrategyPass(config.v0, config.v1, config.lae_bands),
+        AutoThresholdsPass(config.lae_bands, config.group_size, config.symmetric, config.auto_tolerance, rescored)
+        if config.auto_thresholds else LayerStrategyPass(config.v0, config.v1, config.lae_bands, rescored),
         LaePass(fold=config.fold_lae, method=config.equalization, alpha=config.sq_alpha),
         StaticActivationScalesPass(),
         QuantizeWeightsPass(config.group_size, config.symmetric, config.weight_clip, config.gptq, config.gptq_damp),
@@ -154,11 +157,25 @@ def conversion_passes(config: ConvertConfig) -> list[Pass]:
         passes.append(LayerOutputErrorPass())
     if config.w8_layers or config.w8_fraction or head_at_8:
         passes.append(MixedPrecisionPass(config.w8_layers, config.w8_fraction, head=head_at_8,
-                                         per_channel=config.w8_per_channel))
+                                         per_channel=config.w8_per_channel, keep_head=rescored))
+    if rescored:
+        passes.append(RescoredHeadPass(config.lm_head_top_k))
     passes.append(ReplaceMatMulPass())
     if not config.exclude_lm_head:
         passes.append(TiedEmbeddingPass())
+    passes += [FuseRmsNormPass(), FuseGeluPass()]  # the torch export's unfused norms and GELUs (Gemma-3)
     return passes
+
+
+def with_head_choice(config: ConvertConfig, ctx: ConversionContext) -> ConvertConfig:
+    """``config`` with ``--lm-head auto`` made concrete for the model's layers:
+    :meth:`ConvertConfig.auto_lm_head` of the head's share of the quantized weights."""
+    if config.lm_head != "auto":
+        return config
+    outputs = {tensor.name for tensor in ctx.graph.outputs}
+    head = sum(layer.k * layer.n for layer in ctx.layers if is_lm_head(layer, outputs))
+    total = sum(layer.k * layer.n for layer in ctx.layers)
+    return dataclasses.replace(config, lm_head=config.auto_lm_head(head / total if total else 0.0))
 
 
 def convert_graph(model: onnx.ModelProto, stats: CalibrationStats, config: ConvertConfig,
@@ -174,6 +191,7 @@ def convert_graph(model: onnx.ModelProto, stats: CalibrationStats, config: Conve
         group.hessian = stats.hessians.get(group.input.name)
         for layer in group.layers:
             layer.v = group.v
+    config = with_head_choice(config, ctx)
     results = PassManager(conversion_passes(config), after_each=dumper)(ctx)
     seconds = {name: result.seconds for name, result in results.items()}
     for group in ctx.groups:
@@ -213,6 +231,9 @@ def export_model_proto(ctx: ConversionContext) -> onnx.ModelProto:
     decisions = node_decisions(ctx)
     model = gs.export_onnx(ctx.graph)
     model.ir_version = max(model.ir_version, 8)  # model-local functions need IR >= 8
+    imported = {o.domain for o in model.opset_import}
+    for domain in sorted({node.domain for node in model.graph.node} - imported - {"", "ai.onnx", OP_DOMAIN}):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # e.g. com.microsoft for FastGelu
     add_w4a8_function(model)
     for node in model.graph.node:
         decision = decisions.get(node.output[0]) if node.output else None

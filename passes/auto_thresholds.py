@@ -81,9 +81,9 @@ class AutoThresholdsPass(Pass):
     name = "auto_thresholds"
 
     def __init__(self, lae_bands: tuple[str, ...] = ("mid",), group_size: int = 128, symmetric: bool = False,
-                 tolerance: float = 0.02):
+                 tolerance: float = 0.02, dynamic_head: bool = False):
         self.lae_bands, self.group_size, self.symmetric = frozenset(lae_bands), group_size, symmetric
-        self.tolerance = tolerance
+        self.tolerance, self.dynamic_head = tolerance, dynamic_head
 
     def requires(self, ctx: ConversionContext) -> None:
         if any(group.sample_rows is None or len(group.sample_rows) == 0 for group in ctx.groups):
@@ -99,7 +99,7 @@ class AutoThresholdsPass(Pass):
         if a + b < len(values):  # v1 must sit strictly below the first high group: bands use v > v1
             v1 = min(v1, np.nextafter(values[a + b], 0))
         ctx.thresholds = (float(v0), float(v1))
-        assign_bands(ctx, *ctx.thresholds, self.lae_bands)
+        assign_bands(ctx, *ctx.thresholds, self.lae_bands, self.dynamic_head)
         return False  # decisions only
 
 

@@ -53,6 +53,9 @@ class LinearLayer:
     packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     replaced_by: str | None = None  # name of the W4A8 node
     weight_bits: int = 4  # 8 for layers kept at 8-bit weights (mixed precision: W8A8MatMul)
+    # the rescored head (W4A8RescoredMatMul): its residual's (B, scales, zero_points) and top_k
+    residual: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    top_k: int | None = None
     w4_output_error: float | None = None  # the W4A8 output error of a layer moved to 8 bits
     output_error: float | None = None  # ||X W - Y_w4a8||_F / ||X W||_F on sampled calibration rows
 
@@ -87,6 +90,7 @@ class LinearLayer:
             "output_error": None if self.output_error is None else f"{self.output_error:.4g}",
             "weight_bits": None if self.weight_bits == 4 else str(self.weight_bits),
             "w4_output_error": None if self.w4_output_error is None else f"{self.w4_output_error:.4g}",
+            "rescored_top_k": None if self.top_k is None else str(self.top_k),
         }
         return {key: value for key, value in fields.items() if value is not None}
 

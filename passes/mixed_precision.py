@@ -11,7 +11,8 @@ Ranking: the measured W4A8 output error (``output_error.LayerOutputErrorPass`` m
 Budget: ``count`` layers and/or ``fraction`` of all quantized weights (a size budget: each chosen
 layer adds 4 bits per weight); a layer is taken while either budget has room. With ``head`` the
 language-model head takes 8 bits first, outside the budget: its error lands on the logits
-directly (measured on SmolLM2: Brown perplexity 49.9 with a float head, 65.7 with a 4-bit one).
+directly (measured on SmolLM2: Brown perplexity 49.9 with a float head, 65.7 with a 4-bit one);
+with ``keep_head`` (the rescored head) the head is left out of the budget too.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ class MixedPrecisionPass(Pass):
 
     name = "mixed_precision"
 
-    def __init__(self, count: int = 0, fraction: float = 0.0, head: bool = False, per_channel: bool = False):
+    def __init__(self, count: int = 0, fraction: float = 0.0, head: bool = False, per_channel: bool = False,
+                 keep_head: bool = False):
         self.count, self.fraction, self.head, self.per_channel = count, fraction, head, per_channel
+        self.keep_head = keep_head  # the head stays as it is (the rescored head: 4 bits and a residual)
 
     def requires(self, ctx: ConversionContext) -> None:
         if (self.count or self.fraction) and any(layer.output_error is None for layer in ctx.layers):
@@ -40,11 +43,12 @@ class MixedPrecisionPass(Pass):
     def call(self, ctx: ConversionContext) -> bool:
         pairs = [(layer, group) for group in ctx.groups for layer in group.layers]
         outputs = {tensor.name for tensor in ctx.graph.outputs}
-        for layer, group in pairs:
-            if self.head and is_lm_head(layer, outputs):
-                _to_8_bits(layer, group, self.per_channel)
-        # the budget is a share of the other layers' weights: the head is not chosen by it
-        rest = [(layer, group) for layer, group in pairs if layer.weight_bits != 8]
+        heads = [(layer, group) for layer, group in pairs if is_lm_head(layer, outputs)]
+        for layer, group in heads if self.head else []:
+            _to_8_bits(layer, group, self.per_channel)
+        # the budget is a share of the other layers' weights: an 8-bit or kept head is not chosen by it
+        outside = heads if self.head or self.keep_head else []
+        rest = [(layer, group) for layer, group in pairs if (layer, group) not in outside and layer.weight_bits != 8]
         total = sum(layer.k * layer.n for layer, _ in rest)
         ranked = sorted(rest, key=lambda pair: pair[0].output_error, reverse=True) if self.count or self.fraction else []
         chosen, weights = 0, 0

@@ -1,6 +1,7 @@
 """Replace each quantized MatMul/Gemm with the W4A8 op (``ai.fptq::W4A8MatMul``), or, for the
 layers mixed precision kept at 8-bit weights, with ``ai.fptq::W8A8MatMul`` (the same inputs and
-attributes, B one byte per weight).
+attributes, B one byte per weight); the rescored head (``rescored_head``) becomes
+``ai.fptq::W4A8RescoredMatMul``, whose last three inputs are the residual's weight.
 
 The new node reads the layer's original input, the packed weights, group scales, zero points
 and the static activation scale, and writes the original output tensor, so nothing downstream
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from fptq_onnx.op_contract import OP_DOMAIN, OP_TYPE, W8A8_OP_TYPE
+from fptq_onnx.op_contract import OP_DOMAIN, OP_TYPE, RESCORED_OP_TYPE, W8A8_OP_TYPE
 
 from .base import ConversionContext, Pass
 
@@ -41,13 +42,14 @@ class ReplaceMatMulPass(Pass):
         name = layer.name
         activation = node.inputs[0]
         act_scale = gs.Constant(f"{name}.act_scale", np.array(layer.act_scale, np.float32))
-        packed, scales, zero_points = layer.packed  # B: nibbles, or bytes for 8-bit weights
         op_type, suffix = (W8A8_OP_TYPE, "w8a8_matmul") if layer.weight_bits == 8 else (OP_TYPE, "w4a8_matmul")
         attrs = {"K": layer.k, "N": layer.n, "group_size": layer.group_size,
                  "act_mode": int(layer.act_mode)}
-        inputs = [activation, gs.Constant(f"{name}.weight_packed", packed),
-                  gs.Constant(f"{name}.weight_scales", scales.astype(np.float32)),
-                  gs.Constant(f"{name}.weight_zero_points", zero_points), act_scale]
+        inputs = [activation, *_weight_constants(f"{name}.weight", layer.packed), act_scale]
+        if layer.residual is not None:  # the rescored head
+            op_type, suffix = RESCORED_OP_TYPE, "w4a8_rescored_matmul"
+            attrs["top_k"] = layer.top_k
+            inputs += _weight_constants(f"{name}.residual", layer.residual)
         node.outputs.clear()
         node.inputs.clear()
         result = output
@@ -61,3 +63,9 @@ class ReplaceMatMulPass(Pass):
         layer.node = replacement
         layer.replaced_by = replacement.name
 
+
+def _weight_constants(prefix: str, weight: tuple) -> list[gs.Constant]:
+    """The op's (B, scales, zero_points) inputs of ``weight``: B nibbles, or bytes for 8-bit weights."""
+    packed, scales, zero_points = weight
+    return [gs.Constant(f"{prefix}_packed", packed), gs.Constant(f"{prefix}_scales", scales.astype(np.float32)),
+            gs.Constant(f"{prefix}_zero_points", zero_points)]

@@ -13,6 +13,9 @@ and ``k < K``, with ``g = k // group_size``::
             = (B[t, k // 2] >> 4 (k % 2)) & 15       (4-bit: even k low nibble, odd k high)
     E'[t, k] = (u[t, k] - zero_points[t, g]) * scales[t, g]  /  s[k]
 
+and for the rescored head (``W4A8RescoredMatMul``) the same rows of its residual's weight are
+added before dividing by ``s``: the embedding gets ``Q(W) + R``, the 8 bits' worth.
+
 where ``s`` are the head's LAE scales (the op holds ``diag(s) W``; 1 without LAE). Every
 index above is a constant, so the rewrite is ``Gather`` rows, ``Gather`` along the last axis
 with constant index vectors (byte of k, group of k), a shift, a mask, and the affine map: plain
@@ -29,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from fptq_onnx.op_contract import OP_TYPE, W8A8_OP_TYPE
+from fptq_onnx.op_contract import OP_TYPE, RESCORED_OP_TYPE, W8A8_OP_TYPE
 
 from .base import ConversionContext, LayerGroup, LinearLayer, Pass
 from .find_linears import is_lm_head
@@ -48,7 +51,7 @@ class TiedEmbeddingPass(Pass):
                  if layer.replaced_by is not None and is_lm_head(layer, outputs)]
         changed = False
         for group, layer in heads:
-            if layer.node.op not in (OP_TYPE, W8A8_OP_TYPE):
+            if layer.node.op not in (OP_TYPE, W8A8_OP_TYPE, RESCORED_OP_TYPE):
                 ctx.reject(self.name, layer.name, f"head replaced by {layer.node.op}, not a group-wise quantized op")
                 continue
             tied = float_weight_transposed(layer, group)
@@ -92,7 +95,6 @@ def _table(gather: gs.Node) -> gs.Constant | None:
 def _read_quantized_rows(ctx: ConversionContext, gather: gs.Node, layer: LinearLayer, lae_scales) -> None:
     """Replace ``gather`` by the dequantization of rows of ``layer``'s op weights (module docstring)."""
     op = layer.node
-    packed, scales, zero_points = op.inputs[1], op.inputs[2], op.inputs[3]
     k, group_size = layer.k, int(op.attrs["group_size"])
     ids, output = gather.inputs[1], gather.outputs[0]
     name = f"{layer.name}/tied_embedding"
@@ -103,33 +105,50 @@ def _read_quantized_rows(ctx: ConversionContext, gather: gs.Node, layer: LinearL
         nodes.append(gs.Node(op_type, name=f"{name}/{suffix}", inputs=inputs, outputs=[result], attrs=attrs))
         return result
 
-    def constant(suffix: str, values) -> gs.Constant:
-        return gs.Constant(f"{name}.{suffix}", np.asarray(values))
+    constants: dict[str, gs.Constant] = {}
+
+    def constant(suffix: str, values) -> gs.Constant:  # one per name: both weights share the index vectors
+        if suffix not in constants:
+            constants[suffix] = gs.Constant(f"{name}.{suffix}", np.asarray(values))
+        return constants[suffix]
 
     positions = np.arange(k)
-    rows = add("Gather", [packed, ids], "rows", np.uint8, axis=0)
-    if op.op == OP_TYPE:  # 4 bits: byte k // 2, nibble k % 2
-        rows = add("Gather", [rows, constant("byte_of_k", positions // 2)], "bytes", np.uint8, axis=-1)
-        rows = add("BitShift", [rows, constant("shift_of_k", (4 * (positions % 2)).astype(np.uint8))], "shifted",
-                   np.uint8, direction="RIGHT")
-        rows = add("BitwiseAnd", [rows, constant("low_nibble", np.uint8(15))], "nibbles", np.uint8)
-    elif packed.shape[1] != k:  # 8 bits stored for a padded K
-        rows = add("Gather", [rows, constant("k", positions)], "bytes", np.uint8, axis=-1)
     group_of_k = constant("group_of_k", positions // group_size)
 
-    def per_k(tensor: gs.Tensor, suffix: str, dtype) -> gs.Variable:
-        """``tensor[ids, k // group_size]``: a per-row, per-group constant spread over k."""
-        picked = add("Gather", [tensor, ids], f"{suffix}_rows", dtype, axis=0)
-        return add("Gather", [picked, group_of_k], f"{suffix}_of_k", dtype, axis=-1)
+    def dequantized_rows(packed: gs.Tensor, scales: gs.Tensor, zero_points: gs.Tensor, nibbles: bool,
+                         prefix: str) -> gs.Variable:
+        """``(u[ids, k] - zero_points[ids, g]) * scales[ids, g]`` of one weight of the op."""
+        rows = add("Gather", [packed, ids], f"{prefix}rows", np.uint8, axis=0)
+        if nibbles:  # 4 bits: byte k // 2, nibble k % 2
+            rows = add("Gather", [rows, constant("byte_of_k", positions // 2)], f"{prefix}bytes", np.uint8, axis=-1)
+            rows = add("BitShift", [rows, constant("shift_of_k", (4 * (positions % 2)).astype(np.uint8))],
+                       f"{prefix}shifted", np.uint8, direction="RIGHT")
+            rows = add("BitwiseAnd", [rows, constant("low_nibble", np.uint8(15))], f"{prefix}nibbles", np.uint8)
+        elif packed.shape[1] != k:  # 8 bits stored for a padded K
+            rows = add("Gather", [rows, constant("k", positions)], f"{prefix}bytes", np.uint8, axis=-1)
 
-    values = add("Cast", [rows], "u", np.float32, to=1)
-    zero = add("Cast", [per_k(zero_points, "zero_points", np.uint8)], "zero_points_float", np.float32, to=1)
-    centered = add("Sub", [values, zero], "centered", np.float32)
-    last_inputs = [centered, per_k(scales, "scales", np.float32)]
-    if lae_scales is not None:
-        scaled = add("Mul", last_inputs, "dequantized", np.float32)
-        last_inputs = [scaled, constant("inverse_lae_scales", (1.0 / lae_scales).astype(np.float32))]
+        def per_k(tensor: gs.Tensor, suffix: str, dtype) -> gs.Variable:
+            """``tensor[ids, k // group_size]``: a per-row, per-group constant spread over k."""
+            picked = add("Gather", [tensor, ids], f"{prefix}{suffix}_rows", dtype, axis=0)
+            return add("Gather", [picked, group_of_k], f"{prefix}{suffix}_of_k", dtype, axis=-1)
+
+        values = add("Cast", [rows], f"{prefix}u", np.float32, to=1)
+        zero = add("Cast", [per_k(zero_points, "zero_points", np.uint8)], f"{prefix}zero_points_float",
+                   np.float32, to=1)
+        centered = add("Sub", [values, zero], f"{prefix}centered", np.float32)
+        return add("Mul", [centered, per_k(scales, "scales", np.float32)], f"{prefix}dequantized", np.float32)
+
+    nibbles = op.op != W8A8_OP_TYPE
+    rows = dequantized_rows(*op.inputs[1:4], nibbles, "")
+    if op.op == RESCORED_OP_TYPE:
+        rows = add("Add", [rows, dequantized_rows(*op.inputs[5:8], nibbles, "residual_")], "weight_plus_residual",
+                   np.float32)
     gather.outputs.clear()
     gather.inputs.clear()
-    nodes.append(gs.Node("Mul", name=f"{name}/embedding", inputs=last_inputs, outputs=[output]))
+    if lae_scales is not None:
+        nodes.append(gs.Node("Mul", name=f"{name}/embedding", outputs=[output], inputs=[
+            rows, constant("inverse_lae_scales", (1.0 / lae_scales).astype(np.float32))]))
+    else:
+        nodes[-1].outputs = [output]  # the node that made ``rows`` writes the embedding
+        nodes[-1].name = f"{name}/embedding"
     ctx.graph.nodes.extend(nodes)

@@ -58,7 +58,8 @@ def test_the_demo_takes_its_own_sample_count():
 
 
 def test_lm_head_spellings():
-    assert (ConvertConfig().lm_head_bits, ConvertConfig(lm_head="w4").lm_head_bits) == (8, 4)
-    assert ConvertConfig(lm_head="float").exclude_lm_head and ConvertConfig(lm_head="float").lm_head_bits is None
-    with pytest.raises(UserError, match="--lm-head takes w8, w4, float, got 'w2'"):
+    assert ConvertConfig().lm_head == "auto" and not ConvertConfig().exclude_lm_head
+    assert ConvertConfig(lm_head="float").exclude_lm_head
+    assert [ConvertConfig().auto_lm_head(share) for share in (0.21, 0.63)] == ["w8", "rescored"]
+    with pytest.raises(UserError, match="--lm-head takes auto, w8, w4, rescored, float, got 'w2'"):
         ConvertConfig(lm_head="w2")

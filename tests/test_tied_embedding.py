@@ -1,10 +1,11 @@
 """The tied embedding reads the quantized head's weights (``passes/tied_embedding.py``).
 
 On a tiny random LLaMA with tied embeddings, exported by our torch exporter (embedding and head
-stored as two equal constants): after ``convert`` (head quantized: ``ConvertConfig(lm_head="w8")``) the float table is gone and
-the embedding output equals a float64 numpy dequantization of the head's stored weights, rows
-picked by the token ids, LAE undone; and it stays within the quantization error of the fp32
-table.
+stored as two equal constants): after ``convert`` (head quantized: ``ConvertConfig(lm_head="w8")``,
+``"w4"`` or ``"rescored"``) the float table is gone and the embedding output equals a float64
+numpy dequantization of the head's stored weights (the rescored head's: weight plus residual),
+rows picked by the token ids, LAE undone; and it stays within the quantization error of the
+fp32 table.
 """
 import numpy as np
 import onnx
@@ -20,12 +21,12 @@ from fptq_onnx.pipeline import convert
 IDS = np.array([[1, 5, 9, 4, 7, 22, 0], [3, 3, 8, 12, 2, 19, 6]], np.int64)
 
 
-@pytest.fixture(scope="module", params=[8, 4], ids=["8-bit head", "4-bit head"])
+@pytest.fixture(scope="module", params=["w8", "w4", "rescored"], ids=["8-bit head", "4-bit head", "rescored head"])
 def models(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("tied")
     source = export_model(save_tiny_llama(root / "hf"), root / "fp32" / "model.onnx", progress=False)
     (root / "calib.txt").write_text(tiny_text(2000))
-    config = ConvertConfig(lm_head=f"w{request.param}", calibration=CalibrationConfig(samples=4, seq_len=32))
+    config = ConvertConfig(lm_head=request.param, lm_head_top_k=5, calibration=CalibrationConfig(samples=4, seq_len=32))
     result = convert(source, root / "w4a8" / "model.onnx", root / "calib.txt", config, progress=False)
     return source, result
 
@@ -49,24 +50,26 @@ def run_with_output(model: onnx.ModelProto, name: str, ids: np.ndarray) -> np.nd
 def dequantized_rows(model: onnx.ModelProto, head: str, k: int, ids: np.ndarray) -> np.ndarray:
     """float64 ``(u - z) * scale / s`` of rows ``ids`` of the head's stored weights, written out
     element by element from docs/ops.md's layouts (8 bits: a byte per k; 4 bits: even k low
-    nibble, odd k high)."""
+    nibble, odd k high); for W4A8RescoredMatMul the sum of its weight's and its residual's."""
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    node = next(n for n in model.graph.node if n.op_type in ("W4A8MatMul", "W8A8MatMul") and n.name.startswith(head))
+    node = next(n for n in model.graph.node if n.op_type in ("W4A8MatMul", "W8A8MatMul", "W4A8RescoredMatMul")
+                and n.name.startswith(head))
     eight_bits = node.op_type == "W8A8MatMul"
-    packed, scales, zeros = (init[name] for name in node.input[1:4])
+    weights = [node.input[1:4]] + ([node.input[5:8]] if node.op_type == "W4A8RescoredMatMul" else [])
     group = next(a.i for a in node.attribute if a.name == "group_size")
     inverse_s = init.get(f"{head}/tied_embedding.inverse_lae_scales", np.ones(k, np.float32)).astype(np.float64)
     out = np.zeros(ids.shape + (k,))
-    for index in np.ndindex(ids.shape):
-        row = ids[index]
-        for j in range(k):
-            if eight_bits:
-                u = int(packed[row, j])
-            else:
-                byte = int(packed[row, j // 2])
-                u = (byte >> 4) if j % 2 else (byte & 15)
-            g = j // group
-            out[index + (j,)] = (u - float(zeros[row, g])) * float(scales[row, g]) * inverse_s[j]
+    for packed, scales, zeros in ([init[name] for name in names] for names in weights):
+        for index in np.ndindex(ids.shape):
+            row = ids[index]
+            for j in range(k):
+                if eight_bits:
+                    u = int(packed[row, j])
+                else:
+                    byte = int(packed[row, j // 2])
+                    u = (byte >> 4) if j % 2 else (byte & 15)
+                g = j // group
+                out[index + (j,)] += (u - float(zeros[row, g])) * float(scales[row, g]) * inverse_s[j]
     return out
 
 
