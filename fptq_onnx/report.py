@@ -141,6 +141,10 @@ def conversion_summary(result) -> str:
         clip = ", ranges clipped by output error" if config.weight_clip == "output" else ""
         lines.append(f"  weights: 4-bit {'symmetric' if config.symmetric else 'asymmetric'} g{config.group_size}, "
                      f"{rounding}{clip}")
+        head = next((layer for layer in result.layers if layer.top_k is not None), None)
+        if head is not None:
+            lines.append(f"  head: {head.name} rescored, 4-bit weights plus a 4-bit residual on each token's "
+                         f"{head.top_k} largest logits (W4A8RescoredMatMul; --lm-head {config.lm_head})")
     if result.thresholds is not None:
         lines.append(f"  thresholds chosen for this model: v0 = {result.thresholds[0]:.4g}, v1 = {result.thresholds[1]:.4g}")
     for (band, mode, lae), count in sorted(counts.items()):

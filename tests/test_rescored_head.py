@@ -104,14 +104,20 @@ def rescored_model(tmp_path_factory):
     source = export_model(save_tiny_llama(root / "hf"), root / "fp32" / "model.onnx", progress=False)
     (root / "calib.txt").write_text(tiny_text(2000))
     config = ConvertConfig(lm_head="rescored", lm_head_top_k=100, calibration=CalibrationConfig(samples=4, seq_len=32))
-    return convert(source, root / "out" / "model.onnx", root / "calib.txt", config, progress=False).output
+    return convert(source, root / "out" / "model.onnx", root / "calib.txt", config, progress=False)
 
 
 def test_converted_head_is_rescored_and_runs_with_and_without_the_library(rescored_model):
     import onnx
 
     import fptq_onnx
+    from fptq_onnx.quant import ActMode
+    from fptq_onnx.report import conversion_summary
 
+    [head] = [layer for layer in rescored_model.layers if layer.top_k is not None]
+    assert (head.act_mode, head.lae, head.weight_bits) == (ActMode.PER_TOKEN_DYNAMIC, False, 4)  # no LAE
+    assert "head: lm_head rescored" in conversion_summary(rescored_model)
+    rescored_model = rescored_model.output
     model = onnx.load(str(rescored_model))
     heads = [n for n in model.graph.node if n.op_type == RESCORED_OP_TYPE]
     assert [n.name for n in heads] == ["lm_head/w4a8_rescored_matmul"]
