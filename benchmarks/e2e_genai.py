@@ -136,7 +136,7 @@ def build_rows(recipe: str, workdir: Path, samples: int) -> list[Path]:
 
 def ort_int4_folder(fp32: Path, out: Path, block: int, fused: bool = False) -> None:
     """ORT's MatMulNBits quantizer (symmetric, ``block``, accuracy_level 4) on ``fp32``'s model
-    (``fused``: after our FuseRmsNormPass and FuseGeluPass), saved with a GenAI ``decoder`` config
+    (``fused``: after our RmsNormDivPass and FuseGeluPass), saved with a GenAI ``decoder`` config
     read off the graph (no custom-op library: MatMulNBits is ORT's own) and the tokenizer."""
     import onnx
     import onnx_graphsurgeon as gs
@@ -144,13 +144,13 @@ def ort_int4_folder(fp32: Path, out: Path, block: int, fused: bool = False) -> N
 
     from fptq_onnx.passes.base import ConversionContext, PassManager
     from fptq_onnx.passes.fuse_gelu import FuseGeluPass
-    from fptq_onnx.passes.fuse_rms_norm import FuseRmsNormPass
+    from fptq_onnx.passes.rms_norm_div import RmsNormDivPass
     from fptq_onnx.tokenizer import copy_tokenizer
 
     model = onnx.load(str(fp32 / "model.onnx"))
     if fused:
         ctx = ConversionContext(graph=gs.import_onnx(model))
-        PassManager([FuseRmsNormPass(), FuseGeluPass()])(ctx)
+        PassManager([RmsNormDivPass(), FuseGeluPass()])(ctx)
         fused_model = gs.export_onnx(ctx.graph)
         if "com.microsoft" not in {o.domain for o in fused_model.opset_import}:  # FastGelu's
             fused_model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))

@@ -102,7 +102,10 @@ class ConvertConfig:
     symmetric: bool = option(False, "symmetric weights (zero point 8) instead of asymmetric")
     nodes_to_exclude: str | None = option(None, "leave layers whose name matches in float", metavar="REGEX")
     # The head is quantized (an fp32 head was 113 of 185 MB of SmolLM2) at 8 bits: a 4-bit head
-    # took SmolLM2's Brown perplexity from 49.9 to 65.7
+    # took SmolLM2's Brown perplexity from 49.9 to 65.7. Where the head is most of the weights
+    # (Gemma-3-270m), auto rescores it: Brown 32.36 against 32.33 with 8 bits, decode 1.31x ORT's
+    # int4 block 128 (docs/accuracy.md, docs/performance.md "Session 11"); top-k 256 against 1024:
+    # 33.48 against 33.25 (with LAE) at 2.16x against 2.02x the block-128 model's prefill speed
     lm_head: str = option("auto", "the language-model head: 8-bit weights (a tied embedding then reads them), "
                                   "4-bit, rescored (4-bit, plus a 4-bit residual on each token's --lm-head-top-k "
                                   "largest logits: a token reads 4 bits per weight, the logits that count get 8), "

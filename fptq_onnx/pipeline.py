@@ -33,7 +33,7 @@ from fptq_onnx.passes.auto_thresholds import AutoThresholdsPass
 from fptq_onnx.passes.base import ConversionContext, LayerGroup, LinearLayer, Pass, PassManager, Rejection
 from fptq_onnx.passes.find_linears import FindLinearLayersPass, is_lm_head, module_paths
 from fptq_onnx.passes.fuse_gelu import FuseGeluPass
-from fptq_onnx.passes.fuse_rms_norm import FuseRmsNormPass
+from fptq_onnx.passes.rms_norm_div import RmsNormDivPass
 from fptq_onnx.passes.lae import LaePass
 from fptq_onnx.passes.mixed_precision import MixedPrecisionPass
 from fptq_onnx.passes.output_error import LayerOutputErrorPass
@@ -163,7 +163,7 @@ def conversion_passes(config: ConvertConfig) -> list[Pass]:
     passes.append(ReplaceMatMulPass())
     if not config.exclude_lm_head:
         passes.append(TiedEmbeddingPass())
-    passes += [FuseRmsNormPass(), FuseGeluPass()]  # the torch export's unfused norms and GELUs (Gemma-3)
+    passes += [RmsNormDivPass(), FuseGeluPass()]  # the torch export's unfused norms and GELUs (Gemma-3)
     return passes
 
 

@@ -10,7 +10,7 @@ from fptq_onnx.pipeline import convert
 from conftest import model_from_text, outlier_inputs
 
 DUMPS = ["00_input", "01_find_linears", "02_strategy", "03_lae", "04_act_scales", "05_quantize_weights",
-         "06_output_error", "07_mixed_precision", "08_replace_matmul", "09_tied_embedding", "10_fuse_rms_norm",
+         "06_output_error", "07_mixed_precision", "08_replace_matmul", "09_tied_embedding", "10_rms_norm_div",
          "11_fuse_gelu"]
 # what each dump adds to a layer's decision (cumulative), for a layer in the LAE band
 NEW_KEYS = {
@@ -23,7 +23,7 @@ NEW_KEYS = {
     "07_mixed_precision": set(),  # no layer of this block fits the default 3% budget
     "08_replace_matmul": set(),
     "09_tied_embedding": set(),  # the block has no embedding
-    "10_fuse_rms_norm": set(),  # its norm squares with Mul: no export's pattern
+    "10_rms_norm_div": set(),  # its norm squares with Mul: no export's pattern
     "11_fuse_gelu": set(),
 }
 

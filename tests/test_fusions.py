@@ -1,18 +1,21 @@
-"""The fusion passes: the torch export's RMSNorm chains become SimplifiedLayerNormalization and its
-tanh GELUs FastGelu (``passes/fuse_rms_norm.py``, ``passes/fuse_gelu.py``), with the float64
-formula's result, and chains that differ are left alone with a reason."""
+"""The fusion passes: the torch export's RMSNorm chains get the ``Div`` that ONNX Runtime fuses into
+SimplifiedLayerNormalization, and its tanh GELUs become FastGelu (``passes/rms_norm_div.py``,
+``passes/fuse_gelu.py``), with the float64 formula's result; chains that differ are left alone
+with a reason."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import pytest
 
 from conftest import model_from_text, run_model
 from fptq_onnx.passes.base import ConversionContext, PassManager
 from fptq_onnx.passes.fuse_gelu import FuseGeluPass
-from fptq_onnx.passes.fuse_rms_norm import FuseRmsNormPass
+from fptq_onnx.passes.rms_norm_div import RmsNormDivPass
 
 EPS = 1e-6
 
@@ -62,22 +65,32 @@ def norm_model(normalize=BY_RECIPROCAL, axes=(-1,)):
     return model_from_text(RMS_NORM.format(normalize=normalize), weights), gamma
 
 
-@pytest.mark.parametrize("normalize", [BY_RECIPROCAL, BY_DIV], ids=["reciprocal", "div"])
-def test_rms_norm_becomes_one_node_with_the_same_result(rng, normalize):
-    model, gamma = norm_model(normalize)
-    fused, _ = rewritten(model, [FuseRmsNormPass()])
-    assert [n.op_type for n in fused.graph.node] == ["SimplifiedLayerNormalization"]
+def test_rms_norm_gets_the_div_that_onnx_runtime_fuses(rng, tmp_path):
+    model, gamma = norm_model(BY_RECIPROCAL)
+    rewritten_model, _ = rewritten(model, [RmsNormDivPass()])
+    assert [n.op_type for n in rewritten_model.graph.node] == ["Constant", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"]
+    onnx.checker.check_model(rewritten_model, full_check=True)  # standard ONNX
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(rewritten_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert "SimplifiedLayerNormalization" in [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     x = (rng.standard_normal((2, 3, 8)) * 4).astype(np.float32)
     x64 = x.astype(np.float64)
     expected = x64 / np.sqrt(np.mean(x64 ** 2, axis=-1, keepdims=True) + EPS) * gamma
-    np.testing.assert_allclose(run_model(fused, {"x": x})[0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(run_model(model, {"x": x})[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_norm_with_div_already_is_left_as_it_is():
+    model, _ = norm_model(BY_DIV)
+    rewritten_model, rejections = rewritten(model, [RmsNormDivPass()])
+    assert [n.op_type for n in rewritten_model.graph.node] == [n.op_type for n in model.graph.node] and not rejections
 
 
 def test_mean_over_another_axis_is_no_norm(rng):
     model, _ = norm_model(axes=(1,))
-    fused, rejections = rewritten(model, [FuseRmsNormPass()])
-    assert "SimplifiedLayerNormalization" not in [n.op_type for n in fused.graph.node]
+    rewritten_model, rejections = rewritten(model, [RmsNormDivPass()])
+    assert "Div" not in [n.op_type for n in rewritten_model.graph.node]
     assert [r.reason for r in rejections] == ["mean of squares not over the last axis alone"]
 
 
