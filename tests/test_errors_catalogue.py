@@ -338,7 +338,10 @@ def test_interrupted_conversion(scratch, rng):
     process = subprocess.Popen(
         cli_command() + ["-q", "convert", str(scratch / "model.onnx"), "--calib", str(scratch / "calib.npz"),
                          "-o", str(scratch / "out.onnx")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=scratch, env={**os.environ, "TMPDIR": str(tmp)})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=scratch, env={**os.environ, "TMPDIR": str(tmp)},
+        # as from a terminal: a test run started in the background (`cmd &` without job control)
+        # ignores SIGINT, the child would inherit that, and Python then installs no handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not any(tmp.glob("fptq-calib-*")):  # calibration has started (its model copy exists)
