@@ -47,6 +47,21 @@ void expect_shape(const std::vector<int64_t>& shape, const std::vector<int64_t>&
   }
 }
 
+// Checks the weight inputs b, b + 1 (scales) and b + 2 (zero_points) against attrs; names: of
+// the three, for messages.
+void expect_weights(Ort::KernelContext& context, const W4A8Attrs& attrs, int b, const char* const (&names)[3],
+                    const std::string& node) {
+  const char* op_type = attrs.op_type();
+  const std::vector<int64_t> grouped = {attrs.N, attrs.groups()};
+  const bool bytes = attrs.weight_bits == 8;  // one weight per byte of B, else two
+  expect_shape(input_shape(context, b, names[0], op_type, node), {attrs.N, bytes ? attrs.K : (attrs.K + 1) / 2},
+               names[0], bytes ? "[N, K]" : "[N, ceil(K/2)]", op_type, node);
+  for (int i = 1; i < 3; ++i) {
+    expect_shape(input_shape(context, b + i, names[i], op_type, node), grouped, names[i], "[N, ceil(K/group_size)]",
+                 op_type, node);
+  }
+}
+
 }  // namespace
 
 void fail_invalid(const char* op_type, const std::string& node, const std::string& message) {
@@ -95,25 +110,6 @@ W4A8Attrs read_attributes(const Ort::ConstKernelInfo& info, int64_t weight_bits,
   if (!why.str().empty()) fail_invalid(op_type, node, why.str());
   return attrs;
 }
-
-namespace {
-
-// Checks the weight inputs b, b + 1 (scales) and b + 2 (zero_points) against attrs; names: of
-// the three, for messages.
-void expect_weights(Ort::KernelContext& context, const W4A8Attrs& attrs, int b, const char* const (&names)[3],
-                    const std::string& node) {
-  const char* op_type = attrs.op_type();
-  const std::vector<int64_t> grouped = {attrs.N, attrs.groups()};
-  const bool bytes = attrs.weight_bits == 8;  // one weight per byte of B, else two
-  expect_shape(input_shape(context, b, names[0], op_type, node), {attrs.N, bytes ? attrs.K : (attrs.K + 1) / 2},
-               names[0], bytes ? "[N, K]" : "[N, ceil(K/2)]", op_type, node);
-  for (int i = 1; i < 3; ++i) {
-    expect_shape(input_shape(context, b + i, names[i], op_type, node), grouped, names[i], "[N, ceil(K/group_size)]",
-                 op_type, node);
-  }
-}
-
-}  // namespace
 
 W4A8Tensors bind_tensors(Ort::KernelContext& context, const W4A8Attrs& attrs, const std::string& node) {
   const char* op_type = attrs.op_type();

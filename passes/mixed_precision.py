@@ -47,8 +47,8 @@ class MixedPrecisionPass(Pass):
         for layer, group in heads if self.head else []:
             _to_8_bits(layer, group, self.per_channel)
         # the budget is a share of the other layers' weights: an 8-bit or kept head is not chosen by it
-        outside = heads if self.head or self.keep_head else []
-        rest = [(layer, group) for layer, group in pairs if (layer, group) not in outside and layer.weight_bits != 8]
+        outside = {id(layer) for layer, _ in heads} if self.head or self.keep_head else set()
+        rest = [(layer, group) for layer, group in pairs if id(layer) not in outside and layer.weight_bits != 8]
         total = sum(layer.k * layer.n for layer, _ in rest)
         ranked = sorted(rest, key=lambda pair: pair[0].output_error, reverse=True) if self.count or self.fraction else []
         chosen, weights = 0, 0

@@ -63,3 +63,5 @@ def test_lm_head_spellings():
     assert [ConvertConfig().auto_lm_head(share) for share in (0.21, 0.63)] == ["w8", "rescored"]
     with pytest.raises(UserError, match="--lm-head takes auto, w8, w4, rescored, float, got 'w2'"):
         ConvertConfig(lm_head="w2")
+    with pytest.raises(UserError, match="--lm-head-top-k must be >= 1, got 0"):
+        ConvertConfig(lm_head="rescored", lm_head_top_k=0)
