@@ -36,8 +36,9 @@ names it.
 ``--w8`` compares our 8-bit-weight op instead (mixed-precision layers), on SmolLM2's shapes
 (``W8_SHAPES``, M = 1, 16, 128, 512), all in per-token dynamic mode:
 
-* ``w8``     ai.fptq::W8A8MatMul: asymmetric group-wise 8-bit weights (``--group``; the head-sized
-             N = 49152 per channel, group_size = K, as the language-model head is quantized)
+* ``w8``     ai.fptq::W8A8MatMul: asymmetric group-wise 8-bit weights (``--group``, 0: per channel,
+             one group of K, as convert writes 8-bit layers by default; the head-sized N = 49152
+             always per channel)
 * ``w4``     ai.fptq::W4A8MatMul, the same groups with 4-bit weights
 * ``mmint``  ORT's own int8 path as ``onnxruntime.quantization.quantize_dynamic`` writes it:
              DynamicQuantizeLinear(X) -> MatMulInteger(x_q, W int8 [K, N], x_zp) -> Cast -> Mul by
@@ -55,7 +56,7 @@ prepack once), all reading X; the time per run over COPIES is the time per layer
 the GB/s of weights it streams.
 
     python3 benchmarks/cpu_gemm.py [--threads 2] [--quick] [--isa auto] [--shapes 4096x4096,...] [--m 1,16]
-    python3 benchmarks/cpu_gemm.py --w8 [--group 128] [--threads 2]
+    python3 benchmarks/cpu_gemm.py --w8 [--group 0] [--threads 2]
     python3 benchmarks/cpu_gemm.py --cold 100 --shapes 576x3072,1536x576 [--threads 1]
 """
 from __future__ import annotations
@@ -370,7 +371,7 @@ def bench_w8(args: argparse.Namespace, batch_s: float) -> None:
     ms = W8_MS if args.m is None else [int(v) for v in args.m.split(",")]
     rows, traffic = [], {}
     for k, n in shapes:
-        group = k if n >= HEAD_N else args.group
+        group = k + k % 2 if n >= HEAD_N or args.group == 0 else args.group  # per channel as convert writes it
         models, weight_bytes, dense = w8_models(k, n, group, seed=k * 7 + n)
         runners = {name: Runner(model, args.threads, ours=name in ("w8", "w4")) for name, model in models.items()}
         check(runners, k, n, dense)
@@ -419,7 +420,8 @@ def main() -> None:
                         "avx2 or generic (default auto)")
     parser.add_argument("--w8", action="store_true", help="the 8-bit-weight op against W4A8MatMul, ORT's "
                         "MatMulInteger and fp32 on SmolLM2's shapes (module docstring)")
-    parser.add_argument("--group", type=int, default=GROUP, help=f"--w8: group size (default {GROUP})")
+    parser.add_argument("--group", type=int, default=GROUP, help=f"--w8: group size, 0 for per channel (one "
+                        f"group of K, the default model's 8-bit layers; default {GROUP})")
     parser.add_argument("--cold", type=positive_int, metavar="COPIES", help="M = 1 with weights from memory: COPIES "
                         "nodes of each shape, each with its own weights (module docstring)")
     args = parser.parse_args()

@@ -34,6 +34,9 @@ on our rows), to tell the fusions' share of the difference from the rest.
 ``--ppl`` adds Brown perplexity through GenAI's own logits (``fptq_onnx.evaluate.evaluate_genai``,
 3,072 tokens in 512-token windows). ``--threads 1,2`` measures each thread count in turn. Every
 model runs one 512-token prefill before the timing (weights repacked, buffers allocated).
+``--profile`` instead prints, per folder, ONNX Runtime's time per op type of one ``--prefill``
+and one 1-token step after an empty cache (its profiler on the folder's model.onnx, with the
+library its genai_config names): where the time of the two goes.
 Caveat: the reachable models started as GGUF on a 32-block 4-bit grid, which favours the
 block-32 rows (docs/accuracy.md).
 """
@@ -191,6 +194,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--ppl", action="store_true", help="Brown perplexity through GenAI's logits (3,072 tokens)")
+    parser.add_argument("--profile", action="store_true", help="instead: ORT's time per op type of one --prefill "
+                        "and one 1-token step, each folder's model.onnx with its genai_config library")
     args = parser.parse_args()
     folders = list(args.folders)
     if args.build:
@@ -199,6 +204,12 @@ def main() -> None:
         folders += build_rows(args.build, args.workdir, args.samples)
     if not folders:
         parser.error("give model folders, or --build RECIPE --workdir DIR")
+    if args.profile:
+        for threads in args.threads:
+            for folder in folders:
+                for tokens in (args.prefill, 1):
+                    print_profile(folder, tokens, threads)
+        return
     text = brown_text(progress=False)
     perplexity = {}
     if args.ppl:
@@ -237,6 +248,45 @@ def measure(folders: list[Path], text: str, threads: int, args) -> tuple[dict, d
             decode[folder].append(decode_rate(model, ids[:args.prompt_tokens], args.new_tokens))
             prefill[folder].append(prefill_ms(model, ids[:args.prefill]))
     return decode, prefill
+
+
+def print_profile(folder: Path, tokens: int, threads: int, top: int = 8) -> None:
+    """Milliseconds per op type (ORT's profiler, third of three runs) of ``tokens`` tokens after an
+    empty cache: where a prefill or a decode step of the folder's model spends its time."""
+    import collections
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from fptq_onnx.calibration import complete_feed, model_inputs
+    from fptq_onnx.genai import kv_head_size, read_config
+
+    decoder = read_config(folder / "model.onnx")["model"]["decoder"]
+    path = folder / decoder["filename"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "profile")
+    library = decoder.get("session_options", {}).get("custom_ops_library")
+    if library:
+        options.register_custom_ops_library(str(folder / library))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = model_inputs(onnx.load(path, load_external_data=False))
+    ids = np.random.default_rng(0).integers(0, 1000, (1, tokens))
+    feed = complete_feed({"input_ids": ids}, inputs, path, kv_head_size(path))
+    for _ in range(3):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    last_run = [e for e in events if e.get("name") == "model_run"][-1]
+    per_op, count = collections.Counter(), collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= last_run["ts"]:
+            per_op[event["args"]["op_name"]] += event["dur"] / 1e3
+            count[event["args"]["op_name"]] += 1
+    print(f"{folder.name}, {tokens} tokens, {threads} threads: {last_run['dur'] / 1e3:.1f} ms; "
+          + ", ".join(f"{op} x{count[op]} {ms:.1f}" for op, ms in per_op.most_common(top)), flush=True)
 
 
 if __name__ == "__main__":

@@ -215,7 +215,10 @@ PackedWeights pack_weights(const uint8_t* b, const float* scales, const uint8_t*
   w.k = attrs.K;
   w.group_size = attrs.group_size;
   w.groups = attrs.groups();
-  w.group_padded = ceil_div(attrs.group_size, kChunkK) * kChunkK;
+  // A group larger than K (one group of all K, e.g. per-channel weights with group_size =
+  // K + 1 or more) is padded only to K: positions past K are padding in either case, and
+  // padding to group_size would store and stream that many zero chunks.
+  w.group_padded = ceil_div(std::min(attrs.group_size, attrs.K), kChunkK) * kChunkK;
   w.tiles = ceil_div(attrs.N, kTileN);
   w.weight_bits = attrs.weight_bits;
   const int64_t chunks_per_group = w.group_padded / kChunkK;

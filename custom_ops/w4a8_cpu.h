@@ -44,7 +44,7 @@ struct PackedWeights {
   int64_t k = 0;              // reduction size K
   int64_t group_size = 0;     // weights per group along K
   int64_t groups = 0;         // G = ceil(K / group_size); the last group may be partial (padding)
-  int64_t group_padded = 0;   // group_size rounded up to a multiple of 8
+  int64_t group_padded = 0;   // min(group_size, K) rounded up to a multiple of 8
   int64_t tiles = 0;          // ceil(N / 16)
   int64_t weight_bits = 4;    // 4 or 8: the chunk format (chunk_bytes(weight_bits) bytes per chunk)
   std::vector<uint8_t> weights;      // uint8 [tiles, G, group_padded / 8, chunk_bytes(weight_bits)]

@@ -131,6 +131,8 @@ CASES = [
     pytest.param(33, 576, 37, 128, 0, True, id="static-sym-M33-K576-g128-partial-blocked"),
     pytest.param(3, 100, 19, 32, 1, False, id="dynamic-asym-M3-K100-g32-partial-of-4"),
     pytest.param(20, 100, 21, 128, 0, False, id="static-asym-M20-K100-g128-one-partial-group"),
+    # A group far past K (packed to K, not to group_size), blocked rows and a remainder.
+    pytest.param(6, 99, 21, 2048, 1, False, id="dynamic-asym-M6-K99-g2048-group-past-K"),
     pytest.param(9, 130, 21, 128, 1, True, id="dynamic-sym-M9-K130-g128-partial-of-2"),
     pytest.param(64, 130, 33, 32, 1, False, id="dynamic-asym-M64-K130-g32-partial-of-2"),
     pytest.param(5, 99, 17, 32, 0, False, id="static-asym-M5-K99-odd"),
