@@ -263,22 +263,26 @@ def print_profile(folder: Path, tokens: int, threads: int, top: int = 8) -> None
     from fptq_onnx.calibration import complete_feed, model_inputs
     from fptq_onnx.genai import kv_head_size, read_config
 
-    decoder = read_config(folder / "model.onnx")["model"]["decoder"]
+    config = read_config(folder / "model.onnx")
+    if config is None:
+        raise SystemExit(f"{folder}: no genai_config.json (give GenAI model folders)")
+    decoder = config["model"]["decoder"]
     path = folder / decoder["filename"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "profile")
     library = decoder.get("session_options", {}).get("custom_ops_library")
     if library:
         options.register_custom_ops_library(str(folder / library))
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     inputs = model_inputs(onnx.load(path, load_external_data=False))
     ids = np.random.default_rng(0).integers(0, 1000, (1, tokens))
     feed = complete_feed({"input_ids": ids}, inputs, path, kv_head_size(path))
-    for _ in range(3):
-        session.run(None, feed)
-    events = json.loads(Path(session.end_profiling()).read_text())
+    with tempfile.TemporaryDirectory() as profile_dir:  # ORT writes one JSON per session
+        options.profile_file_prefix = str(Path(profile_dir) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
     last_run = [e for e in events if e.get("name") == "model_run"][-1]
     per_op, count = collections.Counter(), collections.Counter()
     for event in events:
